@@ -1,0 +1,128 @@
+"""Backend selection: the `impl=` switch of SPEC §1.
+
+Every backend module exposes
+    crepa(z, y, opts: CrepaOptions) -> (loss, alignment_score, similarity_self)
+    manifold(z, y) -> loss
+on validated 4-D (B, T, N, D) tensors, differentiable to z and y.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import types
+import warnings
+
+import torch
+
+ENV_VAR = "REPA_KERNELS_IMPL"
+BACKENDS = ("triton", "cpp", "reference")
+IMPL_CHOICES = ("auto",) + BACKENDS
+
+_warned: set[str] = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run on the given device."""
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_status(device: torch.device) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on `device`, and why not."""
+    if device.type not in ("cuda", "cpu"):
+        return False, f"Triton kernels run on CUDA devices (or CPU under TRITON_INTERPRET=1), not {device.type}"
+    if device.type == "cpu" and not triton_interpreter_enabled():
+        return False, ("CPU tensors run Triton kernels only in the interpreter: set TRITON_INTERPRET=1 "
+                       "before anything imports triton (slow; meant for tests)")
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return False, f"triton is not importable ({exc}); install it with `pip install 'repa-kernels[triton]'`"
+    try:
+        _load("triton")
+    except Exception as exc:  # an import error in our kernels must say what it is
+        return False, f"the Triton kernels failed to import: {type(exc).__name__}: {exc}"
+    return True, "Triton interpreter" if device.type == "cpu" else "compiled Triton kernels"
+
+
+def cpp_status(device: torch.device) -> tuple[bool, str]:
+    """Whether the C++ extension can run on `device`, and why not."""
+    if device.type != "cpu":
+        return False, f"the C++ kernels run on CPU tensors only, not {device.type}"
+    try:
+        module = importlib.import_module(".ops.cpp", __package__)
+    except ImportError as exc:
+        return False, f"the C++ backend module failed to import: {exc}"
+    return module.status()
+
+
+def status(name: str, device: torch.device) -> tuple[bool, str]:
+    if name == "triton":
+        return triton_status(device)
+    if name == "cpp":
+        return cpp_status(device)
+    if name == "reference":
+        return True, "plain PyTorch"
+    raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
+
+
+def requested_impl(impl: str) -> str:
+    """`impl`, unless REPA_KERNELS_IMPL overrides it; validated either way."""
+    override = os.environ.get(ENV_VAR)
+    if override:
+        if override not in IMPL_CHOICES:
+            raise ValueError(f"{ENV_VAR}={override!r} is not a valid impl; valid: {', '.join(IMPL_CHOICES)}")
+        return override
+    if impl not in IMPL_CHOICES:
+        raise ValueError(f"impl={impl!r} is not valid; valid: {', '.join(IMPL_CHOICES)}")
+    return impl
+
+
+def resolve(impl: str, device: torch.device) -> str:
+    """The backend that runs for `impl` on `device`: auto picks triton on CUDA, cpp on CPU, else reference."""
+    impl = requested_impl(impl)
+    if impl != "auto":
+        ok, reason = status(impl, device)
+        if not ok:
+            raise BackendUnavailableError(f"impl={impl!r} is not available for {device.type} tensors: {reason}")
+        return impl
+    preferred = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
+    if preferred is None:
+        return "reference"
+    ok, reason = status(preferred, device)
+    if ok:
+        return preferred
+    _warn_once(f"auto-{device.type}", f"repa_kernels: impl='auto' falls back to the reference path on "
+                                      f"{device.type} because {preferred} is unavailable: {reason}")
+    return "reference"
+
+
+def _load(name: str) -> types.SimpleNamespace:
+    if name == "reference":
+        from . import reference
+        return types.SimpleNamespace(crepa=reference.crepa, manifold=reference.manifold)
+    if name == "triton":
+        from .ops import crepa_triton, manifold_triton
+        return types.SimpleNamespace(crepa=crepa_triton.crepa, manifold=manifold_triton.manifold)
+    if name == "cpp":
+        from .ops import cpp
+        return types.SimpleNamespace(crepa=cpp.crepa, manifold=cpp.manifold)
+    raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
+
+
+_ops_cache: dict[str, types.SimpleNamespace] = {}
+
+
+def ops(name: str) -> types.SimpleNamespace:
+    if name not in _ops_cache:
+        _ops_cache[name] = _load(name)
+    return _ops_cache[name]

@@ -1,0 +1,90 @@
+"""Hyper-parameters of the CREPA/REPA cosine term (SPEC §2.1) and the frame weights they imply."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+EPS = 1e-12  # a token with ||z|| < EPS carries no direction: normalised to 0 with zero gradient
+
+
+@dataclass(frozen=True)
+class CrepaOptions:
+    """Options of the neighbour-weighted cosine term.
+
+    distance: d >= 0, clamped to T - 1 per clip; 0 leaves only the self term (per-frame REPA).
+    tau: > 0, neighbour weight w(f, g) = exp(-|g - f| / tau).
+    cumulative: neighbours at every offset 1..d (True) or only at +-d (False, "adjacent").
+    normalize_by_frames: divide each clip's sum over frames by T.
+    normalize_neighbour_sum: divide each frame's total by 1 + sum of its neighbour weights.
+    """
+
+    distance: int = 1
+    tau: float = 1.0
+    cumulative: bool = False
+    normalize_by_frames: bool = True
+    normalize_neighbour_sum: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.distance, bool) or not isinstance(self.distance, numbers.Integral):
+            raise TypeError(f"distance must be an integer >= 0, got {self.distance!r} ({type(self.distance).__name__})")
+        if self.distance < 0:
+            raise ValueError(f"distance must be an integer >= 0, got {self.distance}")
+        if isinstance(self.tau, bool) or not isinstance(self.tau, numbers.Real):
+            raise TypeError(f"tau must be a finite number > 0, got {self.tau!r} ({type(self.tau).__name__})")
+        if not (math.isfinite(self.tau) and self.tau > 0):
+            raise ValueError(f"tau must be a finite number > 0, got {self.tau}")
+        for name in ("cumulative", "normalize_by_frames", "normalize_neighbour_sum"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+        object.__setattr__(self, "distance", int(self.distance))
+        object.__setattr__(self, "tau", float(self.tau))
+
+    def offsets(self, num_frames: int) -> list[int]:
+        """Positive neighbour offsets k (each used as +k and -k) for a clip of `num_frames` frames."""
+        clamped = min(self.distance, num_frames - 1)
+        if clamped <= 0:
+            return []
+        return list(range(1, clamped + 1)) if self.cumulative else [clamped]
+
+    def offset_weight(self, offset: int) -> float:
+        return math.exp(-abs(offset) / self.tau)
+
+    def frame_scale(self, num_frames: int) -> list[float]:
+        """c(f) for every frame: 1, or 1 / (1 + sum of the frame's neighbour weights)."""
+        if not self.normalize_neighbour_sum:
+            return [1.0] * num_frames
+        offsets = self.offsets(num_frames)
+        scales = []
+        for f in range(num_frames):
+            total = 1.0
+            for k in offsets:
+                for g in (f - k, f + k):
+                    if 0 <= g < num_frames:
+                        total += self.offset_weight(k)
+            scales.append(1.0 / total)
+        return scales
+
+    def frame_weights(self, num_frames: int, dtype: torch.dtype = torch.float64,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+        """(T, T) matrix W with W[f, g] = c(f) * w(f, g) (w(f, f) = 1) and 0 outside {f} u K(f).
+
+        total[b, f] = sum_g W[f, g] * s(f, g)[b]; built on the host from Python numbers (no sync).
+        """
+        scales = self.frame_scale(num_frames)
+        rows = [[0.0] * num_frames for _ in range(num_frames)]
+        for f in range(num_frames):
+            rows[f][f] = scales[f]
+            for k in self.offsets(num_frames):
+                for g in (f - k, f + k):
+                    if 0 <= g < num_frames:
+                        rows[f][g] = scales[f] * self.offset_weight(k)
+        return torch.tensor(rows, dtype=dtype, device=device)
+
+    def loss_divisor(self, batch: int, num_frames: int) -> int:
+        """B' of SPEC §2.1: loss = -sum_{b,f} total[b, f] / B'."""
+        return batch * (num_frames if self.normalize_by_frames else 1)

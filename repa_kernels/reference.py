@@ -1,0 +1,73 @@
+"""Plain-PyTorch reference of SPEC §2: the ground truth of every test and the fallback on any device.
+
+Everything here is differentiable by autograd (to z and y). Inputs are 4-D (B, T, N, D) tensors that
+passed `checks.check_pair`. Math runs in float32 (float64 for float64 inputs); losses come back in
+that compute dtype and gradients in the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .options import EPS, CrepaOptions
+
+# The manifold reference builds Gram matrices for this many (sample, frame) slices' worth of
+# elements at a time, so its transient memory stays near the Grams autograd must keep anyway.
+_GRAM_CHUNK_ELEMENTS = 1 << 26
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def safe_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / ||x|| over the last dim in the compute dtype; tokens with ||x|| < EPS become 0 with zero gradient."""
+    x = x.to(compute_dtype(x.dtype))
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    keep = norm >= EPS
+    inverse = torch.where(keep, 1.0 / torch.where(keep, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+    return x * inverse
+
+
+def frame_similarities(zn: torch.Tensor, yn: torch.Tensor, offset: int) -> torch.Tensor:
+    """s(f, f + offset)[b] for every frame f, (B, T); 0 where f + offset lies outside the clip."""
+    batch, frames = zn.shape[:2]
+    out = zn.new_zeros(batch, frames)
+    lo, hi = max(0, -offset), frames - max(0, offset)
+    if lo < hi:
+        out[:, lo:hi] = (zn[:, lo:hi] * yn[:, lo + offset:hi + offset]).sum(-1).mean(-1)
+    return out
+
+
+def crepa_frame_totals(zn: torch.Tensor, yn: torch.Tensor, opts: CrepaOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """total[b, f] and s(f, f)[b] of SPEC §2.1 from normalised tokens, both (B, T)."""
+    frames = zn.shape[1]
+    self_sim = frame_similarities(zn, yn, 0)
+    total = self_sim
+    for k in opts.offsets(frames):
+        weight = opts.offset_weight(k)
+        total = total + weight * (frame_similarities(zn, yn, k) + frame_similarities(zn, yn, -k))
+    scale = torch.tensor(opts.frame_scale(frames), dtype=zn.dtype, device=zn.device)
+    return total * scale, self_sim
+
+
+def crepa(z: torch.Tensor, y: torch.Tensor, opts: CrepaOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CREPA/REPA term: (loss, alignment_score, similarity_self); metrics detached."""
+    total, self_sim = crepa_frame_totals(safe_normalize(z), safe_normalize(y), opts)
+    batch, frames = z.shape[:2]
+    loss = -total.sum() / opts.loss_divisor(batch, frames)
+    return loss, total.detach().mean(), self_sim.detach().mean()
+
+
+def manifold(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Gram-difference loss of SPEC §2.2: mean over (b, t, i, j) of (Ẑ Ẑᵀ − Ŷ Ŷᵀ)[i, j]²."""
+    batch, frames, tokens = z.shape[:3]
+    zn = safe_normalize(z).flatten(0, 1)
+    yn = safe_normalize(y).flatten(0, 1)
+    slices_per_chunk = max(1, _GRAM_CHUNK_ELEMENTS // (tokens * tokens))
+    total = zn.new_zeros(())
+    for start in range(0, zn.shape[0], slices_per_chunk):
+        zc, yc = zn[start:start + slices_per_chunk], yn[start:start + slices_per_chunk]
+        diff = torch.bmm(zc, zc.transpose(1, 2)) - torch.bmm(yc, yc.transpose(1, 2))
+        total = total + diff.square().sum()
+    return total / (batch * frames * tokens * tokens)
