@@ -1,0 +1,659 @@
+"""The documented configuration keys of the CREPA/REPA and U-REPA regularizers (SPEC §5).
+
+`CrepaConfig` holds every `crepa_*` key and `UrepaConfig` every `urepa_*` key, each with its documented
+default, plus `max_train_steps` (read from a whole trainer config, needed by a schedule that decays until
+the end of training, SPEC §4). A config is built from a dict, a JSON file or an argparse namespace; all
+three end in `from_dict`, and every value goes through the same checks in `__post_init__`.
+
+Rules, in the order they are applied:
+- Keys may carry SimpleTuner's optional leading `--`. Keys without the `crepa_`/`urepa_` prefix are
+  ignored (a whole trainer config may be passed), except `max_train_steps`, which is read, and `irepa_*`
+  (see below). `CrepaConfig` ignores `urepa_*` keys and `UrepaConfig` ignores `crepa_*` keys.
+- Aliases: `crepa_model` means `crepa_encoder` (when both are given with different values `crepa_model`
+  wins, as in SimpleTuner, with a warning); `crepa_feature_source: "backbone"` means
+  `crepa_use_backbone_features: true`, `"encoder"` (or null) is the default path.
+- Keys of features this package does not implement (`crepa_self_flow*`, `crepa_feature_source:
+  "self_flow"`, `irepa_*`) are accepted while they leave the feature off, with one warning per config,
+  and raise `UnsupportedFeatureError` naming the feature when they turn it on for an enabled regularizer.
+- Any other unknown `crepa_*`/`urepa_*` key raises `ValueError` naming the closest valid key.
+- Value types: SimpleTuner feeds its JSON configs through argparse, so strings are valid values there and
+  are coerced here the same strict way: booleans from "true"/"false"/"yes"/"no"/"on"/"off"/"1"/"0"
+  (any case), integers from integer strings ("8", not "8.5"), numbers from float strings ("0.5",
+  "1e-3"), and "none"/"null" for keys whose default is None. A float with an integral value (100.0) is
+  accepted for an integer key; a bool is never accepted as a number. JSON `null` for a key that cannot be
+  None means "not set" (the documented default), as in SimpleTuner. A value of 0 is always respected.
+- Wrong types raise `TypeError`, out-of-range values `ValueError`; both name the key, the value and the
+  valid range.
+- Cross-key rules that need only the config are checked here for an enabled regularizer: backbone mode
+  needs `crepa_teacher_block_index`, different from `crepa_block_index`. Those that need the model
+  (both blocks exist) belong to the regularizer; the `max_train_steps` rule belongs to the schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import numbers
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+from ..options import CrepaOptions
+
+__all__ = [
+    "ConfigWarning",
+    "CrepaConfig",
+    "UnsupportedFeatureError",
+    "UrepaConfig",
+    "add_argparse_args",
+    "alignment_score_bound",
+]
+
+SCHEDULERS = ("constant", "linear", "cosine", "polynomial")
+THRESHOLD_MODES = ("permanent", "recoverable")
+ENCODER_DTYPES = ("float32", "bfloat16", "float16")
+ENCODER_TOKENS = ("patch", "cls")
+FEATURE_SOURCES = ("encoder", "backbone", "self_flow")
+DINOV2_PATCH_SIZE = 14  # the smallest encoder input side: one patch
+
+_TRUE_STRINGS = ("true", "yes", "on", "1")
+_FALSE_STRINGS = ("false", "no", "off", "0")
+_NONE_STRINGS = ("none", "null")
+
+
+class UnsupportedFeatureError(ValueError):
+    """A config turns on a feature of another trainer that repa_kernels does not implement."""
+
+
+class ConfigWarning(UserWarning):
+    """A config key was accepted but has no effect, or one alias overrode another."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Value rules: each coerces one value (see the module docstring) and raises a message naming key,
+# value and valid range.
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+class _Rule:
+    nullable = False
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def _coerce_non_null(self, key: str, value: Any) -> Any:
+        raise NotImplementedError
+
+    def coerce(self, key: str, value: Any) -> Any:
+        if self.nullable and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_STRINGS)):
+            return None
+        if value is None:
+            raise TypeError(f"{key} must be {self.describe()}, got None")
+        return self._coerce_non_null(key, value)
+
+    def argparse_type(self, key: str):
+        def parse(text: str) -> Any:
+            try:
+                return self.coerce(key, text)
+            except (TypeError, ValueError) as error:
+                raise argparse.ArgumentTypeError(str(error)) from None
+        parse.__name__ = self.describe()  # argparse shows the type's name in "invalid ... value"
+        return parse
+
+
+@dataclass(frozen=True)
+class _Bool(_Rule):
+    def describe(self) -> str:
+        return "a bool (true/false)"
+
+    def _coerce_non_null(self, key: str, value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in _TRUE_STRINGS:
+                return True
+            if text in _FALSE_STRINGS:
+                return False
+        raise TypeError(f"{key} must be {self.describe()}, got {_describe(value)}")
+
+
+@dataclass(frozen=True)
+class _Int(_Rule):
+    minimum: int | None = None
+    nullable: bool = False
+
+    def describe(self) -> str:
+        text = "an integer" if self.minimum is None else f"an integer >= {self.minimum}"
+        return text + (" or None" if self.nullable else "")
+
+    def _coerce_non_null(self, key: str, value: Any) -> int:
+        number: int | None = None
+        if isinstance(value, bool):
+            number = None
+        elif isinstance(value, numbers.Integral):
+            number = int(value)
+        elif isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+            number = int(value)
+        elif isinstance(value, str):
+            try:
+                number = int(value.strip())
+            except ValueError:
+                number = None
+        if number is None:
+            raise TypeError(f"{key} must be {self.describe()}, got {_describe(value)}")
+        if self.minimum is not None and number < self.minimum:
+            raise ValueError(f"{key} must be {self.describe()}, got {number}")
+        return number
+
+
+@dataclass(frozen=True)
+class _Float(_Rule):
+    minimum: float | None = None
+    minimum_inclusive: bool = True
+    maximum: float | None = None
+    maximum_inclusive: bool = True
+    nullable: bool = False
+
+    def describe(self) -> str:
+        bounds = []
+        if self.minimum is not None:
+            bounds.append(f"{'>=' if self.minimum_inclusive else '>'} {self.minimum:g}")
+        if self.maximum is not None:
+            bounds.append(f"{'<=' if self.maximum_inclusive else '<'} {self.maximum:g}")
+        text = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
+        return text + (" or None" if self.nullable else "")
+
+    def _coerce_non_null(self, key: str, value: Any) -> float:
+        number: float | None = None
+        if isinstance(value, bool):
+            number = None
+        elif isinstance(value, numbers.Real):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+        if number is None:
+            raise TypeError(f"{key} must be {self.describe()}, got {_describe(value)}")
+        in_range = math.isfinite(number)
+        if in_range and self.minimum is not None:
+            in_range = number >= self.minimum if self.minimum_inclusive else number > self.minimum
+        if in_range and self.maximum is not None:
+            in_range = number <= self.maximum if self.maximum_inclusive else number < self.maximum
+        if not in_range:
+            raise ValueError(f"{key} must be {self.describe()}, got {number}")
+        return number
+
+
+@dataclass(frozen=True)
+class _Choice(_Rule):
+    choices: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(repr(choice) for choice in self.choices)
+
+    def _coerce_non_null(self, key: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise TypeError(f"{key} must be {self.describe()}, got {_describe(value)}")
+        text = value.strip().lower()
+        if text not in self.choices:
+            raise ValueError(f"{key} must be {self.describe()}, got {value!r}")
+        return text
+
+
+@dataclass(frozen=True)
+class _Text(_Rule):
+    what: str = "a non-empty string"
+
+    def describe(self) -> str:
+        return self.what
+
+    def _coerce_non_null(self, key: str, value: Any) -> str:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            raise TypeError(f"{key} must be {self.describe()}, got {_describe(value)}")
+        if not value.strip():
+            raise ValueError(f"{key} must be {self.describe()}, got {value!r}")
+        return value.strip()
+
+
+def _key(default: Any, rule: _Rule, help: str) -> Any:
+    return field(default=default, metadata={"rule": rule, "help": help})
+
+
+_ENCODER_HELP = ("frozen vision encoder: dinov2_vits14 / vitb14 / vitl14 / vitg14 (and _reg variants), "
+                 "a Hugging Face hub id, or a local directory")
+_MAX_TRAIN_STEPS_HELP = ("total optimizer steps of the run (a whole trainer config's max_train_steps); "
+                         "needed when a decaying schedule has decay_steps 0")
+
+
+def _schedule_keys_help(prefix: str) -> dict[str, str]:
+    return {
+        "scheduler": f"decay of {prefix}_lambda after warmup: constant / linear / cosine / polynomial",
+        "warmup_steps": f"steps of linear ramp from 0 to {prefix}_lambda (all scheduler types)",
+        "decay_steps": f"length of the decay after warmup; 0 = decay until max_train_steps",
+        "lambda_end": "weight at the end of the decay",
+        "power": "power of the polynomial decay",
+        "cutoff_step": "weight 0 from this step on; 0 = no step cutoff",
+        "similarity_threshold": "EMA of the alignment score at which the weight drops to 0; None = off",
+        "similarity_ema_decay": "EMA decay of the alignment score, in [0, 1); first value taken as is",
+        "threshold_mode": "permanent (stays off once reached) or recoverable (back on below the threshold)",
+    }
+
+
+_CREPA_SCHEDULE_HELP = _schedule_keys_help("crepa")
+_UREPA_SCHEDULE_HELP = _schedule_keys_help("urepa")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keys of features this package does not implement. Each feature: which keys belong to it, and which
+# (key, value) turns it on. A feature only counts as on when its host regularizer is enabled.
+
+
+@dataclass(frozen=True)
+class _UnsupportedFeature:
+    name: str
+    key_prefixes: tuple[str, ...]
+    remedy: str
+
+    def owns(self, key: str) -> bool:
+        return any(key == prefix or key.startswith(prefix + "_") for prefix in self.key_prefixes)
+
+
+_SELF_FLOW = _UnsupportedFeature(
+    name="Self-Flow (SimpleTuner's EMA-teacher internal alignment)",
+    key_prefixes=("crepa_self_flow",),
+    remedy="set crepa_self_flow to false and crepa_feature_source to 'encoder' or 'backbone'",
+)
+_IREPA = _UnsupportedFeature(
+    name="iREPA (convolutional projector with spatially normalised teacher features)",
+    key_prefixes=("irepa",),
+    remedy="set irepa_enabled to false",
+)
+
+
+def _self_flow_trigger(raw: Mapping[str, Any]) -> tuple[str | None, list[str]]:
+    """(the key=value that turns Self-Flow on or None, the keys that select it besides its own)."""
+    source = raw.get("crepa_feature_source")
+    selects = isinstance(source, str) and source.strip().lower() == "self_flow"
+    if "crepa_self_flow" in raw and _Bool().coerce("crepa_self_flow", raw["crepa_self_flow"]):
+        return "crepa_self_flow=true", ["crepa_feature_source"] if selects else []
+    if selects:
+        return "crepa_feature_source='self_flow'", ["crepa_feature_source"]
+    return None, []
+
+
+def _irepa_trigger(raw: Mapping[str, Any]) -> tuple[str | None, list[str]]:
+    if "irepa_enabled" in raw and _Bool().coerce("irepa_enabled", raw["irepa_enabled"]):
+        return "irepa_enabled=true", []
+    return None, []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared parsing machinery.
+
+
+def _normalize_keys(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Strip SimpleTuner's optional leading `--`; the same key given twice must agree."""
+    if not isinstance(data, Mapping):
+        raise TypeError(f"a config must be a mapping of key -> value, got {type(data).__name__}")
+    normalized: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for raw_key, value in data.items():
+        if not isinstance(raw_key, str):
+            raise TypeError(f"config keys must be strings, got {_describe(raw_key)}")
+        key = raw_key.lstrip("-") if raw_key.startswith("--") else raw_key
+        if key in normalized and normalized[key] != value:
+            raise ValueError(
+                f"config key {key!r} is given twice with different values: {spelled[key]!r}={normalized[key]!r} "
+                f"and {raw_key!r}={value!r}")
+        normalized[key] = value
+        spelled[key] = raw_key
+    return normalized
+
+
+def _closest(key: str, candidates: list[str]) -> str:
+    return difflib.get_close_matches(key, candidates, n=1, cutoff=0.0)[0]
+
+
+def _rules(cls) -> dict[str, _Rule]:
+    return {f.name: f.metadata["rule"] for f in dataclasses.fields(cls)}
+
+
+def _validate_fields(config) -> None:
+    """Coerce and check every field of a config dataclass in place."""
+    for f in dataclasses.fields(config):
+        rule: _Rule = f.metadata["rule"]
+        object.__setattr__(config, f.name, rule.coerce(f.name, getattr(config, f.name)))
+
+
+def _parse(cls, data: Mapping[str, Any]):
+    """Shared body of CrepaConfig.from_dict / UrepaConfig.from_dict (see the module docstring)."""
+    raw = _normalize_keys(data)
+    prefix = cls.PREFIX + "_"
+    rules = _rules(cls)
+    own_keys = {key: value for key, value in raw.items() if key.startswith(prefix)}
+    enabled_value = own_keys.get(f"{cls.PREFIX}_enabled")
+    enabled = False if enabled_value is None else _Bool().coerce(f"{cls.PREFIX}_enabled", enabled_value)
+
+    # Unimplemented features first: their keys are not unknown keys.
+    ignored: list[str] = []
+    for feature, trigger_of in cls._UNSUPPORTED:
+        trigger, selecting_keys = trigger_of(raw)
+        feature_keys = sorted(key for key in raw if feature.owns(key)) + selecting_keys
+        if not feature_keys:
+            continue
+        if trigger is not None and enabled:
+            raise UnsupportedFeatureError(
+                f"{trigger} turns on {feature.name}, which repa_kernels does not implement; "
+                f"{feature.remedy} to use {cls.PREFIX}_enabled without it")
+        ignored.extend(feature_keys)
+
+    values: dict[str, Any] = {}
+    for key, value in own_keys.items():
+        if key in rules:
+            values[key] = value
+        elif key in cls._ALIASES or any(feature.owns(key) for feature, _ in cls._UNSUPPORTED):
+            continue
+        else:
+            valid = sorted(name for name in rules if name.startswith(prefix)) + sorted(cls._ALIASES)
+            suggestion = _closest(key, valid)
+            other = ("urepa_" if cls.PREFIX == "crepa" else "crepa_") + key[len(prefix):]
+            hint = f" ({other!r} is a key of the other regularizer)" if other in _ALL_KEYS else ""
+            raise ValueError(
+                f"unknown {cls.__name__} key {key!r}; did you mean {suggestion!r}?{hint} "
+                f"Valid keys: {', '.join(valid)}")
+    if "max_train_steps" in raw:
+        values["max_train_steps"] = raw["max_train_steps"]
+
+    values = cls._resolve_aliases(raw, values)
+    # JSON null for a key that cannot be None means "not set", as in SimpleTuner.
+    values = {key: value for key, value in values.items() if value is not None or rules[key].nullable}
+
+    if ignored:
+        why = "they leave those features off" if enabled else f"{cls.PREFIX}_enabled is false"
+        warnings.warn(
+            f"{cls.__name__}: ignoring keys of features repa_kernels does not implement ({why}): "
+            + ", ".join(ignored), ConfigWarning, stacklevel=3)
+    return cls(**values)
+
+
+def _from_json(cls, path: str | os.PathLike):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{os.fspath(path)} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise TypeError(f"{os.fspath(path)} must hold a JSON object of config keys, got a {type(data).__name__}")
+    return cls.from_dict(data)
+
+
+def _from_args(cls, namespace: argparse.Namespace):
+    if not isinstance(namespace, argparse.Namespace):
+        raise TypeError(f"from_args expects an argparse.Namespace, got {type(namespace).__name__}")
+    prefix = cls.PREFIX + "_"
+    data = {key: value for key, value in vars(namespace).items()
+            if key.startswith(prefix) or key == "max_train_steps"}
+    return cls.from_dict(data)
+
+
+def alignment_score_bound(distance: int, tau: float, cumulative: bool, normalize_neighbour_sum: bool) -> float:
+    """Largest |alignment_score| (SPEC §2.1) any clip length can give: every cosine 1, every frame with
+    two neighbours per offset. Adjacent mode counts offset 1 because the distance is clamped to T - 1."""
+    if normalize_neighbour_sum or distance == 0:
+        return 1.0
+    if cumulative:
+        return 1.0 + 2.0 * sum(math.exp(-k / tau) for k in range(1, distance + 1))
+    return 1.0 + 2.0 * math.exp(-1.0 / tau)
+
+
+def _check_threshold(key: str, threshold: float | None, bound: float, why: str) -> None:
+    if threshold is not None and abs(threshold) > bound:
+        raise ValueError(
+            f"{key}={threshold} can never be reached: the alignment score lies in [{-bound:.6g}, {bound:.6g}] "
+            f"{why}")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CrepaConfig:
+    """Every documented `crepa_*` key (SPEC §5) with its documented default, plus `max_train_steps`."""
+
+    PREFIX: ClassVar[str] = "crepa"
+
+    crepa_enabled: bool = _key(False, _Bool(), "turn the regularizer on (REPA for image DiTs, CREPA for video DiTs)")
+    crepa_block_index: int = _key(8, _Int(0), "zero-based transformer block whose output is aligned (student)")
+    crepa_lambda: float = _key(0.5, _Float(0.0), "weight lambda of the alignment loss")
+    crepa_adjacent_distance: int = _key(1, _Int(0), "neighbour distance d; 0 = per-frame REPA")
+    crepa_adjacent_tau: float = _key(1.0, _Float(0.0, minimum_inclusive=False),
+                                     "tau of the exp(-|k|/tau) neighbour weight")
+    crepa_cumulative_neighbors: bool = _key(False, _Bool(), "all offsets 1..d instead of only +-d")
+    crepa_normalize_neighbour_sum: bool = _key(False, _Bool(),
+                                               "divide each frame's total by 1 + sum of weights (score in [-1, 1])")
+    crepa_normalize_by_frames: bool = _key(True, _Bool(), "divide by T so clip length does not change the loss scale")
+    crepa_spatial_align: bool = _key(True, _Bool(), "keep patch structure; false = mean-pool tokens (less memory)")
+    crepa_encoder: str = _key("dinov2_vitg14", _Text(), _ENCODER_HELP + " (alias: crepa_model)")
+    crepa_encoder_dtype: str = _key("float32", _Choice(ENCODER_DTYPES), "dtype of the frozen encoder")
+    crepa_encoder_image_size: int = _key(518, _Int(DINOV2_PATCH_SIZE),
+                                         "encoder input size S: each frame is fed at about S x S pixels of area")
+    crepa_encoder_tokens: str = _key("patch", _Choice(ENCODER_TOKENS), "teacher tokens: patch or cls")
+    crepa_encoder_frames_batch_size: int = _key(-1, _Int(), "frames per encoder call; <= 0 = all at once")
+    crepa_drop_vae_encoder: bool = _key(False, _Bool(),
+                                        "delete the VAE encoder after load (decode only; unsafe if pixels must be encoded)")
+    crepa_use_tae: bool = _key(False, _Bool(), "decode with a tiny autoencoder instead of the full VAE")
+    crepa_use_backbone_features: bool = _key(
+        False, _Bool(), "teacher = a deeper block of the same forward pass (detached), no encoder, no decode "
+        "(alias: crepa_feature_source backbone)")
+    crepa_teacher_block_index: int | None = _key(None, _Int(0, nullable=True),
+                                                 "teacher block in backbone mode (required there, != crepa_block_index)")
+    crepa_scheduler: str = _key("constant", _Choice(SCHEDULERS), _CREPA_SCHEDULE_HELP["scheduler"])
+    crepa_warmup_steps: int = _key(0, _Int(0), _CREPA_SCHEDULE_HELP["warmup_steps"])
+    crepa_decay_steps: int = _key(0, _Int(0), _CREPA_SCHEDULE_HELP["decay_steps"])
+    crepa_lambda_end: float = _key(0.0, _Float(0.0), _CREPA_SCHEDULE_HELP["lambda_end"])
+    crepa_power: float = _key(1.0, _Float(0.0, minimum_inclusive=False), _CREPA_SCHEDULE_HELP["power"])
+    crepa_cutoff_step: int = _key(0, _Int(0), _CREPA_SCHEDULE_HELP["cutoff_step"])
+    crepa_similarity_threshold: float | None = _key(None, _Float(nullable=True),
+                                                    _CREPA_SCHEDULE_HELP["similarity_threshold"])
+    crepa_similarity_ema_decay: float = _key(0.99, _Float(0.0, maximum=1.0, maximum_inclusive=False),
+                                             _CREPA_SCHEDULE_HELP["similarity_ema_decay"])
+    crepa_threshold_mode: str = _key("permanent", _Choice(THRESHOLD_MODES), _CREPA_SCHEDULE_HELP["threshold_mode"])
+    max_train_steps: int | None = _key(None, _Int(0, nullable=True), _MAX_TRAIN_STEPS_HELP)
+
+    _ALIASES: ClassVar[tuple[str, ...]] = ("crepa_model", "crepa_feature_source")
+    _UNSUPPORTED: ClassVar[tuple] = ((_SELF_FLOW, _self_flow_trigger), (_IREPA, _irepa_trigger))
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        bound = alignment_score_bound(self.crepa_adjacent_distance, self.crepa_adjacent_tau,
+                                      self.crepa_cumulative_neighbors, self.crepa_normalize_neighbour_sum)
+        _check_threshold("crepa_similarity_threshold", self.crepa_similarity_threshold, bound,
+                         f"with crepa_adjacent_distance={self.crepa_adjacent_distance}, "
+                         f"crepa_adjacent_tau={self.crepa_adjacent_tau}, "
+                         f"crepa_cumulative_neighbors={self.crepa_cumulative_neighbors}, "
+                         f"crepa_normalize_neighbour_sum={self.crepa_normalize_neighbour_sum}")
+        if self.crepa_enabled and self.crepa_use_backbone_features:
+            if self.crepa_teacher_block_index is None:
+                raise ValueError(
+                    "crepa_use_backbone_features=true (backbone mode) needs crepa_teacher_block_index: the index of "
+                    f"a deeper block whose detached output is the teacher (the student is crepa_block_index="
+                    f"{self.crepa_block_index}), got None")
+            if self.crepa_teacher_block_index == self.crepa_block_index:
+                raise ValueError(
+                    f"crepa_teacher_block_index={self.crepa_teacher_block_index} equals crepa_block_index: in "
+                    "backbone mode the teacher must be a different (deeper) block than the student")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CrepaConfig":
+        """From a mapping; a whole trainer config is fine (keys without the crepa_ prefix are ignored,
+        `max_train_steps` is read)."""
+        return _parse(cls, data)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "CrepaConfig":
+        """From a JSON file holding an object (a whole trainer config is fine)."""
+        return _from_json(cls, path)
+
+    @classmethod
+    def from_args(cls, namespace: argparse.Namespace) -> "CrepaConfig":
+        """From a namespace parsed with `add_argparse_args` (reads `max_train_steps` when present)."""
+        return _from_args(cls, namespace)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The documented keys, in documentation order (max_train_steps last)."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def crepa_options(self) -> CrepaOptions:
+        """The loss hyper-parameters of SPEC §2.1 held by this config."""
+        return CrepaOptions(distance=self.crepa_adjacent_distance, tau=self.crepa_adjacent_tau,
+                            cumulative=self.crepa_cumulative_neighbors,
+                            normalize_by_frames=self.crepa_normalize_by_frames,
+                            normalize_neighbour_sum=self.crepa_normalize_neighbour_sum)
+
+    @staticmethod
+    def _resolve_aliases(raw: Mapping[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+        if raw.get("crepa_model") is not None:
+            model = raw["crepa_model"]
+            encoder = values.get("crepa_encoder")
+            if encoder is not None and encoder != model:
+                warnings.warn(
+                    f"CrepaConfig: crepa_model={model!r} and crepa_encoder={encoder!r} are aliases; using "
+                    "crepa_model, as SimpleTuner does", ConfigWarning, stacklevel=4)
+            values["crepa_encoder"] = model
+        source = raw.get("crepa_feature_source")
+        if source is not None:
+            source = _Choice(FEATURE_SOURCES).coerce("crepa_feature_source", source)
+            backbone = values.get("crepa_use_backbone_features")
+            backbone = None if backbone is None else _Bool().coerce("crepa_use_backbone_features", backbone)
+            if source == "backbone":
+                if backbone is False:
+                    raise ValueError("crepa_feature_source='backbone' contradicts crepa_use_backbone_features=false; "
+                                     "remove one of them")
+                values["crepa_use_backbone_features"] = True
+            elif source == "encoder" and backbone:
+                raise ValueError("crepa_feature_source='encoder' contradicts crepa_use_backbone_features=true; "
+                                 "remove one of them")
+        return values
+
+
+@dataclass
+class UrepaConfig:
+    """Every documented `urepa_*` key (SPEC §5) with its documented default, plus `max_train_steps`."""
+
+    PREFIX: ClassVar[str] = "urepa"
+
+    urepa_enabled: bool = _key(False, _Bool(), "turn U-REPA on (UNet mid-block alignment plus manifold loss)")
+    urepa_lambda: float = _key(0.5, _Float(0.0), "weight lambda of the U-REPA loss")
+    urepa_manifold_weight: float = _key(3.0, _Float(0.0), "weight of the manifold term relative to the alignment term")
+    urepa_model: str = _key("dinov2_vitg14", _Text(), _ENCODER_HELP)
+    urepa_encoder_image_size: int = _key(518, _Int(DINOV2_PATCH_SIZE),
+                                         "encoder input size S: each image is fed at about S x S pixels of area")
+    urepa_use_tae: bool = _key(False, _Bool(), "decode with a tiny autoencoder instead of the full VAE")
+    urepa_scheduler: str = _key("constant", _Choice(SCHEDULERS), _UREPA_SCHEDULE_HELP["scheduler"])
+    urepa_warmup_steps: int = _key(0, _Int(0), _UREPA_SCHEDULE_HELP["warmup_steps"])
+    urepa_decay_steps: int = _key(0, _Int(0), _UREPA_SCHEDULE_HELP["decay_steps"])
+    urepa_lambda_end: float = _key(0.0, _Float(0.0), _UREPA_SCHEDULE_HELP["lambda_end"])
+    urepa_power: float = _key(1.0, _Float(0.0, minimum_inclusive=False), _UREPA_SCHEDULE_HELP["power"])
+    urepa_cutoff_step: int = _key(0, _Int(0), _UREPA_SCHEDULE_HELP["cutoff_step"])
+    urepa_similarity_threshold: float | None = _key(None, _Float(nullable=True),
+                                                    _UREPA_SCHEDULE_HELP["similarity_threshold"])
+    urepa_similarity_ema_decay: float = _key(0.99, _Float(0.0, maximum=1.0, maximum_inclusive=False),
+                                             _UREPA_SCHEDULE_HELP["similarity_ema_decay"])
+    urepa_threshold_mode: str = _key("permanent", _Choice(THRESHOLD_MODES), _UREPA_SCHEDULE_HELP["threshold_mode"])
+    max_train_steps: int | None = _key(None, _Int(0, nullable=True), _MAX_TRAIN_STEPS_HELP)
+
+    _ALIASES: ClassVar[tuple[str, ...]] = ()
+    _UNSUPPORTED: ClassVar[tuple] = ((_IREPA, _irepa_trigger),)
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        _check_threshold("urepa_similarity_threshold", self.urepa_similarity_threshold, 1.0,
+                         "(the U-REPA score is a mean cosine)")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "UrepaConfig":
+        """From a mapping; a whole trainer config is fine (keys without the urepa_ prefix are ignored,
+        `max_train_steps` is read)."""
+        return _parse(cls, data)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "UrepaConfig":
+        return _from_json(cls, path)
+
+    @classmethod
+    def from_args(cls, namespace: argparse.Namespace) -> "UrepaConfig":
+        return _from_args(cls, namespace)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def _resolve_aliases(raw: Mapping[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+        return values
+
+
+_ALL_KEYS = frozenset(CrepaConfig.keys()) | frozenset(UrepaConfig.keys())
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _add_group(parser: argparse.ArgumentParser, cls, title: str) -> None:
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        if f.name == "max_train_steps":  # the trainer's own option; from_args reads it when present
+            continue
+        rule: _Rule = f.metadata["rule"]
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        names = [f"--{f.name}"]
+        if f.name == "crepa_encoder":
+            names.append("--crepa_model")
+        if isinstance(rule, _Bool):
+            # `--crepa_enabled` alone means true; `--crepa_enabled false` / `=false` also work.
+            group.add_argument(*names, dest=f.name, nargs="?", const=True, default=f.default,
+                               type=rule.argparse_type(f.name), metavar="BOOL", help=help_text)
+        elif isinstance(rule, _Choice):
+            group.add_argument(*names, dest=f.name, default=f.default, choices=rule.choices,
+                               type=rule.argparse_type(f.name), help=help_text)
+        else:
+            group.add_argument(*names, dest=f.name, default=f.default, type=rule.argparse_type(f.name),
+                               help=help_text)
+    if cls is CrepaConfig:
+        group.add_argument("--crepa_feature_source", default=None, choices=FEATURE_SOURCES,
+                           help="teacher source: encoder (default) or backbone (= --crepa_use_backbone_features); "
+                                "self_flow is not implemented")
+
+
+def add_argparse_args(parser: argparse.ArgumentParser, *, crepa: bool = True, urepa: bool = True):
+    """Add every documented key as `--key` with its default and help text; returns `parser`.
+
+    Booleans work as flags (`--crepa_enabled`) and take an explicit value (`--crepa_enabled false`).
+    `max_train_steps` is not added (trainers have their own `--max_train_steps`; `from_args` reads it).
+    """
+    if not isinstance(parser, argparse.ArgumentParser):
+        raise TypeError(f"parser must be an argparse.ArgumentParser, got {type(parser).__name__}")
+    if crepa:
+        _add_group(parser, CrepaConfig, "CREPA / REPA regularizer (repa_kernels)")
+    if urepa:
+        _add_group(parser, UrepaConfig, "U-REPA regularizer (repa_kernels)")
+    return parser

@@ -1,0 +1,255 @@
+"""The coefficient schedule of a regularizer (SPEC §4): warmup, decay, step cutoff and the cutoff on the
+EMA of the alignment score, with its state for checkpoints.
+
+Use, once per regularizer call at optimizer step `step`:
+
+    w = schedule.weight(step)            # uses the EMA as of the previous call
+    if schedule.finished(step): ...      # no later call can weigh more than 0: skip decode/encode/loss
+    else: compute loss and score; schedule.update(score); return w * loss
+
+`update` is the only place that reads the device (one `.item()` per call); under torch.distributed it
+averages the score across ranks first, so every rank must call it on the same steps (the regularizer
+decides to skip from this shared state, so it does).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Any
+
+import torch
+
+from .config import SCHEDULERS, THRESHOLD_MODES, CrepaConfig, UrepaConfig, _Choice, _Float, _Int
+
+__all__ = ["CoefficientSchedule"]
+
+_STATE_VERSION = 1
+
+
+class CoefficientSchedule:
+    """λ(step) of SPEC §4 plus the similarity cutoff.
+
+    lambda_: λ >= 0. scheduler: constant / linear / cosine / polynomial. warmup_steps: linear ramp 0 -> λ
+    over steps [0, warmup) for every scheduler. decay_steps: length of the decay after warmup (λ_end from
+    step warmup + decay_steps on); 0 = decay until max_train_steps. lambda_end: λ at the end of the decay.
+    power: polynomial power > 0. cutoff_step: weight 0 from this step on (0 = off). similarity_threshold:
+    the EMA of the score at which the weight drops to 0 (None = off). ema_decay in [0, 1). threshold_mode:
+    permanent (off for good) or recoverable (back on when the EMA falls below the threshold).
+    max_train_steps: total steps, needed by a decaying schedule with decay_steps 0. name: key prefix used
+    in error messages ("crepa" -> crepa_decay_steps).
+    """
+
+    def __init__(self, *, lambda_: float, scheduler: str = "constant", warmup_steps: int = 0,
+                 decay_steps: int = 0, lambda_end: float = 0.0, power: float = 1.0, cutoff_step: int = 0,
+                 similarity_threshold: float | None = None, ema_decay: float = 0.99,
+                 threshold_mode: str = "permanent", max_train_steps: int | None = None,
+                 name: str = "crepa") -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty string, got {name!r}")
+        self.name = name
+        self.lambda_ = _Float(0.0).coerce(f"{name}_lambda", lambda_)
+        self.scheduler = _Choice(SCHEDULERS).coerce(f"{name}_scheduler", scheduler)
+        self.warmup_steps = _Int(0).coerce(f"{name}_warmup_steps", warmup_steps)
+        self.decay_steps = _Int(0).coerce(f"{name}_decay_steps", decay_steps)
+        self.lambda_end = _Float(0.0).coerce(f"{name}_lambda_end", lambda_end)
+        self.power = _Float(0.0, minimum_inclusive=False).coerce(f"{name}_power", power)
+        self.cutoff_step = _Int(0).coerce(f"{name}_cutoff_step", cutoff_step)
+        self.similarity_threshold = _Float(nullable=True).coerce(f"{name}_similarity_threshold",
+                                                                 similarity_threshold)
+        self.ema_decay = _Float(0.0, maximum=1.0, maximum_inclusive=False).coerce(
+            f"{name}_similarity_ema_decay", ema_decay)
+        self.threshold_mode = _Choice(THRESHOLD_MODES).coerce(f"{name}_threshold_mode", threshold_mode)
+        self.max_train_steps = _Int(0, nullable=True).coerce("max_train_steps", max_train_steps)
+
+        if self.scheduler != "constant" and self.decay_steps == 0:
+            if self.max_train_steps is None or self.max_train_steps <= self.warmup_steps:
+                got = ("it was not given" if self.max_train_steps is None
+                       else f"got max_train_steps={self.max_train_steps}")
+                raise ValueError(
+                    f"{name}_scheduler={self.scheduler!r} with {name}_decay_steps=0 decays until the end of "
+                    f"training, so it needs max_train_steps > {name}_warmup_steps={self.warmup_steps}, but "
+                    f"{got}. Pass max_train_steps=... when building the regularizer (or to "
+                    "CoefficientSchedule.from_config), or put \"max_train_steps\" in the trainer config the "
+                    f"{name}_* keys are read from, or set {name}_decay_steps to the length of the decay in steps.")
+        self._decay_length = (self.decay_steps if self.decay_steps > 0
+                              else (self.max_train_steps or 0) - self.warmup_steps)
+
+        self.ema: float | None = None
+        self._similarity_cutoff_on = False
+        self._permanent_cutoff_fired = False
+        self._num_updates = 0
+        self._num_nonfinite = 0
+
+    @classmethod
+    def from_config(cls, cfg: CrepaConfig | UrepaConfig, max_train_steps: int | None = None) -> "CoefficientSchedule":
+        """The schedule of a config's `{prefix}_*` keys; the `max_train_steps` argument wins over
+        `cfg.max_train_steps`."""
+        if not isinstance(cfg, (CrepaConfig, UrepaConfig)):
+            raise TypeError(f"cfg must be a CrepaConfig or UrepaConfig, got {type(cfg).__name__}")
+        p = cfg.PREFIX
+        schedule = cls(
+            lambda_=getattr(cfg, f"{p}_lambda"), scheduler=getattr(cfg, f"{p}_scheduler"),
+            warmup_steps=getattr(cfg, f"{p}_warmup_steps"), decay_steps=getattr(cfg, f"{p}_decay_steps"),
+            lambda_end=getattr(cfg, f"{p}_lambda_end"), power=getattr(cfg, f"{p}_power"),
+            cutoff_step=getattr(cfg, f"{p}_cutoff_step"),
+            similarity_threshold=getattr(cfg, f"{p}_similarity_threshold"),
+            ema_decay=getattr(cfg, f"{p}_similarity_ema_decay"),
+            threshold_mode=getattr(cfg, f"{p}_threshold_mode"),
+            max_train_steps=cfg.max_train_steps if max_train_steps is None else max_train_steps,
+            name=p)
+        return schedule
+
+    # ------------------------------------------------------------------ weights
+
+    @staticmethod
+    def _check_step(step: Any) -> int:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise TypeError(f"step must be a Python int >= 0 (the optimizer step), got {step!r} "
+                            f"({type(step).__name__})")
+        if step < 0:
+            raise ValueError(f"step must be a Python int >= 0 (the optimizer step), got {step}")
+        return int(step)
+
+    def _step_cutoff_reached(self, step: int) -> bool:
+        return self.cutoff_step > 0 and step >= self.cutoff_step
+
+    def base_weight(self, step: int) -> float:
+        """λ at `step` from warmup, decay and the step cutoff (SPEC §4), ignoring the similarity cutoff."""
+        step = self._check_step(step)
+        if self._step_cutoff_reached(step):
+            return 0.0
+        if step < self.warmup_steps:
+            return self.lambda_ * step / self.warmup_steps
+        if self.scheduler == "constant":
+            return self.lambda_
+        progress = min(max((step - self.warmup_steps) / self._decay_length, 0.0), 1.0)
+        start, end = self.lambda_, self.lambda_end
+        if self.scheduler == "linear":
+            return start + (end - start) * progress
+        if self.scheduler == "cosine":
+            return end + (start - end) * (1.0 + math.cos(math.pi * progress)) / 2.0
+        return (start - end) * (1.0 - progress) ** self.power + end  # polynomial
+
+    def weight(self, step: int) -> float:
+        """The weight to apply at `step`: `base_weight(step)`, or 0.0 while the similarity cutoff is on."""
+        base = self.base_weight(step)
+        return 0.0 if self._similarity_cutoff_on else base
+
+    def cutoff_active(self, step: int) -> bool:
+        """Whether the step cutoff or the similarity cutoff holds the weight at 0 at `step`."""
+        return self._step_cutoff_reached(self._check_step(step)) or self._similarity_cutoff_on
+
+    @property
+    def permanently_off(self) -> bool:
+        """A permanent similarity cutoff has fired: the weight stays 0 for the rest of the run."""
+        return self._permanent_cutoff_fired
+
+    def finished(self, step: int) -> bool:
+        """No call at `step` or later can get a non-zero weight, so decode, encode and loss can be skipped:
+        a permanent cutoff fired, the step cutoff is reached, or λ (after warmup) and λ_end are both 0 and
+        the decay is over (constant: λ = 0)."""
+        step = self._check_step(step)
+        if self._permanent_cutoff_fired or self._step_cutoff_reached(step):
+            return True
+        if self.scheduler == "constant":
+            return self.lambda_ == 0.0
+        if self.lambda_ == 0.0 and self.lambda_end == 0.0:
+            return True
+        return self.lambda_end == 0.0 and step >= self.warmup_steps + self._decay_length
+
+    # ------------------------------------------------------------------ similarity EMA
+
+    def update(self, score: torch.Tensor | float) -> None:
+        """Fold this call's alignment score into the EMA and update the similarity cutoff.
+
+        score: the detached scalar alignment score (a 1-element tensor on any device, or a float). Under an
+        initialised torch.distributed group it is averaged across ranks first (all_reduce), then read to
+        the host once. First value taken as is, then ema = decay * ema + (1 - decay) * score. A non-finite
+        score is left out of the EMA (with a warning the first time)."""
+        value = self._reduce(score)
+        if not math.isfinite(value):
+            if self._num_nonfinite == 0:
+                warnings.warn(f"{self.name} schedule: alignment score {value} is not finite; it is left out of "
+                              "the similarity EMA", RuntimeWarning, stacklevel=2)
+            self._num_nonfinite += 1
+            return
+        self.ema = value if self.ema is None else self.ema_decay * self.ema + (1.0 - self.ema_decay) * value
+        self._num_updates += 1
+        if self.similarity_threshold is None:
+            return
+        reached = self.ema >= self.similarity_threshold
+        if self.threshold_mode == "permanent":
+            if reached:
+                self._permanent_cutoff_fired = True
+                self._similarity_cutoff_on = True
+        else:
+            self._similarity_cutoff_on = reached
+
+    @staticmethod
+    def _reduce(score: torch.Tensor | float) -> float:
+        if isinstance(score, torch.Tensor):
+            if score.numel() != 1:
+                raise ValueError(f"score must be a scalar (1 element), got shape {tuple(score.shape)}")
+            tensor = score.detach().reshape(()).to(torch.float32)
+        elif isinstance(score, numbers.Real) and not isinstance(score, bool):
+            tensor = torch.tensor(float(score), dtype=torch.float32)
+        else:
+            raise TypeError(f"score must be a scalar tensor or a float, got {type(score).__name__}")
+        distributed = torch.distributed
+        if distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1:
+            if tensor.device.type == "cpu" and "nccl" in str(distributed.get_backend()).lower():
+                tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            tensor = tensor.clone()
+            distributed.all_reduce(tensor, op=distributed.ReduceOp.SUM)
+            tensor = tensor / distributed.get_world_size()
+        return float(tensor.item())
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python values: the EMA, whether the similarity cutoff is on, whether a permanent cutoff
+        fired, and counters."""
+        return {
+            "version": _STATE_VERSION,
+            "ema": self.ema,
+            "similarity_cutoff_on": self._similarity_cutoff_on,
+            "permanent_cutoff_fired": self._permanent_cutoff_fired,
+            "num_updates": self._num_updates,
+            "num_nonfinite": self._num_nonfinite,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` exactly. A schedule built without a similarity threshold keeps the EMA but
+        no similarity cutoff (a run resumed with the threshold removed gets its weight back)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(f"{self.name} schedule state must have the keys {sorted(expected)}, got {sorted(state)}")
+        if state["version"] != _STATE_VERSION:
+            raise ValueError(f"{self.name} schedule state has version {state['version']!r}; this repa_kernels "
+                             f"reads version {_STATE_VERSION}")
+        ema = state["ema"]
+        if ema is not None and (isinstance(ema, bool) or not isinstance(ema, numbers.Real) or not math.isfinite(ema)):
+            raise ValueError(f"{self.name} schedule state: ema must be a finite float or None, got {ema!r}")
+        for key in ("similarity_cutoff_on", "permanent_cutoff_fired"):
+            if not isinstance(state[key], bool):
+                raise ValueError(f"{self.name} schedule state: {key} must be a bool, got {state[key]!r}")
+        for key in ("num_updates", "num_nonfinite"):
+            if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
+                raise ValueError(f"{self.name} schedule state: {key} must be an int >= 0, got {state[key]!r}")
+        self.ema = None if ema is None else float(ema)
+        has_threshold = self.similarity_threshold is not None
+        self._similarity_cutoff_on = state["similarity_cutoff_on"] and has_threshold
+        self._permanent_cutoff_fired = state["permanent_cutoff_fired"] and has_threshold
+        self._num_updates = state["num_updates"]
+        self._num_nonfinite = state["num_nonfinite"]
+
+    def __repr__(self) -> str:
+        return (f"CoefficientSchedule(name={self.name!r}, lambda_={self.lambda_}, scheduler={self.scheduler!r}, "
+                f"warmup_steps={self.warmup_steps}, decay_steps={self.decay_steps}, lambda_end={self.lambda_end}, "
+                f"power={self.power}, cutoff_step={self.cutoff_step}, "
+                f"similarity_threshold={self.similarity_threshold}, ema_decay={self.ema_decay}, "
+                f"threshold_mode={self.threshold_mode!r}, max_train_steps={self.max_train_steps}, ema={self.ema})")
