@@ -32,8 +32,8 @@ check-wheel: $(STAMP)
 	rm -rf dist build /tmp/repa-wheel-venv
 	$(PIP) wheel -q --no-build-isolation --no-deps -w dist .
 	$(PYTHON) -m venv /tmp/repa-wheel-venv
-	/tmp/repa-wheel-venv/bin/python -m pip install -q $(TORCH_PIN)
-	/tmp/repa-wheel-venv/bin/python -m pip install -q --no-deps dist/repa_kernels-*.whl
+	/tmp/repa-wheel-venv/bin/python -m pip install -q $(TORCH_PIN) numpy
+	/tmp/repa-wheel-venv/bin/python -m pip install -q dist/repa_kernels-*.whl
 	cd /tmp && /tmp/repa-wheel-venv/bin/python -c "import torch, repa_kernels as rk; \
 	r = rk.crepa_loss(torch.randn(2, 3, 5, 8), torch.randn(2, 3, 5, 8)); \
 	print('wheel OK:', rk.__version__, float(r.loss))"

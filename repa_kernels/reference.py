@@ -21,12 +21,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def safe_normalize(x: torch.Tensor) -> torch.Tensor:
-    """x / ||x|| over the last dim in the compute dtype; tokens with ||x|| < EPS become 0 with zero gradient."""
+    """x / ||x|| over the last dim in the compute dtype; tokens with ||x|| < EPS become 0 with zero gradient.
+
+    The norm is taken of x / max|x| so that squares neither overflow (|x| ~ 1e30 in float32) nor
+    underflow; ||x|| = max|x| * ||x / max|x|||.
+    """
     x = x.to(compute_dtype(x.dtype))
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    keep = norm >= EPS
-    inverse = torch.where(keep, 1.0 / torch.where(keep, norm, torch.ones_like(norm)), torch.zeros_like(norm))
-    return x * inverse
+    peak = x.abs().amax(dim=-1, keepdim=True)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    unit_scaled = x / peak
+    scaled_norm = torch.linalg.vector_norm(unit_scaled, dim=-1, keepdim=True)
+    keep = peak * scaled_norm >= EPS
+    inverse = torch.where(keep, 1.0 / torch.where(keep, scaled_norm, torch.ones_like(scaled_norm)),
+                          torch.zeros_like(scaled_norm))
+    return unit_scaled * inverse
 
 
 def frame_similarities(zn: torch.Tensor, yn: torch.Tensor, offset: int) -> torch.Tensor:

@@ -239,3 +239,15 @@ def test_nan_in_input_propagates_to_loss():
     z[0, 0, 0, 0] = float("nan")
     assert torch.isnan(crepa_ref(z, y).loss)
     assert torch.isnan(rk.manifold_loss(z, y, impl="reference"))
+
+
+@pytest.mark.parametrize("magnitude", [1e30, 1e-6, 1e-11])
+def test_huge_and_small_magnitudes_match_float64(magnitude):
+    # Norms are taken after scaling by max|x|, so squares of 1e30 do not overflow float32.
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(1, 3, 4, 8, generator=g) * magnitude
+    y = torch.randn(1, 3, 4, 8, generator=g) * magnitude
+    ours = crepa_ref(z, y, distance=1)
+    truth = spec_math.crepa(z.double().numpy(), y.double().numpy(), distance=1)
+    assert abs(ours.loss.item() - truth[0]) < 1e-6
+    assert abs(rk.manifold_loss(z, y, impl="reference").item() - spec_math.manifold(z.double().numpy(), y.double().numpy())) < 1e-6
