@@ -405,6 +405,10 @@ def _from_args(cls, namespace: argparse.Namespace):
     prefix = cls.PREFIX + "_"
     data = {key: value for key, value in vars(namespace).items()
             if key.startswith(prefix) or key == "max_train_steps"}
+    # A namespace holds every default, so `--crepa_feature_source backbone` would always meet
+    # crepa_use_backbone_features=False: an explicit feature source decides over that default.
+    if data.get("crepa_feature_source") is not None and data.get("crepa_use_backbone_features") is False:
+        del data["crepa_use_backbone_features"]
     return cls.from_dict(data)
 
 
