@@ -1,0 +1,151 @@
+"""`repa-kernels bench`: the SPEC §8 workloads outside pytest, written as CSV, PNG plots and a table.
+
+    repa-kernels bench [--workload NAME ...] [--device cpu|cuda] [--out DIR] [--modes ...]
+                       [--providers ...] [--repeats N] [--warmup N] [--list]
+
+Files: <out>/<device>-<model>.csv, <out>/<device>-<model>-time.png, <out>/<device>-<model>-memory.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from . import measure, report
+from .providers import PROVIDERS, availability
+from .workloads import MODES, WORKLOADS, default_workloads, get_workload
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workload", nargs="+", metavar="NAME", choices=list(WORKLOADS),
+                        help="workloads to run (default: the full-size ones of the device's class); "
+                             f"choices: {', '.join(WORKLOADS)}")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="where to run (default: cuda when available, else cpu)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--repeats", type=_positive_int, default=10, help="timed calls per mode (default 10)")
+    parser.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed calls per mode (default 2)")
+    parser.add_argument("--name", default=None,
+                        help="file name prefix (default: <device>-<model>, e.g. cpu-amd-epyc)")
+    parser.add_argument("--notes", default="", help="free text added to the CSV's notes column")
+    parser.add_argument("--list", action="store_true", help="list the workloads and exit")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        for workload in WORKLOADS.values():
+            tag = " (CI size)" if workload.ci else ""
+            print(f"{workload.name:18s} {workload.device_class}  {workload.op:8s} {workload.dtype:9s} "
+                  f"{workload.shape_text()}{tag}")
+        return 0
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("repa-kernels bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    workloads = [get_workload(name) for name in args.workload] if args.workload else default_workloads(device.type)
+    context = run_context(device, args.notes)
+    prefix = args.out / (args.name or file_prefix(device, context["device_name"]))
+
+    from tqdm import tqdm
+
+    print(f"measuring the peaks of {context['device_name']} ...", file=sys.stderr)
+    peaks = {dtype: measure.device_peaks(device, get_dtype(dtype))
+             for dtype in dict.fromkeys(w.dtype for w in workloads)}
+    rows = []
+    tasks = [(w, p) for w in workloads for p in args.providers]
+    with tqdm(tasks, desc="bench", unit="case", file=sys.stderr) as progress:
+        for workload, provider in progress:
+            progress.set_postfix_str(f"{workload.name} / {provider}")
+            for result in measure_case(workload, provider, device, args):
+                rows.append(report.make_row(workload, provider, result, peaks[workload.dtype], context))
+
+    csv_path = Path(f"{prefix}.csv")
+    report.write_csv(rows, csv_path)
+    plots = report.write_plots(rows, prefix)
+    print(report.format_table(rows))
+    for dtype, peak in peaks.items():
+        print(f"{context['device_name']} peaks ({dtype}): copy {peak.copy_bytes_per_s / 1e9:.1f} GB/s, "
+              f"matmul {peak.matmul_flops_per_s / 1e9:.1f} GFLOP/s")
+    print("wrote " + ", ".join(str(p) for p in [csv_path, *plots]))
+    return 0
+
+
+def measure_case(workload, provider: str, device: torch.device, args) -> list[measure.ModeResult]:
+    ok, reason = availability(provider, workload, device)
+    if not ok:
+        return [measure.ModeResult(mode, status="skipped", reason=reason) for mode in args.modes]
+    if device.type == "cpu":
+        return measure.run_isolated(workload, provider, args.modes, repeats=args.repeats, warmup=args.warmup)
+    return measure.run_modes(workload, provider, device, args.modes, repeats=args.repeats, warmup=args.warmup)
+
+
+def get_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def file_prefix(device: torch.device, name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return f"{device.type}-{slug}" if slug else device.type
+
+
+def run_context(device: torch.device, extra_notes: str = "") -> dict:
+    """The columns every row shares: device, versions, time and notes on how noisy the machine was."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    notes = []
+    if device.type == "cpu":
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        notes.append(f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, load average "
+                     f"{load:.1f} at start; a shared machine gives noisy timings")
+    if extra_notes:
+        notes.append(extra_notes)
+    return {
+        "device": device.type,
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "triton_version": triton_version,
+        "package_version": __version__,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "notes": "; ".join(notes),
+    }
