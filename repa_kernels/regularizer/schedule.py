@@ -192,9 +192,9 @@ class CoefficientSchedule:
         if isinstance(score, torch.Tensor):
             if score.numel() != 1:
                 raise ValueError(f"score must be a scalar (1 element), got shape {tuple(score.shape)}")
-            tensor = score.detach().reshape(()).to(torch.float32)
+            tensor = score.detach().reshape(()).to(torch.float64)
         elif isinstance(score, numbers.Real) and not isinstance(score, bool):
-            tensor = torch.tensor(float(score), dtype=torch.float32)
+            tensor = torch.tensor(float(score), dtype=torch.float64)
         else:
             raise TypeError(f"score must be a scalar tensor or a float, got {type(score).__name__}")
         distributed = torch.distributed
