@@ -87,6 +87,8 @@ def test_t2v_preset_without_max_train_steps_says_how_to_pass_it():
     assert "Pass max_train_steps=" in message and '"max_train_steps" in the trainer config' in message
     with pytest.raises(ValueError, match="got max_train_steps=100"):
         CoefficientSchedule.from_config(cfg, max_train_steps=100)
+    with pytest.raises(ValueError, match="max_train_steps 0 train by epochs"):
+        CoefficientSchedule.from_config(cfg, max_train_steps=0)
     with pytest.raises(ValueError, match="urepa_scheduler='linear' with urepa_decay_steps=0"):
         CoefficientSchedule.from_config(UrepaConfig(urepa_scheduler="linear"))
 

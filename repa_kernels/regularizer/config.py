@@ -455,14 +455,14 @@ class CrepaConfig:
                                          "encoder input size S: each frame is fed at about S x S pixels of area")
     crepa_encoder_tokens: str = _key("patch", _Choice(ENCODER_TOKENS), "teacher tokens: patch or cls")
     crepa_encoder_frames_batch_size: int = _key(-1, _Int(), "frames per encoder call; <= 0 = all at once")
-    crepa_drop_vae_encoder: bool = _key(False, _Bool(),
-                                        "delete the VAE encoder after load (decode only; unsafe if pixels must be encoded)")
+    crepa_drop_vae_encoder: bool = _key(
+        False, _Bool(), "delete the VAE encoder after load (decode only; unsafe if pixels must be encoded)")
     crepa_use_tae: bool = _key(False, _Bool(), "decode with a tiny autoencoder instead of the full VAE")
     crepa_use_backbone_features: bool = _key(
         False, _Bool(), "teacher = a deeper block of the same forward pass (detached), no encoder, no decode "
         "(alias: crepa_feature_source backbone)")
-    crepa_teacher_block_index: int | None = _key(None, _Int(0, nullable=True),
-                                                 "teacher block in backbone mode (required there, != crepa_block_index)")
+    crepa_teacher_block_index: int | None = _key(
+        None, _Int(0, nullable=True), "teacher block in backbone mode (required there, != crepa_block_index)")
     crepa_scheduler: str = _key("constant", _Choice(SCHEDULERS), _CREPA_SCHEDULE_HELP["scheduler"])
     crepa_warmup_steps: int = _key(0, _Int(0), _CREPA_SCHEDULE_HELP["warmup_steps"])
     crepa_decay_steps: int = _key(0, _Int(0), _CREPA_SCHEDULE_HELP["decay_steps"])

@@ -67,6 +67,9 @@ class CoefficientSchedule:
             if self.max_train_steps is None or self.max_train_steps <= self.warmup_steps:
                 got = ("it was not given" if self.max_train_steps is None
                        else f"got max_train_steps={self.max_train_steps}")
+                if self.max_train_steps == 0:
+                    got += " (trainer configs with max_train_steps 0 train by epochs: pass the number of steps " \
+                           "the run will reach)"
                 raise ValueError(
                     f"{name}_scheduler={self.scheduler!r} with {name}_decay_steps=0 decays until the end of "
                     f"training, so it needs max_train_steps > {name}_warmup_steps={self.warmup_steps}, but "
