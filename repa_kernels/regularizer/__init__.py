@@ -1,0 +1,27 @@
+"""Regularizer facade (SPEC §3-§7): `CrepaRegularizer` (REPA / CREPA on DiTs) and `UrepaRegularizer` (UNets),
+built from the documented config keys, with the configs, their argparse helper and the schedule."""
+
+from .capture import FAMILIES, CaptureError, HiddenStateCapture, ModelFamily
+from .config import CrepaConfig, UrepaConfig, add_argparse_args
+from .crepa import CrepaRegularizer
+from .encoder import ENCODER_HUB_IDS, EncoderLoadError, FrozenEncoder
+from .projector import AlignmentProjector
+from .schedule import CoefficientSchedule
+from .urepa import UrepaRegularizer
+
+__all__ = [
+    "FAMILIES",
+    "ENCODER_HUB_IDS",
+    "AlignmentProjector",
+    "CaptureError",
+    "CoefficientSchedule",
+    "CrepaConfig",
+    "CrepaRegularizer",
+    "EncoderLoadError",
+    "FrozenEncoder",
+    "HiddenStateCapture",
+    "ModelFamily",
+    "UrepaConfig",
+    "UrepaRegularizer",
+    "add_argparse_args",
+]

@@ -1,0 +1,420 @@
+"""Capture a block's hidden states from a diffusers denoiser by forward hooks (SPEC §7).
+
+Families (matched by class name anywhere in the model's class hierarchy):
+
+| family      | classes                          | blocks (index order)                          | block output            | token grid (T, H, W)                          |
+|-------------|----------------------------------|-----------------------------------------------|-------------------------|-----------------------------------------------|
+| wan         | WanTransformer3DModel            | blocks                                        | (B, S, C)               | input (B, C, F, H, W) / config.patch_size     |
+| ltx_video   | LTXVideoTransformer3DModel       | transformer_blocks                            | (B, S, C), packed       | forward's num_frames, height, width           |
+| sana_video  | SanaVideoTransformer3DModel      | transformer_blocks                            | (B, S, C)               | input (B, C, F, H, W) / config.patch_size     |
+| kandinsky5  | Kandinsky5Transformer3DModel     | visual_transformer_blocks                     | (B, S, C) (*)           | channels-last input (B, F, H, W, C) / patch   |
+| flux        | FluxTransformer2DModel           | transformer_blocks, then single_transformer_blocks | (text, image) tuple | latents (H/2, W/2): 2x2 packing                |
+| sd3         | SD3Transformer2DModel            | transformer_blocks                            | (text or None, image)   | input (B, C, H, W) / config.patch_size        |
+| pixart      | PixArtTransformer2DModel         | transformer_blocks                            | (B, S, C)               | input (B, C, H, W) / config.patch_size        |
+| sana        | SanaTransformer2DModel           | transformer_blocks                            | (B, S, C)               | input (B, C, H, W) / config.patch_size        |
+| unet        | UNet2DConditionModel, UNet2DModel| mid_block                                     | (B, C, h, w)            | (1, h, w) from the output                     |
+
+(*) With sparse attention (`sparse_params["to_fractal"]`) Kandinsky5 orders tokens in 8x8 local windows;
+the capture un-permutes them to frame-major, row-major order.
+
+Rules: the hook keeps the first capture of a forward; calls made while autograd runs a backward pass
+(non-reentrant gradient checkpointing recomputes blocks there) are ignored. A block output without
+grad seen while the model's forward ran with grad enabled means reentrant checkpointing, which is an
+error. `HiddenStateCapture.consume()` hands the captured tensors over and drops every reference.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .grids import TokenGrid, unpermute_local_blocks
+
+KANDINSKY5_LOCAL_BLOCK = 8
+
+
+class CaptureError(RuntimeError):
+    """Hidden states cannot be captured as configured (bad index, reentrant checkpointing, ...)."""
+
+
+def _patch3(patch) -> tuple[int, int, int]:
+    if isinstance(patch, int):
+        return 1, patch, patch
+    patch = tuple(int(p) for p in patch)
+    return patch if len(patch) == 3 else (1,) + patch[-2:]
+
+
+def _grid_5d_channels_first(model, bound: dict[str, Any]) -> TokenGrid | None:
+    x = bound.get("hidden_states")
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        return None
+    pt, ph, pw = _patch3(model.config.patch_size)
+    return TokenGrid(x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
+
+
+def _grid_5d_channels_last(model, bound: dict[str, Any]) -> TokenGrid | None:
+    x = bound.get("hidden_states")
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        return None
+    pt, ph, pw = _patch3(model.config.patch_size)
+    return TokenGrid(x.shape[1] // pt, x.shape[2] // ph, x.shape[3] // pw)
+
+
+def _grid_ltx(model, bound: dict[str, Any]) -> TokenGrid | None:
+    # LTX's rotary embedding lays its tokens on arange(num_frames) x arange(height) x arange(width),
+    # so these forward arguments are the token grid itself.
+    dims = [bound.get(k) for k in ("num_frames", "height", "width")]
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    return TokenGrid(*dims)
+
+
+def _grid_4d(model, bound: dict[str, Any]) -> TokenGrid | None:
+    x = bound.get("hidden_states")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        return None
+    _, ph, pw = _patch3(model.config.patch_size)
+    return TokenGrid(1, x.shape[2] // ph, x.shape[3] // pw)
+
+
+def _no_grid(model, bound: dict[str, Any]) -> TokenGrid | None:
+    return None
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """How to find, read and lay out one family's block hidden states."""
+
+    name: str
+    class_names: tuple[str, ...]
+    kind: str                                   # "video", "image" or "unet"
+    block_lists: tuple[str, ...]                # attributes holding the blocks, in index order
+    hidden_size_keys: tuple[str, ...]           # config attributes tried, in order
+    image_output_index: int | None = None       # tuple outputs: position of the image tokens
+    grid_from_inputs: Callable[[Any, dict], TokenGrid | None] = _no_grid
+    latent_patch: tuple[int, int, int] | None = None   # fixed packing (Flux 2x2) instead of config.patch_size
+    local_block_tokens: bool = False            # Kandinsky5 sparse attention token order
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        if self.kind == "unet":
+            block = getattr(model, "mid_block", None)
+            if block is None:
+                raise CaptureError(f"{type(model).__name__} has no mid_block (mid_block_type=None?): U-REPA aligns "
+                                   "the UNet mid-block, so the model needs one")
+            return [block]
+        found = []
+        for attr in self.block_lists:
+            blocks = getattr(model, attr, None)
+            if blocks is None:
+                raise CaptureError(f"{type(model).__name__} has no attribute {attr!r} holding its blocks")
+            found.extend(blocks)
+        return found
+
+    def latent_patch_size(self, model: nn.Module) -> tuple[int, int, int]:
+        if self.latent_patch is not None:
+            return self.latent_patch
+        if self.name == "ltx_video":
+            return int(model.config.patch_size_t), int(model.config.patch_size), int(model.config.patch_size)
+        return _patch3(model.config.patch_size)
+
+
+_HEADS_TIMES_DIM = "num_attention_heads*attention_head_dim"
+
+FAMILIES: tuple[ModelFamily, ...] = (
+    ModelFamily("wan", ("WanTransformer3DModel",), "video", ("blocks",), (_HEADS_TIMES_DIM,),
+                grid_from_inputs=_grid_5d_channels_first),
+    ModelFamily("ltx_video", ("LTXVideoTransformer3DModel",), "video", ("transformer_blocks",), (_HEADS_TIMES_DIM,),
+                grid_from_inputs=_grid_ltx),
+    ModelFamily("sana_video", ("SanaVideoTransformer3DModel",), "video", ("transformer_blocks",),
+                (_HEADS_TIMES_DIM,), grid_from_inputs=_grid_5d_channels_first),
+    ModelFamily("kandinsky5", ("Kandinsky5Transformer3DModel",), "video", ("visual_transformer_blocks",),
+                ("model_dim",), grid_from_inputs=_grid_5d_channels_last, local_block_tokens=True),
+    ModelFamily("flux", ("FluxTransformer2DModel",), "image", ("transformer_blocks", "single_transformer_blocks"),
+                (_HEADS_TIMES_DIM,), image_output_index=1, latent_patch=(1, 2, 2)),
+    ModelFamily("sd3", ("SD3Transformer2DModel",), "image", ("transformer_blocks",), (_HEADS_TIMES_DIM,),
+                image_output_index=1, grid_from_inputs=_grid_4d),
+    ModelFamily("pixart", ("PixArtTransformer2DModel",), "image", ("transformer_blocks",), (_HEADS_TIMES_DIM,),
+                grid_from_inputs=_grid_4d),
+    ModelFamily("sana", ("SanaTransformer2DModel",), "image", ("transformer_blocks",), (_HEADS_TIMES_DIM,),
+                grid_from_inputs=_grid_4d),
+    ModelFamily("unet", ("UNet2DConditionModel", "UNet2DModel"), "unet", ("mid_block",),
+                ("block_out_channels[-1]", _HEADS_TIMES_DIM)),
+)
+
+
+def supported_families_text() -> str:
+    return "; ".join(f"{f.name} ({', '.join(f.class_names)})" for f in FAMILIES)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that holds the blocks: strips torch.compile, DDP/FSDP-style `.module` and PEFT wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):   # torch.compile
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel",
+                                      "FullyShardedDataParallel") and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        elif callable(getattr(model, "get_base_model", None)) and type(model).__name__.startswith("Peft"):
+            model = model.get_base_model()
+    return model
+
+
+def detect_family(model: nn.Module) -> ModelFamily:
+    names = {cls.__name__ for cls in type(model).__mro__}
+    for family in FAMILIES:
+        if names & set(family.class_names):
+            return family
+    raise CaptureError(f"{type(model).__name__} is not a supported model family; supported: "
+                       f"{supported_families_text()}")
+
+
+def _config_value(config, key: str):
+    if key == _HEADS_TIMES_DIM:
+        heads, dim = getattr(config, "num_attention_heads", None), getattr(config, "attention_head_dim", None)
+        if isinstance(heads, int) and isinstance(dim, int):
+            return heads * dim
+        return None
+    if key == "block_out_channels[-1]":
+        channels = getattr(config, "block_out_channels", None)
+        return int(channels[-1]) if channels else None
+    value = getattr(config, key, None)
+    return value if isinstance(value, int) else None
+
+
+def hidden_size_of(model: nn.Module, family: ModelFamily, argument: str = "hidden_size") -> int:
+    """Width C of the captured hidden states, read from the model config (SPEC §7)."""
+    config = getattr(model, "config", None)
+    for key in family.hidden_size_keys:
+        value = _config_value(config, key) if config is not None else None
+        if value:
+            return value
+    tried = ", ".join(f"config.{k}" for k in family.hidden_size_keys)
+    raise CaptureError(f"cannot read the hidden size of {type(model).__name__}: tried {tried}; pass "
+                       f"{argument}=<width of block outputs> to the regularizer explicitly")
+
+
+def check_block_index(model: nn.Module, family: ModelFamily, index: int, key: str) -> None:
+    blocks = family.blocks(model)
+    if not 0 <= index < len(blocks):
+        lists = " + ".join(f"{len(getattr(model, a))} {a}" for a in family.block_lists) if family.kind != "unet" else "mid_block"
+        raise CaptureError(f"{key}={index} is out of range for {type(model).__name__}, which has {len(blocks)} "
+                           f"blocks ({lists}; valid indices 0..{len(blocks) - 1}): hidden states not returned "
+                           "for that block")
+
+
+def _in_backward() -> bool:
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
+@dataclass
+class Captured:
+    """What one forward left behind: student tokens (B, S, C) with grad, teacher tokens (B, S, C) detached
+    (backbone mode) or None, the token grid when the forward's inputs gave it, and the family."""
+
+    student: torch.Tensor
+    teacher: torch.Tensor | None
+    grid: TokenGrid | None
+    family: ModelFamily
+    model: nn.Module
+    captured_without_grad_mode: bool
+
+
+class _ForwardState:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.open = False            # inside a forward whose model-level hook fired
+        self.grad_enabled = None     # grad mode at that forward's start
+        self.grid: TokenGrid | None = None
+        self.model: nn.Module | None = None
+        self.slots: dict[str, torch.Tensor | None] = {"student": None, "teacher": None}
+        self.filled: set[str] = set()
+        self.no_grad_mode = False
+
+
+class HiddenStateCapture:
+    """Forward hooks on one block (and a teacher block in backbone mode) of one or several models.
+
+    models: the denoisers (all of one family; several share one capture, e.g. Wan 2.2's two experts).
+    block_index: student block; teacher_block_index: backbone-mode teacher block or None.
+    """
+
+    def __init__(self, models: list[nn.Module], block_index: int, *, teacher_block_index: int | None = None,
+                 family: ModelFamily | None = None, hidden_size: int | None = None,
+                 block_key: str = "crepa_block_index", teacher_key: str = "crepa_teacher_block_index") -> None:
+        if not models:
+            raise ValueError("at least one model is needed")
+        self.models = [unwrap_model(m) for m in models]
+        families = {detect_family(m).name for m in self.models}
+        if len(families) > 1:
+            raise CaptureError(f"models sharing one regularizer must be of one family, got {sorted(families)}")
+        self.family = family or detect_family(self.models[0])
+        self.block_index = block_index
+        self.teacher_block_index = teacher_block_index
+        sizes = {hidden_size or hidden_size_of(m, self.family) for m in self.models}
+        if len(sizes) > 1:
+            raise CaptureError(f"models sharing one regularizer must have one hidden size, got {sorted(sizes)}")
+        self.hidden_size = sizes.pop()
+        for model in self.models:
+            check_block_index(model, self.family, block_index, block_key)
+            if teacher_block_index is not None:
+                check_block_index(model, self.family, teacher_block_index, teacher_key)
+        self._signatures = {id(m): inspect.signature(m.forward) for m in self.models}
+        self._state = _ForwardState()
+        self._handles: list[Any] = []
+        for model in self.models:
+            self._handles.append(model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+            self._handles.append(model.register_forward_hook(self._model_post_hook, always_call=True))
+            blocks = self.family.blocks(model)
+            self._handles.append(blocks[block_index].register_forward_hook(
+                self._block_hook("student", model), with_kwargs=True))
+            if teacher_block_index is not None:
+                self._handles.append(blocks[teacher_block_index].register_forward_hook(
+                    self._block_hook("teacher", model), with_kwargs=True))
+
+    # ------------------------------------------------------------------ hooks
+
+    def _model_pre_hook(self, model, args, kwargs):
+        if _in_backward():
+            return None
+        state = self._state
+        state.reset()
+        state.open = True
+        state.grad_enabled = torch.is_grad_enabled()
+        state.model = model
+        try:
+            bound = self._signatures[id(model)].bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            bound = dict(kwargs)
+            if args:
+                bound.setdefault("hidden_states", args[0])
+        state.grid = self.family.grid_from_inputs(model, bound)
+        return None
+
+    def _model_post_hook(self, model, args, output):
+        if not _in_backward():
+            self._state.open = False
+        return None
+
+    def _block_hook(self, slot: str, model: nn.Module):
+        def hook(block, args, kwargs, output):
+            if _in_backward():
+                return None          # recomputation by non-reentrant gradient checkpointing
+            state = self._state
+            if state.open and slot in state.filled:
+                return None          # keep the first capture of a forward
+            if not state.open:
+                state.model = model
+                state.grid = None
+            tokens, grid = self._image_tokens(output, args, kwargs, state.grid)
+            if state.grid is None and grid is not None:
+                state.grid = grid
+            if slot == "student" and not tokens.requires_grad and not torch.is_grad_enabled():
+                if state.open and state.grad_enabled:
+                    raise CaptureError(
+                        f"the output of block {self.block_index} of {type(model).__name__} carries no gradient "
+                        "although the model's forward runs with gradients enabled: reentrant gradient "
+                        "checkpointing (use_reentrant=True) hides it. Use non-reentrant checkpointing (diffusers' "
+                        "default: model.enable_gradient_checkpointing(), or torch.utils.checkpoint.checkpoint(..., "
+                        "use_reentrant=False))")
+                state.no_grad_mode = True
+            state.slots[slot] = tokens.detach() if slot == "teacher" else tokens
+            state.filled.add(slot)
+            return None
+        return hook
+
+    def _image_tokens(self, output, args, kwargs, grid: TokenGrid | None) -> tuple[torch.Tensor, TokenGrid | None]:
+        family = self.family
+        if family.image_output_index is not None:
+            if not isinstance(output, (tuple, list)):
+                raise CaptureError(f"{family.name} blocks should return (text, image) tuples, got "
+                                   f"{type(output).__name__}")
+            output = output[family.image_output_index]
+        if not isinstance(output, torch.Tensor):
+            raise CaptureError(f"the captured {family.name} block returned {type(output).__name__}, not a tensor")
+        if family.kind == "unet":
+            if output.dim() != 4:
+                raise CaptureError(f"UNet mid_block output should be (B, C, h, w), got {tuple(output.shape)}")
+            b, c, h, w = output.shape
+            if c != self.hidden_size:
+                raise CaptureError(f"the UNet mid_block output has {c} channels but the hidden size is "
+                                   f"{self.hidden_size}; pass hidden_size={c} if the config is wrong")
+            return output.flatten(2).transpose(1, 2), TokenGrid(1, h, w)
+        if output.dim() != 3:
+            raise CaptureError(f"{family.name} block output should be (B, S, C), got {tuple(output.shape)}")
+        if output.shape[-1] != self.hidden_size:
+            raise CaptureError(f"the captured block output has width {output.shape[-1]} but the hidden size is "
+                               f"{self.hidden_size}; pass hidden_size={output.shape[-1]} if the config is wrong")
+        if family.local_block_tokens:
+            sparse = kwargs.get("sparse_params", args[4] if len(args) > 4 else None)
+            if isinstance(sparse, dict) and sparse.get("to_fractal"):
+                if grid is None:
+                    raise CaptureError("Kandinsky5 sparse attention reorders tokens into 8x8 windows; un-permuting "
+                                       "them needs the token grid, which the capture reads from the model's forward "
+                                       "inputs: call the model itself (model(...)), not a wrapper that calls "
+                                       "model.forward(...) directly")
+                output = unpermute_local_blocks(output, grid, KANDINSKY5_LOCAL_BLOCK)
+        return output, None
+
+    # ------------------------------------------------------------------ use
+
+    @property
+    def has_capture(self) -> bool:
+        return self._state.slots["student"] is not None
+
+    def consume(self) -> Captured:
+        """The tensors captured by the last forward; the capture forgets them (nothing stays alive)."""
+        state = self._state
+        student, teacher = state.slots["student"], state.slots["teacher"]
+        if student is None:
+            raise CaptureError(
+                f"no hidden states captured from block {self.block_index} of {type(self.models[0]).__name__}: run "
+                "the model's forward (model(...)) before calling the regularizer, once per regularizer call "
+                "(the capture is used up by each call). A block skipped in the forward (e.g. SD3 skip_layers) "
+                "captures nothing")
+        if self.teacher_block_index is not None and teacher is None:
+            raise CaptureError(f"the forward captured the student block {self.block_index} but not the teacher "
+                               f"block {self.teacher_block_index}")
+        captured = Captured(student, teacher, state.grid, self.family, state.model, state.no_grad_mode)
+        state.slots = {"student": None, "teacher": None}
+        return captured
+
+    def clear(self) -> None:
+        """Drop any captured tensors (e.g. after a forward whose regularizer call is skipped)."""
+        self._state.slots = {"student": None, "teacher": None}
+
+    def detach(self) -> None:
+        """Remove every hook; the models run exactly as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._state.reset()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+
+def grid_from_latents(family: ModelFamily, model: nn.Module, latents: torch.Tensor) -> TokenGrid:
+    """Token grid implied by unpacked latents (B, C, F, H, W) / (B, C, H, W) and the model's patch sizes."""
+    pt, ph, pw = family.latent_patch_size(model)
+    if family.kind == "video":
+        if latents.dim() != 5:
+            hint = (" (Kandinsky5's transformer input is channels-last; pass latents as (B, C, F, H, W): "
+                    "latents.permute(0, 4, 1, 2, 3))") if family.name == "kandinsky5" else ""
+            raise ValueError(f"latents for {family.name} must be unpacked (B, C, F, H, W), got shape "
+                             f"{tuple(latents.shape)}{hint}")
+        return TokenGrid(latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw)
+    if latents.dim() != 4:
+        raise ValueError(f"latents for {family.name} must be unpacked (B, C, H, W), got shape {tuple(latents.shape)}"
+                         + (" (Flux's packed (B, S, 4C) tokens: pass the latents before packing)"
+                            if family.name == "flux" else ""))
+    return TokenGrid(1, latents.shape[2] // ph, latents.shape[3] // pw)

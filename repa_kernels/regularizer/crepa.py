@@ -1,0 +1,287 @@
+"""`CrepaRegularizer`: REPA for image DiTs and CREPA for video DiTs, built from the crepa_* keys (SPEC §3-§7).
+
+    reg = CrepaRegularizer.from_config(cfg, transformer=transformer, vae=vae, max_train_steps=10_000)
+    pred = transformer(...)                      # the hook captures block crepa_block_index
+    reg_loss, logs = reg(latents=clean_latents, step=global_step)
+    (diffusion_loss + reg_loss).backward()
+
+Build it before the optimizer, `accelerator.prepare`, DDP or PEFT wrapping: it registers the projector on
+the transformer as `crepa_projector` so optimizers see it and PEFT can save it (`modules_to_save`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..functional import crepa_loss_with_options
+from ..options import CrepaOptions
+from .capture import CaptureError, HiddenStateCapture, grid_from_latents
+from .config import CrepaConfig
+from .encoder import FrozenEncoder
+from .grids import TokenGrid, align_grids, image_grid_from_aspect, mean_pool, tokens_to_grid
+from .projector import attach_projector
+from .schedule import CoefficientSchedule
+from .teacher import PixelTeacher, check_pixels, teacher_from_features
+from .vae import Denormalize, LatentDecoder, drop_vae_encoder
+
+PROJECTOR_NAME = "crepa_projector"
+
+
+def load_config(cfg, cls):
+    """A config object from itself, a dict (whole trainer configs allowed) or a JSON file path."""
+    if isinstance(cfg, cls):
+        return cfg
+    if isinstance(cfg, Mapping):
+        return cls.from_dict(cfg)
+    if isinstance(cfg, (str, os.PathLike)):
+        return cls.from_json(cfg)
+    raise TypeError(f"cfg must be a {cls.__name__}, a dict or a path to a JSON file, got {type(cfg).__name__}")
+
+
+def model_list(models, argument: str) -> list[nn.Module]:
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    if not models or not all(isinstance(m, nn.Module) for m in models):
+        raise TypeError(f"{argument} must be a diffusers model or a list of them (e.g. Wan 2.2's two experts)")
+    return models
+
+
+def model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def scalar(value: float, device: torch.device) -> torch.Tensor:
+    return torch.tensor(float(value), dtype=torch.float32, device=device)
+
+
+class CrepaRegularizer(nn.Module):
+    """REPA / CREPA regularizer on a diffusers transformer.
+
+    Call after the transformer's forward: `reg(latents=..., step=...)` (or `pixels=` / `teacher_features=`)
+    returns `(weighted_loss, logs)`; logs are detached scalar tensors (SPEC §6). The module's state_dict
+    holds the projector and the schedule state (EMA, cutoff), so a resumed run continues exactly.
+    The frozen encoder and the VAE are not part of the state_dict and stay where they were built
+    (on the transformer's device); `.to()` moves the projector only.
+    """
+
+    def __init__(self, config: CrepaConfig, *, transformer, vae=None, encoder: str | nn.Module | None = None,
+                 tae=None, denormalize: Denormalize | None = None, max_train_steps: int | None = None,
+                 hidden_size: int | None = None, impl: str = "auto") -> None:
+        super().__init__()
+        if not isinstance(config, CrepaConfig):
+            raise TypeError(f"config must be a CrepaConfig (use CrepaRegularizer.from_config for dicts and JSON "
+                            f"files), got {type(config).__name__}")
+        if not config.crepa_enabled:
+            raise ValueError("crepa_enabled is false: build the regularizer only when the config turns it on "
+                             "(if cfg.crepa_enabled: reg = CrepaRegularizer.from_config(...))")
+        models = model_list(transformer, "transformer")
+        self.config = config
+        self.impl = impl
+        self.backbone = bool(config.crepa_use_backbone_features)
+        self.options = CrepaOptions(config.crepa_adjacent_distance, config.crepa_adjacent_tau,
+                                    config.crepa_cumulative_neighbors, config.crepa_normalize_by_frames,
+                                    config.crepa_normalize_neighbour_sum)
+        self.schedule = CoefficientSchedule.from_config(config, max_train_steps=max_train_steps)
+        teacher_index = config.crepa_teacher_block_index if self.backbone else None
+        if self.backbone and teacher_index == config.crepa_block_index:
+            raise ValueError(f"crepa_teacher_block_index={teacher_index} equals crepa_block_index: backbone mode "
+                             "needs a different block as the teacher")
+        capture = HiddenStateCapture(models, config.crepa_block_index, teacher_block_index=teacher_index,
+                                     hidden_size=hidden_size)
+        if capture.family.kind == "unet":
+            capture.detach()
+            raise ValueError(f"{type(capture.models[0]).__name__} is a UNet: use UrepaRegularizer (U-REPA aligns the "
+                             "UNet mid-block); CrepaRegularizer serves transformer (DiT) models")
+        self.family = capture.family
+        device = model_device(capture.models[0])
+        try:
+            if self.backbone:
+                self._set_plain("_teacher", None)
+                width = capture.hidden_size
+            else:
+                frozen = FrozenEncoder.load(config.crepa_encoder if encoder is None else encoder,
+                                            dtype=config.crepa_encoder_dtype,
+                                            frames_batch_size=config.crepa_encoder_frames_batch_size,
+                                            tokens=config.crepa_encoder_tokens).to(device)
+                decoder = LatentDecoder(vae=vae, tae=tae, denormalize=denormalize, use_tae=config.crepa_use_tae,
+                                        video=self.family.kind == "video")
+                if config.crepa_drop_vae_encoder and vae is not None:
+                    drop_vae_encoder(vae)
+                self._set_plain("_teacher", PixelTeacher(frozen, decoder, config.crepa_encoder_image_size))
+                width = frozen.width
+            self.projector = attach_projector(capture.models, capture.hidden_size, width, PROJECTOR_NAME).to(device)
+        except BaseException:
+            capture.detach()
+            raise
+        self._set_plain("_capture", capture)
+
+    def _set_plain(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)   # not a submodule: kept out of state_dict and parameters()
+
+    @classmethod
+    def from_config(cls, cfg, *, transformer, vae=None, encoder: str | nn.Module | None = None, tae=None,
+                    denormalize: Denormalize | None = None, max_train_steps: int | None = None,
+                    hidden_size: int | None = None, impl: str = "auto") -> "CrepaRegularizer":
+        """cfg: a CrepaConfig, a dict (a whole trainer config is fine) or a JSON file path.
+
+        transformer: the diffusers transformer, or a list of transformers sharing one projector.
+        vae: the trainer's VAE, needed for `latents=` calls; encoder: overrides `crepa_encoder` (a name,
+        hub id, local path or a Dinov2 module); tae: tiny decoder for `crepa_use_tae`; denormalize: latent
+        denormalisation for VAE classes without a known rule; max_train_steps: total steps (wins over the
+        config's); hidden_size: width of the block outputs when the model config does not give it;
+        impl: kernel backend ("auto", "triton", "cpp", "reference").
+        """
+        return cls(load_config(cfg, CrepaConfig), transformer=transformer, vae=vae, encoder=encoder, tae=tae,
+                   denormalize=denormalize, max_train_steps=max_train_steps, hidden_size=hidden_size, impl=impl)
+
+    # ------------------------------------------------------------------ public helpers
+
+    @property
+    def capture(self) -> HiddenStateCapture:
+        return self._capture
+
+    @property
+    def encoder(self) -> FrozenEncoder | None:
+        return None if self._teacher is None else self._teacher.encoder
+
+    @property
+    def frames_encoded(self) -> int:
+        """Frames the encoder has processed so far (for end-to-end checks: one per latent frame per sample)."""
+        return 0 if self._teacher is None else self._teacher.encoder.frames_encoded
+
+    @property
+    def frames_decoded(self) -> int:
+        return 0 if self._teacher is None else self._teacher.frames_decoded
+
+    def detach(self) -> None:
+        """Remove the hooks (the transformer runs exactly as before) and drop any captured tensors. The
+        projector stays registered on the transformer (it holds trained weights)."""
+        self._capture.detach()
+
+    def get_extra_state(self) -> dict:
+        return {"schedule": self.schedule.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or "schedule" not in state:
+            raise ValueError(f"regularizer extra state must be a dict with a 'schedule' entry, got {state!r}")
+        self.schedule.load_state_dict(state["schedule"])
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, latents: torch.Tensor | None = None, *, step: int, pixels: torch.Tensor | None = None,
+                teacher_features: torch.Tensor | None = None,
+                token_grid: Sequence[int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """latents: clean latents (B, C, F, H, W) / (B, C, H, W) in the trainer's normalised space; or
+        pixels: clean frames in [0, 1] (B, F, 3, H, W) / (B, 3, H, W); or teacher_features: (B, T, N, D).
+        Backbone mode takes none of these (latents, if given, only check the token grid).
+        step: the optimizer step (Python int). token_grid: (T, H, W) of the student tokens when neither
+        the model inputs nor the latents give it.
+
+        Returns (λ-weighted loss, a float32 scalar with grad; logs of detached scalar tensors).
+        """
+        given = [name for name, v in (("latents", latents), ("pixels", pixels),
+                                      ("teacher_features", teacher_features)) if v is not None]
+        if self.backbone:
+            if pixels is not None or teacher_features is not None:
+                raise ValueError("backbone mode (crepa_use_backbone_features) takes its teacher from block "
+                                 f"{self.config.crepa_teacher_block_index}; do not pass pixels or teacher_features")
+        elif len(given) != 1:
+            raise ValueError(f"pass exactly one of latents=, pixels=, teacher_features= (got "
+                             f"{', '.join(given) or 'none'})")
+        weight = self.schedule.weight(step)
+        cutoff = self.schedule.cutoff_active(step)
+        device = self.projector.linear.weight.device
+        if self.schedule.finished(step):
+            self._capture.clear()
+            return self._skipped(device, cutoff)
+
+        captured = self._capture.consume()
+        if captured.captured_without_grad_mode and torch.is_grad_enabled() and captured.model.training:
+            raise CaptureError(
+                f"the hidden states of block {self.config.crepa_block_index} were captured without gradient while "
+                "the model is training: the forward ran under torch.no_grad(), or reentrant gradient "
+                "checkpointing (use_reentrant=True) hid the gradient. Use non-reentrant checkpointing (diffusers' "
+                "default) and run the training forward with gradients enabled")
+        grid = self._student_grid(captured, latents, pixels, token_grid)
+        student = captured.student
+        if student.shape[1] > grid.tokens and self.family.name == "flux":
+            student = student[:, :grid.tokens]   # Flux Kontext appends reference-image tokens after the target's
+        z = self.projector(tokens_to_grid(student, grid, "captured hidden states"))
+        y = self._teacher_tokens(captured, grid, latents, pixels, teacher_features)
+        if y.shape[0] != z.shape[0]:
+            raise ValueError(f"the teacher has batch size {y.shape[0]} but the captured hidden states have "
+                             f"{z.shape[0]}: pass the latents / pixels of the same batch as the forward")
+        if self.config.crepa_encoder_tokens == "cls" and not self.backbone:
+            z, y = mean_pool(z), y.flatten(2, 3)
+        elif not self.config.crepa_spatial_align:
+            z, y = mean_pool(z), mean_pool(y)
+        else:
+            z, y = align_grids(z, y)
+        result = crepa_loss_with_options(z, y.to(z.dtype), self.options, impl=self.impl)
+        self.schedule.update(result.alignment_score)
+        loss = result.loss.float() * weight
+        logs = {
+            "crepa_loss": loss.detach(),
+            "crepa_alignment_score": result.alignment_score.float(),
+            "crepa_similarity_self": result.similarity_self.float(),
+            "crepa_similarity": result.alignment_score.float(),
+            "crepa_weight": scalar(weight, device),
+            "crepa_cutoff": scalar(cutoff, device),
+        }
+        if self.schedule.ema is not None:
+            logs["crepa_alignment_score_ema"] = scalar(self.schedule.ema, device)
+        return loss, logs
+
+    def _skipped(self, device: torch.device, cutoff: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Nothing can weigh more than 0 any more: no decode, encode or loss; the projector still gets a
+        zero gradient."""
+        loss = self.projector.zero_touch()
+        logs = {"crepa_loss": loss.detach(), "crepa_weight": scalar(0.0, device),
+                "crepa_cutoff": scalar(cutoff, device)}
+        if self.schedule.ema is not None:
+            logs["crepa_alignment_score_ema"] = scalar(self.schedule.ema, device)
+        return loss, logs
+
+    def _student_grid(self, captured, latents, pixels, token_grid) -> TokenGrid:
+        grid = captured.grid
+        if latents is not None:
+            from_latents = grid_from_latents(self.family, captured.model, latents)
+            if grid is not None and grid != from_latents:
+                raise ValueError(f"latents of shape {tuple(latents.shape)} give the token grid {tuple(from_latents)} "
+                                 f"(frames, rows, columns) but the transformer's forward ran on {tuple(grid)}: pass "
+                                 "the clean latents of the batch the transformer just saw")
+            grid = from_latents
+        if token_grid is not None:
+            explicit = TokenGrid(*(int(v) for v in token_grid))
+            if grid is not None and grid != explicit:
+                raise ValueError(f"token_grid={tuple(explicit)} disagrees with the grid {tuple(grid)} of the forward")
+            grid = explicit
+        if grid is None and pixels is not None and self.family.kind == "image":
+            frames = check_pixels(pixels)
+            grid = image_grid_from_aspect(captured.student.shape[1], frames.shape[-2], frames.shape[-1],
+                                          f"{self.family.name} hidden-state",
+                                          "; pass latents= (their shape gives the grid) or token_grid=(1, rows, cols)")
+        if grid is None:
+            raise ValueError(f"cannot tell the token grid of the {self.family.name} hidden states: pass latents= "
+                             "(their shape gives it) or token_grid=(frames, rows, columns)")
+        return grid
+
+    def _teacher_tokens(self, captured, grid: TokenGrid, latents, pixels, teacher_features) -> torch.Tensor:
+        if self.backbone:
+            return tokens_to_grid(captured.teacher[:, :grid.tokens], grid, "teacher block hidden states").float()
+        cls_tokens = self.config.crepa_encoder_tokens == "cls"
+        if teacher_features is not None:
+            return teacher_from_features(teacher_features, grid, self.projector.out_features, cls_tokens).to(
+                self.projector.linear.weight.device)
+        if pixels is not None:
+            return self._teacher.from_pixels(pixels, grid.frames)
+        return self._teacher.from_latents(latents, grid.frames)
+
+    def extra_repr(self) -> str:
+        mode = f"backbone teacher block {self.config.crepa_teacher_block_index}" if self.backbone else \
+            f"encoder {self.config.crepa_encoder}"
+        return f"family={self.family.name}, block={self.config.crepa_block_index}, {mode}, impl={self.impl!r}"

@@ -1,0 +1,122 @@
+"""Token grids and the alignment of student and teacher tokens (SPEC §3).
+
+A token grid is (T, H, W): frames, rows, columns. Tokens are stored frame-major then row-major, so a
+(B, S, C) sequence with S = T*H*W reshapes to (B, T, H, W, C). Spatial resampling always acts on the
+true 2-D grid of each frame, never on a flattened sequence (a 1-D resample would mix rows).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class TokenGrid(NamedTuple):
+    frames: int
+    height: int
+    width: int
+
+    @property
+    def tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.height * self.width
+
+
+def tokens_to_grid(tokens: torch.Tensor, grid: TokenGrid, what: str = "tokens") -> torch.Tensor:
+    """(B, S, C) with S = T*H*W (frame-major, row-major) -> (B, T, H, W, C)."""
+    if tokens.dim() != 3:
+        raise ValueError(f"{what} must be (B, S, C), got shape {tuple(tokens.shape)}")
+    if tokens.shape[1] != grid.tokens:
+        raise ValueError(f"{what} has {tokens.shape[1]} tokens but the token grid {tuple(grid)} (frames, rows, "
+                         f"columns) holds {grid.tokens}")
+    return tokens.reshape(tokens.shape[0], grid.frames, grid.height, grid.width, tokens.shape[2])
+
+
+def unpermute_local_blocks(tokens: torch.Tensor, grid: TokenGrid, block: int) -> torch.Tensor:
+    """Undo a (1, block, block) local-window token order (Kandinsky5's sparse-attention "fractal" order).
+
+    tokens: (B, S, C) ordered as [frame, row-block, column-block, row-in-block, column-in-block];
+    returns the same tokens in frame-major, row-major order, (B, S, C).
+    """
+    if grid.height % block or grid.width % block:
+        raise ValueError(f"tokens in {block}x{block} local-window order need a grid whose rows and columns are "
+                         f"multiples of {block}, got {tuple(grid)}")
+    b, s, c = tokens.shape
+    x = tokens.reshape(b, grid.frames, grid.height // block, grid.width // block, block, block, c)
+    return x.permute(0, 1, 2, 4, 3, 5, 6).reshape(b, s, c)
+
+
+def image_grid_from_aspect(num_tokens: int, height: int, width: int, what: str, hint: str = "") -> TokenGrid:
+    """The (1, h, w) grid with h*w = num_tokens and h/w closest to height/width (e.g. Flux's packed tokens)."""
+    rows = max(1, round(math.sqrt(num_tokens * height / width)))
+    if num_tokens % rows:
+        raise ValueError(f"cannot lay {num_tokens} {what} tokens on a grid with the aspect ratio "
+                         f"{height}x{width}{hint}")
+    return TokenGrid(1, rows, num_tokens // rows)
+
+
+def select_frames(num_source: int, num_target: int) -> list[int]:
+    """Indices of `num_target` frames out of `num_source`, nearest on an even spacing.
+
+    With a causal video VAE of temporal ratio r (num_source = r*(F-1)+1) this is exactly latent frame
+    k <-> pixel frame r*k. num_target == 1 picks frame 0.
+    """
+    if num_target < 1:
+        raise ValueError(f"num_target must be >= 1, got {num_target}")
+    if num_source < num_target:
+        raise ValueError(f"cannot pick {num_target} frames out of {num_source}")
+    if num_target == 1:
+        return [0]
+    step = (num_source - 1) / (num_target - 1)
+    return [int(math.floor(k * step + 0.5)) for k in range(num_target)]
+
+
+def encoder_input_size(height: int, width: int, image_size: int, patch_size: int) -> tuple[int, int]:
+    """Encoder input (h, w): about image_size**2 pixels of area with the frame's aspect ratio, each side
+    rounded to the nearest multiple of the patch size and never below one patch."""
+    if height < 1 or width < 1:
+        raise ValueError(f"frame size must be positive, got {height}x{width}")
+    scale = image_size / math.sqrt(height * width)
+
+    def side(n: int) -> int:
+        return max(patch_size, int(math.floor(n * scale / patch_size + 0.5)) * patch_size)
+
+    return side(height), side(width)
+
+
+def resample_grid(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, T, H, W, C) -> (B, T, h, w, C), per frame on the 2-D grid.
+
+    Downsampling is antialiased (area-weighted triangle filter); upsampling is bilinear. Differentiable.
+    """
+    b, t, h, w, c = x.shape
+    if (h, w) == tuple(size):
+        return x
+    frames = x.reshape(b * t, h, w, c).permute(0, 3, 1, 2)
+    out = F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return out.permute(0, 2, 3, 1).reshape(b, t, size[0], size[1], c)
+
+
+def align_grids(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample the grid with more tokens per frame onto the other's 2-D grid.
+
+    student, teacher: (B, T, H, W, D) with the same B, T and D (grids may differ);
+    returns both as (B, T, N, D) on a common (h, w) grid.
+    """
+    s_hw, t_hw = student.shape[2:4], teacher.shape[2:4]
+    if s_hw[0] * s_hw[1] > t_hw[0] * t_hw[1]:
+        student = resample_grid(student, tuple(t_hw))
+    elif s_hw != t_hw:
+        teacher = resample_grid(teacher, tuple(s_hw))
+    return student.flatten(2, 3), teacher.flatten(2, 3)
+
+
+def mean_pool(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, W, D) or (B, T, N, D) -> (B, T, 1, D), mean over the tokens of each frame."""
+    return x.flatten(2, -2).mean(dim=2, keepdim=True)

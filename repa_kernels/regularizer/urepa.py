@@ -1,0 +1,179 @@
+"""`UrepaRegularizer`: U-REPA on a diffusers UNet's mid-block, built from the urepa_* keys (SPEC §2.2, §3-§7).
+
+    reg = UrepaRegularizer.from_config(cfg, unet=unet, vae=vae, max_train_steps=10_000)
+    pred = unet(...)                             # the hook captures mid_block
+    reg_loss, logs = reg(latents=clean_latents, step=global_step)
+    (diffusion_loss + reg_loss).backward()
+
+The mid-block tokens (B, h*w, C) are projected to the encoder width, then upsampled (bilinear) to the
+encoder's patch grid (project first, then upsample, as the U-REPA paper does); the loss is
+λ · (−mean cosine + urepa_manifold_weight · manifold).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..functional import urepa_loss
+from .capture import CaptureError, HiddenStateCapture
+from .config import UrepaConfig
+from .crepa import load_config, model_device, model_list, scalar
+from .encoder import FrozenEncoder
+from .grids import resample_grid, tokens_to_grid
+from .projector import attach_projector
+from .schedule import CoefficientSchedule
+from .teacher import PixelTeacher, teacher_from_features
+from .vae import Denormalize, LatentDecoder
+
+PROJECTOR_NAME = "urepa_projector"
+
+
+class UrepaRegularizer(nn.Module):
+    """U-REPA regularizer on a UNet (UNet2DConditionModel: SD1.5, SDXL, Kolors, ...).
+
+    Call after the UNet's forward: `reg(latents=..., step=...)` (or `pixels=` / `teacher_features=`)
+    returns `(weighted_loss, logs)`; logs are detached scalar tensors (SPEC §6). The state_dict holds the
+    projector and the schedule state. The encoder and VAE stay outside it.
+    """
+
+    def __init__(self, config: UrepaConfig, *, unet, vae=None, encoder: str | nn.Module | None = None, tae=None,
+                 denormalize: Denormalize | None = None, max_train_steps: int | None = None,
+                 hidden_size: int | None = None, encoder_dtype: str = "float32", impl: str = "auto") -> None:
+        super().__init__()
+        if not isinstance(config, UrepaConfig):
+            raise TypeError(f"config must be a UrepaConfig (use UrepaRegularizer.from_config for dicts and JSON "
+                            f"files), got {type(config).__name__}")
+        if not config.urepa_enabled:
+            raise ValueError("urepa_enabled is false: build the regularizer only when the config turns it on "
+                             "(if cfg.urepa_enabled: reg = UrepaRegularizer.from_config(...))")
+        models = model_list(unet, "unet")
+        self.config = config
+        self.impl = impl
+        self.schedule = CoefficientSchedule.from_config(config, max_train_steps=max_train_steps)
+        capture = HiddenStateCapture(models, 0, hidden_size=hidden_size, block_key="the UNet mid_block")
+        if capture.family.kind != "unet":
+            capture.detach()
+            raise ValueError(f"{type(capture.models[0]).__name__} is not a UNet: U-REPA aligns a UNet mid-block; use "
+                             "CrepaRegularizer for transformer (DiT) models")
+        self.family = capture.family
+        device = model_device(capture.models[0])
+        try:
+            frozen = FrozenEncoder.load(config.urepa_model if encoder is None else encoder, dtype=encoder_dtype,
+                                        tokens="patch").to(device)
+            decoder = LatentDecoder(vae=vae, tae=tae, denormalize=denormalize, use_tae=config.urepa_use_tae,
+                                    video=False, use_tae_key="urepa_use_tae")
+            object.__setattr__(self, "_teacher", PixelTeacher(frozen, decoder, config.urepa_encoder_image_size))
+            self.projector = attach_projector(capture.models, capture.hidden_size, frozen.width,
+                                              PROJECTOR_NAME).to(device)
+        except BaseException:
+            capture.detach()
+            raise
+        object.__setattr__(self, "_capture", capture)
+
+    @classmethod
+    def from_config(cls, cfg, *, unet, vae=None, encoder: str | nn.Module | None = None, tae=None,
+                    denormalize: Denormalize | None = None, max_train_steps: int | None = None,
+                    hidden_size: int | None = None, encoder_dtype: str = "float32",
+                    impl: str = "auto") -> "UrepaRegularizer":
+        """cfg: a UrepaConfig, a dict (a whole trainer config is fine) or a JSON file path; the other
+        arguments as in `CrepaRegularizer.from_config` (encoder overrides `urepa_model`)."""
+        return cls(load_config(cfg, UrepaConfig), unet=unet, vae=vae, encoder=encoder, tae=tae,
+                   denormalize=denormalize, max_train_steps=max_train_steps, hidden_size=hidden_size,
+                   encoder_dtype=encoder_dtype, impl=impl)
+
+    @property
+    def capture(self) -> HiddenStateCapture:
+        return self._capture
+
+    @property
+    def encoder(self) -> FrozenEncoder:
+        return self._teacher.encoder
+
+    @property
+    def frames_encoded(self) -> int:
+        return self._teacher.encoder.frames_encoded
+
+    @property
+    def frames_decoded(self) -> int:
+        return self._teacher.frames_decoded
+
+    def detach(self) -> None:
+        """Remove the hooks and drop any captured tensors; the projector stays registered on the UNet."""
+        self._capture.detach()
+
+    def get_extra_state(self) -> dict:
+        return {"schedule": self.schedule.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or "schedule" not in state:
+            raise ValueError(f"regularizer extra state must be a dict with a 'schedule' entry, got {state!r}")
+        self.schedule.load_state_dict(state["schedule"])
+
+    def forward(self, latents: torch.Tensor | None = None, *, step: int, pixels: torch.Tensor | None = None,
+                teacher_features: torch.Tensor | None = None,
+                token_grid: Sequence[int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """latents (B, C, H, W) normalised, or pixels (B, 3, H, W) in [0, 1], or teacher_features (B, N, D)
+        / (B, 1, N, D); step: the optimizer step. token_grid is accepted for symmetry with
+        CrepaRegularizer and must match the mid-block grid when given.
+
+        Returns (λ-weighted loss with grad; logs of detached scalar tensors).
+        """
+        given = [name for name, v in (("latents", latents), ("pixels", pixels),
+                                      ("teacher_features", teacher_features)) if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"pass exactly one of latents=, pixels=, teacher_features= (got "
+                             f"{', '.join(given) or 'none'})")
+        weight = self.schedule.weight(step)
+        cutoff = self.schedule.cutoff_active(step)
+        device = self.projector.linear.weight.device
+        if self.schedule.finished(step):
+            self._capture.clear()
+            loss = self.projector.zero_touch()
+            logs = {"urepa_loss": loss.detach(), "urepa_weight": scalar(0.0, device),
+                    "urepa_cutoff": scalar(cutoff, device)}
+            if self.schedule.ema is not None:
+                logs["urepa_similarity_ema"] = scalar(self.schedule.ema, device)
+            return loss, logs
+
+        captured = self._capture.consume()
+        if captured.captured_without_grad_mode and torch.is_grad_enabled() and captured.model.training:
+            raise CaptureError("the UNet mid-block hidden states were captured without gradient while the model is "
+                               "training: the forward ran under torch.no_grad(), or reentrant gradient checkpointing "
+                               "hid the gradient; use non-reentrant checkpointing (diffusers' default)")
+        grid = captured.grid
+        if token_grid is not None and tuple(int(v) for v in token_grid) != tuple(grid):
+            raise ValueError(f"token_grid={tuple(token_grid)} disagrees with the mid-block grid {tuple(grid)}")
+        if latents is not None and latents.dim() != 4:
+            raise ValueError(f"latents for a UNet must be (B, C, H, W), got shape {tuple(latents.shape)}")
+        z = self.projector(tokens_to_grid(captured.student, grid, "mid-block hidden states"))
+        if teacher_features is not None:
+            y = teacher_from_features(teacher_features, grid, self.projector.out_features, False).to(device)
+        elif pixels is not None:
+            y = self._teacher.from_pixels(pixels, 1)
+        else:
+            y = self._teacher.from_latents(latents, 1)
+        if y.shape[0] != z.shape[0]:
+            raise ValueError(f"the teacher has batch size {y.shape[0]} but the captured hidden states have "
+                             f"{z.shape[0]}: pass the latents / pixels of the same batch as the forward")
+        z = resample_grid(z, tuple(y.shape[2:4]))      # project first, then upsample to the encoder grid
+        result = urepa_loss(z.flatten(2, 3), y.flatten(2, 3).to(z.dtype),
+                            manifold_weight=self.config.urepa_manifold_weight, impl=self.impl)
+        self.schedule.update(result.similarity)
+        loss = result.loss.float() * weight
+        logs = {
+            "urepa_loss": loss.detach(),
+            "urepa_alignment_loss": result.alignment.detach().float(),
+            "urepa_manifold_loss": result.manifold.detach().float(),
+            "urepa_similarity": result.similarity.float(),
+            "urepa_weight": scalar(weight, device),
+            "urepa_cutoff": scalar(cutoff, device),
+        }
+        if self.schedule.ema is not None:
+            logs["urepa_similarity_ema"] = scalar(self.schedule.ema, device)
+        return loss, logs
+
+    def extra_repr(self) -> str:
+        return f"family={self.family.name}, encoder {self.config.urepa_model}, impl={self.impl!r}"

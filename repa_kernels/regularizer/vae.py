@@ -1,0 +1,174 @@
+"""Decode the trainer's normalised latents to frames in [0, 1] (SPEC §7).
+
+Each VAE class gets the denormalisation its diffusers pipeline applies before `vae.decode`:
+
+| class                         | latents given to decode                         | pipeline                         |
+|-------------------------------|-------------------------------------------------|----------------------------------|
+| AutoencoderKLWan              | z / (1 / std) + mean  (config lists)            | Wan, SanaVideo                   |
+| AutoencoderKLLTXVideo         | z * std / scaling_factor + mean (buffers); decode(z, temb) | LTX-Video             |
+| AutoencoderKLHunyuanVideo     | z / scaling_factor                              | Kandinsky5                       |
+| AutoencoderDC                 | z / scaling_factor                              | Sana                             |
+| AutoencoderKL                 | z * std / scaling_factor + mean when the config has latents_mean/std, else z / scaling_factor + shift_factor (shift when set) | SD, SDXL, SD3, Flux, PixArt |
+| AutoencoderTiny               | z / scaling_factor + shift_factor               | any image pipeline given a TAE   |
+
+Any other VAE needs a `denormalize(latents) -> latents` callable. Decoding runs under no_grad in the
+VAE's dtype. Causal video VAEs decode frame k from latent frames 0..k, so all latent frames are decoded
+and the needed pixel frames are picked afterwards.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+Denormalize = Callable[[torch.Tensor], torch.Tensor]
+
+SUPPORTED_VAES = ("AutoencoderKLWan", "AutoencoderKLLTXVideo", "AutoencoderKLHunyuanVideo", "AutoencoderDC",
+                  "AutoencoderKL", "AutoencoderTiny")
+
+
+def _class_name(vae) -> str | None:
+    names = [cls.__name__ for cls in type(vae).__mro__]
+    return next((n for n in names if n in SUPPORTED_VAES), None)
+
+
+def _channel_view(values, latents: torch.Tensor) -> torch.Tensor:
+    shape = [1, -1] + [1] * (latents.dim() - 2)
+    return torch.as_tensor(values).to(latents.device, latents.dtype).view(shape)
+
+
+def latent_channels(vae) -> int | None:
+    config = getattr(vae, "config", None)
+    for key in ("z_dim", "latent_channels"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def denormalizer_for(vae) -> Denormalize | None:
+    """The class's own denormalisation (table above), or None for an unknown class."""
+    name = _class_name(vae)
+    if name is None:
+        return None
+    config = vae.config
+    if name == "AutoencoderKLWan":
+        def wan(z):
+            return z / (1.0 / _channel_view(config.latents_std, z)) + _channel_view(config.latents_mean, z)
+        return wan
+    if name == "AutoencoderKLLTXVideo":
+        def ltx(z):
+            return z * _channel_view(vae.latents_std, z) / config.scaling_factor + _channel_view(vae.latents_mean, z)
+        return ltx
+    if name in ("AutoencoderKLHunyuanVideo", "AutoencoderDC"):
+        return lambda z: z / config.scaling_factor
+    if name == "AutoencoderKL" and getattr(config, "latents_mean", None) is not None \
+            and getattr(config, "latents_std", None) is not None:
+        def kl_mean_std(z):
+            return z * _channel_view(config.latents_std, z) / config.scaling_factor + _channel_view(config.latents_mean, z)
+        return kl_mean_std
+    shift = getattr(config, "shift_factor", None)   # AutoencoderKL, AutoencoderTiny
+    return (lambda z: z / config.scaling_factor + shift) if shift is not None else (lambda z: z / config.scaling_factor)
+
+
+def _decoded_tensor(out) -> torch.Tensor:
+    if hasattr(out, "sample"):
+        out = out.sample
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the decoder returned {type(out).__name__}; expected a tensor, a tuple or an object with "
+                        ".sample")
+    return out
+
+
+def drop_vae_encoder(vae: nn.Module) -> None:
+    """crepa_drop_vae_encoder: delete `vae.encoder` (decode-only; the VAE can no longer encode pixels)."""
+    if getattr(vae, "encoder", None) is None:
+        raise ValueError(f"crepa_drop_vae_encoder is on but {type(vae).__name__} has no `encoder` to delete")
+    del vae.encoder
+
+
+class LatentDecoder:
+    """Turns normalised latents into frames (B, F, 3, H, W) float32 in [0, 1].
+
+    vae: the trainer's VAE (used unless use_tae). tae: tiny decoder for crepa_use_tae: a diffusers
+    AutoencoderTiny (image models) or any module / callable mapping denormalised latents (B, C, F, H, W)
+    to frames in [-1, 1] (B, 3, F', H', W') like a diffusers decoder (tensor, tuple or `.sample`).
+    denormalize: overrides the class rule. video: whether the denoiser is a video model.
+    """
+
+    def __init__(self, *, vae=None, tae=None, denormalize: Denormalize | None = None, use_tae: bool = False,
+                 video: bool, use_tae_key: str = "crepa_use_tae") -> None:
+        if denormalize is not None and not callable(denormalize):
+            raise TypeError(f"denormalize must be a callable latents -> latents, got {type(denormalize).__name__}")
+        self.video = video
+        self.use_tae = use_tae
+        if use_tae:
+            if tae is None:
+                if video:
+                    raise ValueError(
+                        f"{use_tae_key}=true needs the tiny video decoder passed as tae=<module>: diffusers 0.42 has "
+                        "no video tiny autoencoder, so load one yourself (e.g. TAEHV for Wan / LTX from "
+                        "madebyollin/taehv, wrapped to map latents (B, C, F, H, W) to frames in [-1, 1]) or set "
+                        f"{use_tae_key}=false to decode with the full VAE")
+                raise ValueError(f"{use_tae_key}=true needs tae=<diffusers AutoencoderTiny> (e.g. "
+                                 "AutoencoderTiny.from_pretrained('madebyollin/taef1') for Flux, 'madebyollin/taesdxl' "
+                                 f"for SDXL) or {use_tae_key}=false")
+            self.decoder = tae
+            rule = denormalize or denormalizer_for(tae) or (denormalizer_for(vae) if vae is not None else None)
+            if rule is None:
+                raise ValueError(f"cannot tell how to denormalise latents for the tiny decoder {type(tae).__name__}: "
+                                 "pass denormalize=<callable> (or vae= of a supported class: "
+                                 f"{', '.join(SUPPORTED_VAES)})")
+        else:
+            self.decoder = vae
+            rule = denormalize
+            if vae is not None and rule is None:
+                rule = denormalizer_for(vae)
+                if rule is None:
+                    raise ValueError(f"{type(vae).__name__} is not a VAE class with a known latent normalisation "
+                                     f"({', '.join(SUPPORTED_VAES)}); pass denormalize=<callable latents -> latents "
+                                     "as the pipeline gives them to vae.decode>")
+        self.denormalize = rule
+
+    @property
+    def available(self) -> bool:
+        return self.decoder is not None
+
+    def _dtype_device(self) -> tuple[torch.dtype, torch.device | None]:
+        if isinstance(self.decoder, nn.Module):
+            param = next(self.decoder.parameters(), None)
+            if param is not None:
+                return param.dtype, param.device
+        return torch.float32, None
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (B, C, F, H, W) or (B, C, H, W) -> frames (B, F, 3, H', W') float32 in [0, 1]."""
+        if self.decoder is None:
+            raise ValueError("latents were given but the regularizer has no VAE: pass vae=<the trainer's VAE> "
+                             "when building it, or call it with pixels= or teacher_features= instead")
+        expected = latent_channels(self.decoder) if isinstance(self.decoder, nn.Module) else None
+        if expected is not None and latents.shape[1] != expected:
+            raise ValueError(f"latents have {latents.shape[1]} channels but {type(self.decoder).__name__} expects "
+                             f"{expected}: pass the unpacked latents (B, C, F, H, W) / (B, C, H, W)")
+        dtype, device = self._dtype_device()
+        z = latents.detach().to(device=device or latents.device, dtype=dtype)
+        z = self.denormalize(z)
+        decode = getattr(self.decoder, "decode", self.decoder)
+        if type(self.decoder).__name__ == "AutoencoderKLLTXVideo":
+            temb = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype) \
+                if self.decoder.config.timestep_conditioning else None
+            out = decode(z, temb)
+        else:
+            out = decode(z)
+        frames = _decoded_tensor(out).float()
+        if frames.dim() == 4:
+            frames = frames.unsqueeze(2)
+        if frames.dim() != 5 or frames.shape[1] != 3:
+            raise ValueError(f"the decoder returned shape {tuple(frames.shape)}; expected (B, 3, F, H, W) or "
+                             "(B, 3, H, W)")
+        return (frames.permute(0, 2, 1, 3, 4) * 0.5 + 0.5).clamp_(0.0, 1.0)

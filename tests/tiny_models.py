@@ -1,0 +1,203 @@
+"""Tiny random-weight diffusers / transformers models with a fixed seed, shared by the tests and demos.
+
+Every builder returns a model in eval mode on CPU in float32, built from the real diffusers class with
+a configuration small enough to run a forward pass in milliseconds. `tiny_forward(model, latents)`
+runs one denoiser forward on *unpacked* latents the way the family's pipeline calls it (packing for
+Flux and LTX-Video, channels-last for Kandinsky5), so tests and demos need not know each family's
+signature.
+
+Shapes the tests rely on:
+- video latents (B, 4, F, H, W) with H, W even; image latents (B, 4, H, W) with H, W even.
+- Wan, SanaVideo, Kandinsky5: patch (1, 2, 2); LTX-Video: patch 1; Flux: 2x2 packing;
+  SD3, PixArt: patch 2; Sana: patch 1; UNet: mid-block at 1/2 of the latent resolution.
+- Each transformer has 3 blocks (Flux: 2 double + 2 single = 4 indices), hidden size 16 (Kandinsky5: 24).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SEED = 0
+LATENT_CHANNELS = 4
+TEXT_DIM = 16
+TEXT_TOKENS = 3
+
+
+def _seeded(build):
+    torch.manual_seed(SEED)
+    model = build()
+    return model.eval()
+
+
+def tiny_wan(num_layers: int = 3):
+    from diffusers import WanTransformer3DModel
+    return _seeded(lambda: WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS, text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=num_layers,
+        rope_max_seq_len=64))
+
+
+def tiny_ltx(num_layers: int = 3):
+    from diffusers import LTXVideoTransformer3DModel
+    return _seeded(lambda: LTXVideoTransformer3DModel(
+        in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, patch_size=1, patch_size_t=1,
+        num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, num_layers=num_layers,
+        caption_channels=TEXT_DIM))
+
+
+def tiny_sana_video(num_layers: int = 3):
+    from diffusers import SanaVideoTransformer3DModel
+    return _seeded(lambda: SanaVideoTransformer3DModel(
+        in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_attention_heads=2, attention_head_dim=8,
+        num_layers=num_layers, num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+        caption_channels=TEXT_DIM, mlp_ratio=2.0, sample_size=8, patch_size=(1, 2, 2), rope_max_seq_len=64))
+
+
+def tiny_kandinsky5(num_layers: int = 3):
+    from diffusers import Kandinsky5Transformer3DModel
+    return _seeded(lambda: Kandinsky5Transformer3DModel(
+        in_visual_dim=LATENT_CHANNELS, in_text_dim=TEXT_DIM, in_text_dim2=8, time_dim=16,
+        out_visual_dim=LATENT_CHANNELS, patch_size=(1, 2, 2), model_dim=24, ff_dim=32, num_text_blocks=1,
+        num_visual_blocks=num_layers, axes_dims=(4, 4, 4)))
+
+
+def tiny_flux(num_layers: int = 2, num_single_layers: int = 2):
+    from diffusers import FluxTransformer2DModel
+    return _seeded(lambda: FluxTransformer2DModel(
+        patch_size=1, in_channels=LATENT_CHANNELS * 4, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=8,
+        axes_dims_rope=(2, 2, 4)))
+
+
+def tiny_sd3(num_layers: int = 3):
+    from diffusers import SD3Transformer2DModel
+    return _seeded(lambda: SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=LATENT_CHANNELS, num_layers=num_layers, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=TEXT_DIM, caption_projection_dim=16, pooled_projection_dim=8,
+        out_channels=LATENT_CHANNELS, pos_embed_max_size=16))
+
+
+def tiny_pixart(num_layers: int = 3):
+    from diffusers import PixArtTransformer2DModel
+    return _seeded(lambda: PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        num_layers=num_layers, cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=TEXT_DIM))
+
+
+def tiny_sana(num_layers: int = 3):
+    from diffusers import SanaTransformer2DModel
+    return _seeded(lambda: SanaTransformer2DModel(
+        in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_attention_heads=2, attention_head_dim=8,
+        num_layers=num_layers, num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+        caption_channels=TEXT_DIM, mlp_ratio=2.0, sample_size=8, patch_size=1))
+
+
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+    return _seeded(lambda: UNet2DConditionModel(
+        sample_size=8, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, cross_attention_dim=TEXT_DIM,
+        attention_head_dim=4))
+
+
+def tiny_wan_vae():
+    """AutoencoderKLWan with z_dim 4, spatial ratio 4, causal temporal ratio 2 (F latent -> 2(F-1)+1 frames)."""
+    from diffusers import AutoencoderKLWan
+    return _seeded(lambda: AutoencoderKLWan(
+        base_dim=8, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
+        latents_mean=[0.1, -0.2, 0.3, -0.4], latents_std=[1.5, 0.5, 2.0, 1.0],
+        scale_factor_temporal=2, scale_factor_spatial=4))
+
+
+def tiny_image_vae(scaling_factor: float = 0.5, shift_factor: float | None = 0.25):
+    """AutoencoderKL with 4 latent channels and spatial ratio 2."""
+    from diffusers import AutoencoderKL
+    return _seeded(lambda: AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8), layers_per_block=1,
+        latent_channels=LATENT_CHANNELS, norm_num_groups=4, sample_size=16, scaling_factor=scaling_factor,
+        shift_factor=shift_factor))
+
+
+def tiny_image_tae():
+    """AutoencoderTiny with 4 latent channels and spatial ratio 2 (an image tiny decoder)."""
+    from diffusers import AutoencoderTiny
+    return _seeded(lambda: AutoencoderTiny(
+        encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), latent_channels=LATENT_CHANNELS,
+        num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)))
+
+
+def tiny_dinov2(with_registers: bool = False, patch_size: int = 4):
+    """A random Dinov2Model (or Dinov2WithRegistersModel with 2 registers): hidden 16, one layer."""
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    common = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=16,
+                  patch_size=patch_size)
+    if with_registers:
+        return _seeded(lambda: Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=2, **common)))
+    return _seeded(lambda: Dinov2Model(Dinov2Config(**common)))
+
+
+# --------------------------------------------------------------------------------------------------
+# One forward per family from unpacked latents.
+
+def _text(batch: int, dim: int = TEXT_DIM, tokens: int = TEXT_TOKENS) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(SEED + 1)
+    return torch.randn(batch, tokens, dim, generator=generator)
+
+
+def pack_flux(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C), the FluxPipeline packing."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def flux_image_ids(height: int, width: int) -> torch.Tensor:
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] += torch.arange(height // 2)[:, None]
+    ids[..., 2] += torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def pack_ltx(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, H, W) -> (B, F*H*W, C), the LTXPipeline packing with patch sizes 1."""
+    return latents.flatten(2).transpose(1, 2)
+
+
+def tiny_forward(model, latents: torch.Tensor, timestep: float = 500.0):
+    """Run `model` once on unpacked latents; returns the prediction tensor."""
+    name = type(model).__name__
+    batch = latents.shape[0]
+    t = torch.full((batch,), timestep)
+    if name == "WanTransformer3DModel":
+        return model(latents, t, _text(batch), return_dict=False)[0]
+    if name == "SanaVideoTransformer3DModel":
+        return model(latents, _text(batch), t, return_dict=False)[0]
+    if name == "LTXVideoTransformer3DModel":
+        _, _, frames, height, width = latents.shape
+        mask = torch.ones(batch, TEXT_TOKENS)
+        return model(pack_ltx(latents), _text(batch), t, mask, num_frames=frames, height=height, width=width,
+                     return_dict=False)[0]
+    if name == "Kandinsky5Transformer3DModel":
+        _, _, frames, height, width = latents.shape
+        rope = [torch.arange(frames), torch.arange(height // 2), torch.arange(width // 2)]
+        return model(latents.permute(0, 2, 3, 4, 1), _text(batch), t, _text(batch, 8, 1)[:, 0], rope,
+                     torch.arange(TEXT_TOKENS), return_dict=False)
+    if name == "FluxTransformer2DModel":
+        _, _, height, width = latents.shape
+        return model(pack_flux(latents), _text(batch), _text(batch, 8, 1)[:, 0], t / 1000.0,
+                     flux_image_ids(height, width), torch.zeros(TEXT_TOKENS, 3), return_dict=False)[0]
+    if name == "SD3Transformer2DModel":
+        return model(latents, _text(batch), _text(batch, 8, 1)[:, 0], t, return_dict=False)[0]
+    if name == "PixArtTransformer2DModel":
+        return model(latents, encoder_hidden_states=_text(batch), timestep=t,
+                     added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+    if name == "SanaTransformer2DModel":
+        return model(latents, _text(batch), t, return_dict=False)[0]
+    if name == "UNet2DConditionModel":
+        return model(latents, t, _text(batch), return_dict=False)[0]
+    raise ValueError(f"tiny_forward does not know {name}")
+
+
+VIDEO_BUILDERS = {"wan": tiny_wan, "ltx_video": tiny_ltx, "sana_video": tiny_sana_video, "kandinsky5": tiny_kandinsky5}
+IMAGE_BUILDERS = {"flux": tiny_flux, "sd3": tiny_sd3, "pixart": tiny_pixart, "sana": tiny_sana}
