@@ -290,15 +290,16 @@ def device_peaks(device: torch.device, dtype: torch.dtype) -> DevicePeaks:
     """Measured copy bandwidth (bytes/s) and matmul throughput (FLOP/s, in `dtype`) of `device`."""
     device = torch.device(device)
     cuda = device.type == "cuda"
-    copy_bytes = (1 << 30) if cuda else (256 << 20)
+    # the copied buffers are several times any CPU's last-level cache per core complex
+    copy_bytes = (1 << 30) if cuda else (128 << 20)
     source = torch.ones(copy_bytes // 4, dtype=torch.float32, device=device)
     target = torch.empty_like(source)
-    copy_ms = _best_ms(lambda: target.copy_(source), device, repeats=10 if cuda else 5, warmup=3)
+    copy_ms = _best_ms(lambda: target.copy_(source), device, repeats=10 if cuda else 4, warmup=2)
     del source, target
-    size = 8192 if cuda else 2048
+    size = 8192 if cuda else 1536
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    matmul_ms = _best_ms(lambda: torch.mm(a, b), device, repeats=10 if cuda else 3, warmup=2)
+    matmul_ms = _best_ms(lambda: torch.mm(a, b), device, repeats=10 if cuda else 3, warmup=1)
     return DevicePeaks(copy_bytes_per_s=2 * copy_bytes / (copy_ms * 1e-3),
                        matmul_flops_per_s=2 * size ** 3 / (matmul_ms * 1e-3),
                        dtype=str(dtype).removeprefix("torch."))

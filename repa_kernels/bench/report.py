@@ -128,27 +128,24 @@ def write_plots(rows: list[dict], prefix: Path) -> list[Path]:
 
 
 def _bar_panel(axis, rows: list[dict], providers: list[str], metric: str, label: str) -> None:
-    width = 0.8 / max(1, len(providers))
-    skipped = []
-    for index, provider in enumerate(providers):
+    ran = [p for p in providers if any(r["provider"] == p and r["status"] == "ok" for r in rows)]
+    skipped = [p for p in providers if p not in ran and any(r["provider"] == p for r in rows)]
+    width = 0.8 / max(1, len(ran))
+    for index, provider in enumerate(ran):
         by_mode = {r["mode"]: r for r in rows if r["provider"] == provider}
-        if not any(r["status"] == "ok" for r in by_mode.values()):
-            if by_mode:
-                skipped.append(provider)
-            continue
         xs, heights, low, high = [], [], [], []
         for position, mode in enumerate(MODES):
             row = by_mode.get(mode)
             value = row.get(metric) if row and row["status"] == "ok" else None
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 continue
-            xs.append(position + (index - (len(providers) - 1) / 2) * width)
+            xs.append(position + (index - (len(ran) - 1) / 2) * width)
             heights.append(value)
             if metric == "median_ms":
                 low.append(value - row["p20_ms"])
                 high.append(row["p80_ms"] - value)
         errors = [low, high] if metric == "median_ms" and xs else None
-        axis.bar(xs, heights, width, yerr=errors, capsize=2, label=provider)
+        axis.bar(xs, heights, width, yerr=errors, capsize=2, label=provider, color=f"C{providers.index(provider)}")
     axis.set_xticks(range(len(MODES)))
     axis.set_xticklabels(MODES, fontsize=8)
     axis.set_ylabel(label, fontsize=8)
