@@ -1,0 +1,110 @@
+// Shared helpers of the repa_kernels CPU kernels (crepa_cosine.cpp, manifold.cpp).
+//
+// Lean ATen headers on purpose (no <torch/extension.h>, no pybind11): the extension compiles in
+// about a third of the time, which matters because CI builds it on 2 cores.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+
+// Hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time (GCC
+// function multi-versioning), so one build serves any x86-64 machine at full vector width.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define REPA_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define REPA_SIMD_CLONES_NAME "x86-64-v4 / x86-64-v3 / baseline clones picked at load time"
+#else
+#define REPA_SIMD_CLONES
+#define REPA_SIMD_CLONES_NAME "compiler default target only"
+#endif
+
+#define REPA_STRINGIFY_(x) #x
+#define REPA_STRINGIFY(x) REPA_STRINGIFY_(x)
+
+namespace repa {
+
+constexpr double kEps = 1e-12;  // ||x|| < kEps: the token has no direction, normalised 0, gradient 0
+
+// Accumulation type: fp32 for fp16 / bf16 / fp32 inputs, fp64 for fp64 inputs.
+template <typename scalar_t> struct AccumulateType { using type = float; };
+template <> struct AccumulateType<double> { using type = double; };
+template <typename scalar_t> using acc_type = typename AccumulateType<scalar_t>::type;
+
+inline void check_supported_dtype(const char* op, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kDouble, op,
+              ": dtype must be float16, bfloat16, float32 or float64, got ", dtype);
+}
+
+inline at::ScalarType compute_scalar_type(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// 1 / ||x|| for ||x|| >= kEps, else 0 (the zero-token rule).
+inline double safe_inverse_norm(double squared_norm) {
+  const double norm = std::sqrt(squared_norm);
+  return norm >= kEps ? 1.0 / norm : 0.0;
+}
+
+// The vector primitives below are `inline` so that each SIMD clone of a kernel inlines its own copy;
+// `omp simd reduction` lets the compiler split the sums over vector lanes (a fixed order for a given
+// build and machine, whatever the thread count).
+template <typename T>
+inline void squared_norms_and_dot(const T* a, const T* b, int64_t n, T& aa, T& bb, T& ab) {
+  T saa = 0, sbb = 0, sab = 0;
+#pragma omp simd reduction(+ : saa, sbb, sab)
+  for (int64_t i = 0; i < n; ++i) {
+    saa += a[i] * a[i];
+    sbb += b[i] * b[i];
+    sab += a[i] * b[i];
+  }
+  aa = saa;
+  bb = sbb;
+  ab = sab;
+}
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename T>
+inline T squared_norm(const T* a, int64_t n) {
+  return dot(a, a, n);
+}
+
+// out = alpha * x
+template <typename T>
+inline void scale_into(T* out, const T* x, T alpha, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = alpha * x[i];
+}
+
+// out += alpha * x
+template <typename T>
+inline void add_scaled(T* out, const T* x, T alpha, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] += alpha * x[i];
+}
+
+// out = alpha * x + beta * y
+template <typename T>
+inline void combine_into(T* out, const T* x, T alpha, const T* y, T beta, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = alpha * x[i] + beta * y[i];
+}
+
+template <typename S, typename T>
+inline void convert_row(T* out, const S* in, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(in[i]);
+}
+
+}  // namespace repa

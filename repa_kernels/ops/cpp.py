@@ -1,0 +1,253 @@
+"""The C++ CPU backend (`impl="cpp"`): loads the extension and exposes `crepa`, `manifold`, `status`.
+
+The kernels live in csrc/ and register the dispatcher ops `repa_kernels::crepa` and
+`repa_kernels::manifold` (CPU). Loading, first success wins, once per process:
+1. the prebuilt module `repa_kernels._C` (compiled by `pip install --no-build-isolation .`);
+2. a just-in-time build of the csrc/ sources with `torch.utils.cpp_extension.load` (cached under
+   torch's extension directory, so only the first use in an environment compiles; logged).
+If both fail, `status()` says why and how to build it; `impl="auto"` then falls back to the reference.
+
+The loss is a scalar, so the kernels form d loss / d z (and d y) in the forward pass when a gradient is
+needed; the registered backward only scales them by the upstream gradient. Fake (meta) kernels make
+both ops opaque single nodes under `torch.compile(fullgraph=True)`. Double backward is not supported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..backends import BackendUnavailableError
+from ..options import CrepaOptions
+
+logger = logging.getLogger(__name__)
+
+PREBUILT_MODULE = "repa_kernels._C"
+JIT_NAME = "repa_kernels_cpp"
+# Compiler flags of both builds; setup.py reads these two lists from this file.
+EXTRA_CFLAGS = ["-O3", "-fopenmp"]
+EXTRA_LDFLAGS = ["-fopenmp"]
+SOURCE_FILES = ("common.h", "crepa_cosine.cpp", "manifold.cpp", "module.cpp")
+HOW_TO_BUILD = ("build it ahead of time with `pip install --no-build-isolation -e .` (or without -e) in an "
+                "environment that has torch, a C++17 compiler and ninja; or use impl='reference'")
+
+
+@dataclass
+class ExtensionState:
+    """How the extension was loaded (`how`: "prebuilt" or "jit"), or why it was not (`reason`)."""
+
+    loaded: bool
+    reason: str
+    how: str | None = None
+    path: str | None = None
+    build_seconds: float | None = None
+    flags: list[str] = field(default_factory=list)
+
+
+def source_dir_candidates() -> list[Path]:
+    """Where the csrc/ sources may be: inside an installed package, or next to it in a source checkout."""
+    package = Path(__file__).resolve().parent.parent
+    return [package / "csrc", package.parent / "csrc"]
+
+
+def find_sources(directories: list[Path]) -> Path | None:
+    for directory in directories:
+        if all((directory / name).is_file() for name in SOURCE_FILES):
+            return directory
+    return None
+
+
+def _short(exc: BaseException, limit: int = 1500) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    return text if len(text) <= limit else "... " + text[-limit:]
+
+
+def load_extension(prebuilt: str | None = PREBUILT_MODULE, source_dirs: list[Path] | None = None,
+                   build_directory: str | None = None, name: str = JIT_NAME) -> ExtensionState:
+    """Import the prebuilt module, else build the sources just in time. Never raises."""
+    prebuilt_error = "not tried"
+    if prebuilt is not None:
+        try:
+            module = importlib.import_module(prebuilt)
+            return ExtensionState(True, f"prebuilt extension {prebuilt} ({module.__file__})", how="prebuilt",
+                                  path=module.__file__, flags=list(EXTRA_CFLAGS))
+        except ImportError as exc:
+            prebuilt_error = _short(exc, 300)
+    directories = source_dir_candidates() if source_dirs is None else list(source_dirs)
+    sources = find_sources(directories)
+    if sources is None:
+        return ExtensionState(False, (
+            f"the C++ extension is not built (importing {prebuilt}: {prebuilt_error}) and its sources "
+            f"({', '.join(SOURCE_FILES)}) were not found in {', '.join(str(d) for d in directories)}; "
+            + HOW_TO_BUILD))
+    flags = [*EXTRA_CFLAGS, "-DREPA_BUILD_KIND=jit"]
+    logger.warning("repa_kernels: compiling the C++ CPU kernels just in time from %s (first use in this "
+                   "environment; about a minute on 2 cores, cached afterwards)", sources)
+    started = time.perf_counter()
+    try:
+        from torch.utils import cpp_extension
+        library = cpp_extension.load(
+            name=name, sources=[str(sources / f) for f in SOURCE_FILES if f.endswith(".cpp")],
+            extra_cflags=flags, extra_ldflags=list(EXTRA_LDFLAGS), extra_include_paths=[str(sources)],
+            build_directory=build_directory, is_python_module=False, verbose=False)
+    except Exception as exc:  # a failed build must become a status, not a crash
+        return ExtensionState(False, (
+            f"the C++ extension is not built (importing {prebuilt}: {prebuilt_error}) and the just-in-time "
+            f"build from {sources} failed: {_short(exc)}; " + HOW_TO_BUILD))
+    seconds = time.perf_counter() - started
+    path = getattr(library, "__file__", None) or str(library)
+    logger.warning("repa_kernels: C++ CPU kernels ready (%.1f s)", seconds)
+    return ExtensionState(True, f"extension built just in time from {sources} ({path})", how="jit", path=path,
+                          build_seconds=seconds, flags=flags)
+
+
+_state: ExtensionState | None = None
+_lock = threading.Lock()
+
+
+def extension() -> ExtensionState:
+    """The process-wide extension state (loaded on first call)."""
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                state = load_extension()
+                if state.loaded:
+                    _register_python_parts()
+                _state = state
+    return _state
+
+
+def status() -> tuple[bool, str]:
+    """(True, how it was loaded) or (False, why not and how to build it)."""
+    state = extension()
+    return state.loaded, state.reason
+
+
+def build_info() -> dict[str, str]:
+    """The facts the compiled library reports about itself (compiler, OpenMP, SIMD), empty if not loaded."""
+    if not extension().loaded:
+        return {}
+    lines = torch.ops.repa_kernels.build_info().splitlines()
+    return dict(line.split(": ", 1) for line in lines if ": " in line)
+
+
+def _require() -> None:
+    ok, reason = status()
+    if not ok:
+        raise BackendUnavailableError(f"impl='cpp' is not available: {reason}")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _needs_grad(t: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and t.requires_grad
+
+
+def frame_weights_flat(opts: CrepaOptions, frames: int) -> list[float]:
+    """CrepaOptions.frame_weights(frames) as a row-major list of Python floats (no tensor: stays
+    traceable by torch.compile)."""
+    scales = opts.frame_scale(frames)
+    weights = [0.0] * (frames * frames)
+    for f in range(frames):
+        weights[f * frames + f] = scales[f]
+        for k in opts.offsets(frames):
+            for g in (f - k, f + k):
+                if 0 <= g < frames:
+                    weights[f * frames + g] = scales[f] * opts.offset_weight(k)
+    return weights
+
+
+def crepa(z4: torch.Tensor, y4: torch.Tensor, opts: CrepaOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CREPA/REPA term on validated (B, T, N, D) CPU tensors: (loss, alignment_score, similarity_self)."""
+    _require()
+    batch, frames = z4.shape[:2]
+    loss, alignment, self_similarity, _, _ = torch.ops.repa_kernels.crepa(
+        z4, y4, frame_weights_flat(opts, frames), -1.0 / opts.loss_divisor(batch, frames),
+        _needs_grad(z4), _needs_grad(y4))
+    return loss, alignment.detach(), self_similarity.detach()
+
+
+def manifold(z4: torch.Tensor, y4: torch.Tensor) -> torch.Tensor:
+    """Gram-difference manifold loss on validated (B, T, N, Dz) / (B, T, N, Dy) CPU tensors."""
+    _require()
+    loss, _, _ = torch.ops.repa_kernels.manifold(z4, y4, _needs_grad(z4), _needs_grad(y4))
+    return loss
+
+
+# ---- fake kernels and autograd (registered once, after the library has defined the ops) ----
+
+def _gradient_fake(x: torch.Tensor, needed: bool) -> torch.Tensor:
+    return x.new_empty(x.shape) if needed else x.new_empty((0,))
+
+
+def _crepa_fake(z, y, frame_weights, loss_scale, need_dz, need_dy):
+    dtype = _compute_dtype(z.dtype)
+    return (z.new_empty((), dtype=dtype), z.new_empty((), dtype=dtype), z.new_empty((), dtype=dtype),
+            _gradient_fake(z, need_dz), _gradient_fake(y, need_dy))
+
+
+def _manifold_fake(z, y, need_dz, need_dy, path=0):
+    return z.new_empty((), dtype=_compute_dtype(z.dtype)), _gradient_fake(z, need_dz), _gradient_fake(y, need_dy)
+
+
+def _save_gradients(ctx, output, gradient_slots: tuple[int, int], metric_slots: tuple[int, ...]) -> None:
+    dz, dy = (output[i] for i in gradient_slots)
+    ctx.save_for_backward(dz, dy)
+    ctx.mark_non_differentiable(*(output[i] for i in (*metric_slots, *gradient_slots)))
+    ctx.set_materialize_grads(False)
+
+
+def _scaled_gradient(op: str, ctx, index: int, saved: torch.Tensor, grad_loss: torch.Tensor | None,
+                     name: str) -> torch.Tensor | None:
+    if not ctx.needs_input_grad[index] or grad_loss is None:
+        return None
+    if saved.numel() == 0:
+        raise RuntimeError(f"{op} was called with need_d{name}=False, but {name} needs a gradient: pass "
+                           f"need_d{name}=True (repa_kernels.ops.cpp does) when {name}.requires_grad")
+    return saved * grad_loss  # a 0-d fp32 factor keeps the gradient's dtype
+
+
+def _crepa_setup_context(ctx, inputs, output):
+    _save_gradients(ctx, output, (3, 4), (1, 2))
+
+
+def _crepa_backward(ctx, grad_loss, _grad_alignment, _grad_self, _grad_dz, _grad_dy):
+    dz, dy = ctx.saved_tensors
+    op = "repa_kernels::crepa"
+    return (_scaled_gradient(op, ctx, 0, dz, grad_loss, "z"), _scaled_gradient(op, ctx, 1, dy, grad_loss, "y"),
+            None, None, None, None)
+
+
+def _manifold_setup_context(ctx, inputs, output):
+    _save_gradients(ctx, output, (1, 2), ())
+
+
+def _manifold_backward(ctx, grad_loss, _grad_dz, _grad_dy):
+    dz, dy = ctx.saved_tensors
+    op = "repa_kernels::manifold"
+    return (_scaled_gradient(op, ctx, 0, dz, grad_loss, "z"), _scaled_gradient(op, ctx, 1, dy, grad_loss, "y"),
+            None, None, None)
+
+
+_registered = False
+
+
+def _register_python_parts() -> None:
+    global _registered
+    if _registered:
+        return
+    torch.library.register_fake("repa_kernels::crepa")(_crepa_fake)
+    torch.library.register_fake("repa_kernels::manifold")(_manifold_fake)
+    torch.library.register_autograd("repa_kernels::crepa", _crepa_backward, setup_context=_crepa_setup_context)
+    torch.library.register_autograd("repa_kernels::manifold", _manifold_backward,
+                                    setup_context=_manifold_setup_context)
+    _registered = True
