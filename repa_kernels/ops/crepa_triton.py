@@ -1,0 +1,302 @@
+"""Fused Triton kernel of the CREPA / REPA cosine term (SPEC §2.1), forward and gradient in one pass.
+
+Shapes: z (student) and y (teacher) are (B, T, N, D), float16 / bfloat16 / float32 / float64, any
+strides (the kernel takes strides; nothing is copied). Math runs in float32 (float64 for float64
+inputs); the loss and metrics come back in that dtype, gradients in the input dtype.
+
+Design (memory-bound: the goal is to move each tensor once):
+- Grid: one program per (b, f, block of BLOCK_N tokens); frames vary fastest, so the programs that
+  run together share teacher frames in L2.
+- Pass 1 over channel chunks accumulates per token ||z_f||², ||y_f||², z_f·y_f and, for every
+  neighbour frame g = f ± k (k = the clamped offsets), ||y_g||² and z_f·y_g (plus ||z_g||² and y_f·z_g
+  when y needs a gradient). The neighbour values sit in (BLOCK_N, NUM_SLOTS) register tiles, one
+  column per neighbour. No normalised copy and no per-offset tensor exists anywhere.
+- The program then forms its share of Σ_n Σ_g W[f,g] ẑ·ŷ_g / N and of the self similarity and writes
+  them to a per-program partial (no atomics); a one-program kernel sums the partials in a fixed order.
+- The loss is linear in ŷ, so ∂loss/∂ẑ_f = -ỹ_f / (N·B') with ỹ_f = Σ_g W[f,g] ŷ_g needs only what
+  pass 1 produced. When z (or y) requires grad, pass 2 re-reads the program's tiles (L2-resident) and
+  writes dz = (dẑ − ẑ(ẑ·dẑ)) / ||z|| (and dy, gathered per teacher frame), for an upstream gradient of
+  1. The backward only scales the saved gradient by the upstream gradient.
+  HBM traffic: forward+gradient reads Z and Y once and writes dZ (three tensor passes); the scale in
+  the backward reads and writes dZ once more.
+- Bitwise reproducible: every output element is written by exactly one program and every sum has a
+  fixed order.
+
+Zero tokens (||x|| < 1e-12) are normalised to 0 and get a zero gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..options import CrepaOptions
+from . import utils
+from .utils import inverse_norm, store_cast
+
+_FINALIZE_BLOCK = 1024
+
+
+@triton.jit
+def _frame_scale(frame, num_frames, offset_start, num_offsets, inv_tau,
+                 NORMALIZE_NEIGHBOUR_SUM: tl.constexpr, ACC: tl.constexpr):
+    """c(frame) of SPEC §2.1 for a scalar or a tensor of (int64) frame indices."""
+    total = (frame * 0).to(ACC) + 1.0
+    if NORMALIZE_NEIGHBOUR_SUM:
+        for i in range(0, num_offsets):
+            offset = offset_start + i
+            weight = tl.exp(-offset.to(ACC) * inv_tau)
+            total += weight * ((frame - offset >= 0).to(ACC) + (frame + offset < num_frames).to(ACC))
+    return 1.0 / total
+
+
+@triton.jit
+def _neighbour_frame(frame, slot, offset_start):
+    """Neighbour slot s is frame f − k (even s) or f + k (odd s) with k = offset_start + s // 2."""
+    offset = offset_start + slot // 2
+    return tl.where(slot % 2 == 0, frame - offset, frame + offset)
+
+
+@triton.jit
+def _crepa_fused_kernel(
+    z_ptr, y_ptr, dz_ptr, dy_ptr, partial_ptr,
+    num_frames, num_tokens, dim, num_token_blocks, num_programs, loss_divisor,
+    stride_zb, stride_zt, stride_zn, stride_zd,
+    stride_yb, stride_yt, stride_yn, stride_yd,
+    offset_start, num_offsets, inv_tau,
+    NUM_SLOTS: tl.constexpr, NORMALIZE_NEIGHBOUR_SUM: tl.constexpr,
+    NEED_DZ: tl.constexpr, NEED_DY: tl.constexpr,
+    ACC: tl.constexpr, OUT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    frame = pid % num_frames
+    token_block = (pid // num_frames) % num_token_blocks
+    batch = pid // (num_frames * num_token_blocks)
+
+    tokens = token_block * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    token_mask = tokens < num_tokens
+    slots = tl.arange(0, NUM_SLOTS)
+    num_neighbours = 2 * num_offsets
+    z_rows = z_ptr + batch * stride_zb + tokens * stride_zn
+    y_rows = y_ptr + batch * stride_yb + tokens * stride_yn
+
+    # Pass 1: squared norms and dot products per token, own frame and every neighbour frame.
+    zz = tl.zeros([BLOCK_N], ACC)
+    yy = tl.zeros([BLOCK_N], ACC)
+    zy = tl.zeros([BLOCK_N], ACC)
+    nb_yy = tl.zeros([BLOCK_N, NUM_SLOTS], ACC)  # ||y_g||²
+    nb_zy = tl.zeros([BLOCK_N, NUM_SLOTS], ACC)  # z_f · y_g
+    nb_zz = tl.zeros([BLOCK_N, NUM_SLOTS], ACC)  # ||z_g||²  (dy only)
+    nb_yz = tl.zeros([BLOCK_N, NUM_SLOTS], ACC)  # y_f · z_g  (dy only)
+    for d0 in range(0, dim, BLOCK_D):
+        chans = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+        mask = token_mask[:, None] & (chans < dim)[None, :]
+        z_tile = tl.load(z_rows[:, None] + frame * stride_zt + chans[None, :] * stride_zd,
+                         mask=mask, other=0.0).to(ACC)
+        y_tile = tl.load(y_rows[:, None] + frame * stride_yt + chans[None, :] * stride_yd,
+                         mask=mask, other=0.0).to(ACC)
+        zz += tl.sum(z_tile * z_tile, 1)
+        yy += tl.sum(y_tile * y_tile, 1)
+        zy += tl.sum(z_tile * y_tile, 1)
+        for slot in range(0, num_neighbours):
+            other = _neighbour_frame(frame, slot, offset_start)
+            # Out-of-clip neighbours load nothing (a zero channel range; the interpreter rejects
+            # masks built from a scalar condition).
+            channel_limit = tl.where((other >= 0) & (other < num_frames), dim, 0)
+            mask_other = token_mask[:, None] & (chans < channel_limit)[None, :]
+            other = tl.minimum(tl.maximum(other, 0), num_frames - 1)
+            column = slots[None, :] == slot
+            y_other = tl.load(y_rows[:, None] + other * stride_yt + chans[None, :] * stride_yd,
+                              mask=mask_other, other=0.0).to(ACC)
+            nb_yy = tl.where(column, nb_yy + tl.sum(y_other * y_other, 1)[:, None], nb_yy)
+            nb_zy = tl.where(column, nb_zy + tl.sum(z_tile * y_other, 1)[:, None], nb_zy)
+            if NEED_DY:
+                z_other = tl.load(z_rows[:, None] + other * stride_zt + chans[None, :] * stride_zd,
+                                  mask=mask_other, other=0.0).to(ACC)
+                nb_zz = tl.where(column, nb_zz + tl.sum(z_other * z_other, 1)[:, None], nb_zz)
+                nb_yz = tl.where(column, nb_yz + tl.sum(y_tile * z_other, 1)[:, None], nb_yz)
+
+    # Frame weights: W[f, g] = c(f)·exp(-|g − f|/tau) for the in-clip neighbours, c(f) on the diagonal.
+    slot_frames = _neighbour_frame(frame, slots.to(tl.int64), offset_start)
+    slot_offsets = (offset_start + slots // 2).to(ACC)
+    slot_valid = (slots < num_neighbours) & (slot_frames >= 0) & (slot_frames < num_frames)
+    slot_weight = tl.where(slot_valid, tl.exp(-slot_offsets * inv_tau), 0.0)
+    scale_f = _frame_scale(frame, num_frames, offset_start, num_offsets, inv_tau, NORMALIZE_NEIGHBOUR_SUM, ACC)
+
+    inv_z = inverse_norm(zz, ACC)
+    inv_y = inverse_norm(yy, ACC)
+    inv_y_nb = inverse_norm(nb_yy, ACC)
+    sim_self = zy * inv_z * inv_y
+    sim_nb = nb_zy * inv_z[:, None] * inv_y_nb
+    weighted = scale_f * (sim_self + tl.sum(sim_nb * slot_weight[None, :], 1))  # Σ_g W[f,g] ẑ_f·ŷ_g
+    tl.store(partial_ptr + pid, tl.sum(weighted, 0) / num_tokens)
+    tl.store(partial_ptr + num_programs + pid, tl.sum(sim_self, 0) / num_tokens)
+
+    if NEED_DZ or NEED_DY:
+        grad_scale = (tl.zeros([], ACC) - 1.0) / num_tokens / loss_divisor  # -1 / (N·B')
+        out_rows = ((batch * num_frames + frame) * num_tokens + tokens) * dim
+    if NEED_DZ:
+        # d loss / d ẑ_f = grad_scale·ỹ_f; the projection ẑ(ẑ·dẑ) uses ẑ_f·ỹ_f = `weighted`.
+        dz_self = scale_f * inv_y                              # coefficient of raw y_f
+        dz_nb = scale_f * slot_weight[None, :] * inv_y_nb      # coefficients of raw y_g
+        dz_own = weighted * inv_z                              # coefficient of raw z_f
+        dz_out = grad_scale * inv_z
+    if NEED_DY:
+        # d loss / d ŷ_f = grad_scale·Σ_h W[h,f] ẑ_h with W[h,f] = c(h)·w(h,f): gathered, no atomics.
+        transposed_weight = slot_weight * _frame_scale(slot_frames, num_frames, offset_start, num_offsets,
+                                                       inv_tau, NORMALIZE_NEIGHBOUR_SUM, ACC)
+        inv_z_nb = inverse_norm(nb_zz, ACC)
+        sim_t = nb_yz * inv_y[:, None] * inv_z_nb
+        weighted_t = scale_f * sim_self + tl.sum(sim_t * transposed_weight[None, :], 1)
+        dy_self = scale_f * inv_z                              # coefficient of raw z_f
+        dy_nb = transposed_weight[None, :] * inv_z_nb          # coefficients of raw z_h
+        dy_own = weighted_t * inv_y                            # coefficient of raw y_f
+        dy_out = grad_scale * inv_y
+
+    if NEED_DZ or NEED_DY:
+        # Pass 2: the tiles of pass 1 again (from L2), combined into the gradients.
+        for d0 in range(0, dim, BLOCK_D):
+            chans = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+            mask = token_mask[:, None] & (chans < dim)[None, :]
+            z_tile = tl.load(z_rows[:, None] + frame * stride_zt + chans[None, :] * stride_zd,
+                             mask=mask, other=0.0).to(ACC)
+            y_tile = tl.load(y_rows[:, None] + frame * stride_yt + chans[None, :] * stride_yd,
+                             mask=mask, other=0.0).to(ACC)
+            if NEED_DZ:
+                dz_acc = dz_self[:, None] * y_tile - dz_own[:, None] * z_tile
+            if NEED_DY:
+                dy_acc = dy_self[:, None] * z_tile - dy_own[:, None] * y_tile
+            for slot in range(0, num_neighbours):
+                other = _neighbour_frame(frame, slot, offset_start)
+                channel_limit = tl.where((other >= 0) & (other < num_frames), dim, 0)
+                mask_other = token_mask[:, None] & (chans < channel_limit)[None, :]
+                other = tl.minimum(tl.maximum(other, 0), num_frames - 1)
+                column = slots[None, :] == slot
+                if NEED_DZ:
+                    y_other = tl.load(y_rows[:, None] + other * stride_yt + chans[None, :] * stride_yd,
+                                      mask=mask_other, other=0.0).to(ACC)
+                    dz_acc += tl.sum(tl.where(column, dz_nb, 0.0), 1)[:, None] * y_other
+                if NEED_DY:
+                    z_other = tl.load(z_rows[:, None] + other * stride_zt + chans[None, :] * stride_zd,
+                                      mask=mask_other, other=0.0).to(ACC)
+                    dy_acc += tl.sum(tl.where(column, dy_nb, 0.0), 1)[:, None] * z_other
+            out_offsets = out_rows[:, None] + chans[None, :]
+            if NEED_DZ:
+                tl.store(dz_ptr + out_offsets, store_cast(dz_acc * dz_out[:, None], OUT_DTYPE, INTERPRET),
+                         mask=mask)
+            if NEED_DY:
+                tl.store(dy_ptr + out_offsets, store_cast(dy_acc * dy_out[:, None], OUT_DTYPE, INTERPRET),
+                         mask=mask)
+
+
+@triton.jit
+def _crepa_finalize_kernel(partial_ptr, num_programs, loss_ptr, alignment_ptr, similarity_ptr,
+                           loss_divisor, metric_divisor, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: sums the per-program partials in a fixed order (bitwise reproducible)."""
+    total = tl.zeros([BLOCK], ACC)
+    self_total = tl.zeros([BLOCK], ACC)
+    for start in range(0, num_programs, BLOCK):
+        index = start + tl.arange(0, BLOCK)
+        mask = index < num_programs
+        total += tl.load(partial_ptr + index, mask=mask, other=0.0)
+        self_total += tl.load(partial_ptr + num_programs + index, mask=mask, other=0.0)
+    weighted_sum = tl.sum(total, 0)
+    tl.store(loss_ptr, -weighted_sum / loss_divisor)
+    tl.store(alignment_ptr, weighted_sum / metric_divisor)
+    tl.store(similarity_ptr, tl.sum(self_total, 0) / metric_divisor)
+
+
+def crepa_forward(z: torch.Tensor, y: torch.Tensor, opts: CrepaOptions, need_dz: bool, need_dy: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the fused kernel: (loss, alignment_score, similarity_self, dz, dy).
+
+    dz / dy are the gradients of the loss for an upstream gradient of 1 (input dtype, contiguous),
+    or empty tensors when not requested.
+    """
+    batch, frames, tokens, dim = z.shape
+    offsets = opts.offsets(frames)
+    blocks = utils.token_blocks(tokens, dim, z.dtype)
+    acc_torch = utils.torch_accumulator_dtype(z.dtype)
+    token_blocks = triton.cdiv(tokens, blocks.block_n)
+    num_programs = batch * frames * token_blocks
+    partials = torch.empty(2 * num_programs, dtype=acc_torch, device=z.device)
+    dz = torch.empty(z.shape, dtype=z.dtype, device=z.device) if need_dz else z.new_empty((0,))
+    dy = torch.empty(y.shape, dtype=y.dtype, device=y.device) if need_dy else y.new_empty((0,))
+    loss, alignment, similarity = (torch.empty((), dtype=acc_torch, device=z.device) for _ in range(3))
+    loss_divisor = opts.loss_divisor(batch, frames)
+    with utils.device_guard(z):
+        _crepa_fused_kernel[(num_programs,)](
+            z, y, dz, dy, partials,
+            frames, tokens, dim, token_blocks, num_programs, loss_divisor,
+            *utils.strides4(z), *utils.strides4(y),
+            offsets[0] if offsets else 1, len(offsets), 1.0 / opts.tau,
+            NUM_SLOTS=max(2, triton.next_power_of_2(2 * len(offsets))),
+            NORMALIZE_NEIGHBOUR_SUM=opts.normalize_neighbour_sum,
+            NEED_DZ=need_dz, NEED_DY=need_dy,
+            ACC=utils.accumulator_dtype(z.dtype), OUT_DTYPE=utils.triton_dtype(z.dtype),
+            INTERPRET=utils.is_interpreter(),
+            BLOCK_N=blocks.block_n, BLOCK_D=blocks.block_d, num_warps=blocks.num_warps,
+        )
+        _crepa_finalize_kernel[(1,)](
+            partials, num_programs, loss, alignment, similarity, loss_divisor, batch * frames,
+            ACC=utils.accumulator_dtype(z.dtype), BLOCK=_FINALIZE_BLOCK, num_warps=4,
+        )
+    return loss, alignment, similarity, dz, dy
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library registration: one opaque node for torch.compile, autograd through the saved gradient.
+
+@torch.library.custom_op("repa_kernels::crepa_triton_forward", mutates_args=())
+def crepa_triton_forward(z: torch.Tensor, y: torch.Tensor, distance: int, tau: float, cumulative: bool,
+                         normalize_by_frames: bool, normalize_neighbour_sum: bool, need_dz: bool,
+                         need_dy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor]:
+    """(loss, alignment_score, similarity_self, dz, dy); dz/dy empty unless requested."""
+    opts = CrepaOptions(distance, tau, cumulative, normalize_by_frames, normalize_neighbour_sum)
+    return crepa_forward(z, y, opts, need_dz, need_dy)
+
+
+@crepa_triton_forward.register_fake
+def _crepa_triton_forward_fake(z, y, distance, tau, cumulative, normalize_by_frames, normalize_neighbour_sum,
+                               need_dz, need_dy):
+    acc_torch = utils.torch_accumulator_dtype(z.dtype)
+    scalars = tuple(z.new_empty((), dtype=acc_torch) for _ in range(3))
+    dz = z.new_empty(z.shape) if need_dz else z.new_empty((0,))
+    dy = y.new_empty(y.shape) if need_dy else y.new_empty((0,))
+    return (*scalars, dz, dy)
+
+
+def _crepa_setup_context(ctx, inputs, output):
+    ctx.need_dz, ctx.need_dy = inputs[7], inputs[8]
+    ctx.save_for_backward(output[3], output[4])
+
+
+def _crepa_backward(ctx, grad_loss, grad_alignment, grad_similarity, grad_dz, grad_dy):
+    dz, dy = ctx.saved_tensors
+    # Only the loss is differentiable (the metrics are returned detached); the gradients saved by the
+    # forward are for an upstream gradient of 1.
+    grad_z = dz * grad_loss if ctx.need_dz else None
+    grad_y = dy * grad_loss if ctx.need_dy else None
+    return grad_z, grad_y, None, None, None, None, None, None, None
+
+
+crepa_triton_forward.register_autograd(_crepa_backward, setup_context=_crepa_setup_context)
+
+
+def crepa(z: torch.Tensor, y: torch.Tensor, opts: CrepaOptions
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backend entry (see `repa_kernels.backends`): (loss, alignment_score, similarity_self).
+
+    z, y: validated (B, T, N, D) tensors of one dtype and device. The metrics are detached.
+    """
+    utils.check_triton_device(z)
+    grad_enabled = torch.is_grad_enabled()
+    need_dz = grad_enabled and z.requires_grad
+    need_dy = grad_enabled and y.requires_grad
+    loss, alignment, similarity, _, _ = crepa_triton_forward(
+        z, y, opts.distance, opts.tau, opts.cumulative, opts.normalize_by_frames,
+        opts.normalize_neighbour_sum, need_dz, need_dy)
+    return loss, alignment.detach(), similarity.detach()

@@ -1,0 +1,361 @@
+"""Tiled Triton kernels of the manifold (Gram difference) loss (SPEC §2.2), forward and backward.
+
+Shapes: z (B, T, N, Dz) and y (B, T, N, Dy), widths may differ, float16 / bfloat16 / float32 /
+float64, any strides. Every (b, t) slice is one N-token set:
+
+    loss = Σ_slices Σ_ij (Ẑ Ẑᵀ − Ŷ Ŷᵀ)[i, j]² / (B·T·N²)
+
+No N x N tensor ever exists: Gram entries live only as register tiles.
+
+- Inverse norms: one streaming kernel per input writes 1/||x|| per token (B·T·N scalars, 0 for zero
+  tokens); the Gram kernels multiply raw dot products by them, so no normalised copy is made and
+  bf16/fp16 tiles enter `tl.dot` as they are (fp32 accumulation).
+- Forward: one program per (slice, row block i, column block j) with j >= i (the Gram difference is
+  symmetric, so off-diagonal tiles count twice and the lower triangle is skipped). It accumulates the
+  raw Gram tiles Z_i Z_jᵀ and Y_i Y_jᵀ over channel chunks, scales them, and writes Σ (G_z − G_y)² of
+  its tile to a per-program partial; one program sums the partials in a fixed order.
+- Backward, flash-attention style: one program per (slice, row block i, chunk of output channels);
+  it walks the column blocks j, recomputes E_ij = G_z − G_y, and accumulates E_ij X̂_j (X = Z for dZ,
+  Y for dY) together with Σ_j E_ij G_x,ij = x̂_i·(E X̂)_i, which is exactly the projection the
+  normalisation backward needs: dx_i = s·(E X̂ − x̂_i (x̂_i·E X̂)_i)/||x_i||, s = ±4·grad/(B·T·N²).
+  So the gradient is written once, in the input dtype, with no atomics (bitwise reproducible).
+  Cost: the Gram tiles are recomputed once per output chunk (⌈D/BLOCK_OUT⌉ times per target); a
+  register-resident output row block cannot hold all D channels when D is in the thousands.
+
+The D x D identity of SPEC §2.2 (‖ẐᵀẐ‖² − 2‖ẐᵀŶ‖² + ‖ŶᵀŶ‖², gradient Ẑ(ẐᵀẐ) − Ŷ(ŶᵀẐ)) is not
+used: it subtracts large, nearly equal numbers, and near convergence (Z ≈ Y) that fails the accuracy
+rule. Measured in float32 against float64 on one slice with N > D (where it would be the cheaper form),
+Y = Z + s·noise:
+    N=1024, D=64,  s=1e-3: loss 3.2e-8; loss error identity 5.2e-9 (16% of the loss), tiled 3e-14;
+                           gradient error / max entry: identity 5.8e-4, tiled 7.8e-5 (rule: <= 7.9e-5)
+    N=2048, D=256, s=1e-3: loss 7.8e-9; gradient error identity 8.0e-4, tiled 1.2e-4
+    N=1024, D=64,  s=1e-5: loss 3.2e-12; loss error identity 3.2e-12 (100%); gradient 5.0e-2 vs 7.7e-3
+So only the tiled N x N form is implemented.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import utils
+from .utils import inverse_norm, store_cast
+
+_FINALIZE_BLOCK = 1024
+
+
+@triton.jit
+def _inverse_norms_kernel(x_ptr, out_ptr, num_rows, num_frames, num_tokens, dim,
+                          stride_b, stride_t, stride_n, stride_d,
+                          ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[r] = 1/||x[r]|| (0 for zero tokens) for the B·T·N token rows r of a (B, T, N, D) tensor."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_mask = rows < num_rows
+    batch = rows // (num_frames * num_tokens)
+    frame = (rows // num_tokens) % num_frames
+    token = rows % num_tokens
+    base = x_ptr + batch * stride_b + frame * stride_t + token * stride_n
+    squared = tl.zeros([BLOCK_N], ACC)
+    for d0 in range(0, dim, BLOCK_D):
+        chans = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
+        mask = row_mask[:, None] & (chans < dim)[None, :]
+        tile = tl.load(base[:, None] + chans[None, :] * stride_d, mask=mask, other=0.0).to(ACC)
+        squared += tl.sum(tile * tile, 1)
+    tl.store(out_ptr + rows, inverse_norm(squared, ACC), mask=row_mask)
+
+
+@triton.jit
+def _multiply_accumulate(a, b, acc, UPCAST: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b. Tensor cores with fp32 accumulation (`tl.dot`), or explicit products for float64."""
+    if USE_DOT:
+        if UPCAST:  # the interpreter's bf16/fp16 arithmetic is wrong: compute in fp32 there
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        return acc + tl.sum(a.to(acc.dtype)[:, :, None] * b.to(acc.dtype)[None, :, :], axis=1)
+
+
+@triton.jit
+def _raw_gram_tile(base, rows_i, rows_j, num_tokens, dim, depth, stride_n, stride_d,
+                   UPCAST: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Σ_{k < depth} x[i, k]·x[j, k] for rows_i x rows_j (unnormalised; padded rows give 0)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    mask_i = rows_i < num_tokens
+    mask_j = rows_j < num_tokens
+    for k0 in range(0, depth, BLOCK_K):
+        chans = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        chan_mask = chans < dim
+        a = tl.load(base + rows_i[:, None] * stride_n + chans[None, :] * stride_d,
+                    mask=mask_i[:, None] & chan_mask[None, :], other=0.0)
+        b = tl.load(base + chans[:, None] * stride_d + rows_j[None, :] * stride_n,
+                    mask=chan_mask[:, None] & mask_j[None, :], other=0.0)
+        acc = _multiply_accumulate(a, b, acc, UPCAST, USE_DOT, PRECISION)
+    return acc
+
+
+@triton.jit
+def _manifold_forward_kernel(
+    z_ptr, y_ptr, inv_z_ptr, inv_y_ptr, partial_ptr,
+    num_frames, num_tokens, dim_z, dim_y, num_blocks,
+    stride_zb, stride_zt, stride_zn, stride_zd,
+    stride_yb, stride_yt, stride_yn, stride_yd,
+    UPCAST: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    block_j = pid % num_blocks
+    block_i = (pid // num_blocks) % num_blocks
+    slice_index = pid // (num_blocks * num_blocks)
+    batch = slice_index // num_frames
+    frame = slice_index % num_frames
+    # Symmetry: only tiles with j >= i do work (an empty channel loop otherwise).
+    active = block_j >= block_i
+    rows_i = block_i * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rows_j = block_j * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    z_base = z_ptr + batch * stride_zb + frame * stride_zt
+    y_base = y_ptr + batch * stride_yb + frame * stride_yt
+    gram_z = _raw_gram_tile(z_base, rows_i, rows_j, num_tokens, dim_z, tl.where(active, dim_z, 0),
+                            stride_zn, stride_zd, UPCAST, USE_DOT, PRECISION, ACC, BLOCK_M, BLOCK_M, BLOCK_K)
+    gram_y = _raw_gram_tile(y_base, rows_i, rows_j, num_tokens, dim_y, tl.where(active, dim_y, 0),
+                            stride_yn, stride_yd, UPCAST, USE_DOT, PRECISION, ACC, BLOCK_M, BLOCK_M, BLOCK_K)
+    norms = slice_index * num_tokens
+    inv_z_i = tl.load(inv_z_ptr + norms + rows_i, mask=rows_i < num_tokens, other=0.0)
+    inv_z_j = tl.load(inv_z_ptr + norms + rows_j, mask=rows_j < num_tokens, other=0.0)
+    inv_y_i = tl.load(inv_y_ptr + norms + rows_i, mask=rows_i < num_tokens, other=0.0)
+    inv_y_j = tl.load(inv_y_ptr + norms + rows_j, mask=rows_j < num_tokens, other=0.0)
+    diff = gram_z * inv_z_i[:, None] * inv_z_j[None, :] - gram_y * inv_y_i[:, None] * inv_y_j[None, :]
+    weight = tl.where(block_j > block_i, 2.0, tl.where(active, 1.0, 0.0))
+    tl.store(partial_ptr + pid, weight * tl.sum(tl.sum(diff * diff, 1), 0))
+
+
+@triton.jit
+def _manifold_finalize_kernel(partial_ptr, num_partials, loss_ptr, num_tokens, num_slices,
+                              ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: loss = Σ partials / (B·T·N²), summed in a fixed order."""
+    total = tl.zeros([BLOCK], ACC)
+    for start in range(0, num_partials, BLOCK):
+        index = start + tl.arange(0, BLOCK)
+        total += tl.load(partial_ptr + index, mask=index < num_partials, other=0.0)
+    tl.store(loss_ptr, tl.sum(total, 0) / num_tokens / num_tokens / num_slices)
+
+
+@triton.jit
+def _manifold_backward_kernel(
+    z_ptr, y_ptr, inv_z_ptr, inv_y_ptr, grad_ptr, out_ptr,
+    num_frames, num_tokens, dim_z, dim_y, num_row_blocks, num_col_blocks, num_chunks, num_slices,
+    stride_zb, stride_zt, stride_zn, stride_zd,
+    stride_yb, stride_yt, stride_yn, stride_yd,
+    TARGET_Z: tl.constexpr, X_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr,
+):
+    """Gradient of the loss to z (TARGET_Z) or y, channels [chunk·BLOCK_OUT, +BLOCK_OUT) of row block i."""
+    pid = tl.program_id(0).to(tl.int64)
+    chunk = pid % num_chunks
+    block_i = (pid // num_chunks) % num_row_blocks
+    slice_index = pid // (num_chunks * num_row_blocks)
+    batch = slice_index // num_frames
+    frame = slice_index % num_frames
+    z_base = z_ptr + batch * stride_zb + frame * stride_zt
+    y_base = y_ptr + batch * stride_yb + frame * stride_yt
+    if TARGET_Z:
+        x_base = z_base
+        x_dim = dim_z
+        stride_xn = stride_zn
+        stride_xd = stride_zd
+        inv_x_ptr = inv_z_ptr
+        sign = 1.0
+    else:
+        x_base = y_base
+        x_dim = dim_y
+        stride_xn = stride_yn
+        stride_xd = stride_yd
+        inv_x_ptr = inv_y_ptr
+        sign = -1.0
+
+    norms = slice_index * num_tokens
+    rows_i = block_i * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    mask_i = rows_i < num_tokens
+    inv_z_i = tl.load(inv_z_ptr + norms + rows_i, mask=mask_i, other=0.0)
+    inv_y_i = tl.load(inv_y_ptr + norms + rows_i, mask=mask_i, other=0.0)
+    cols = chunk * BLOCK_OUT + tl.arange(0, BLOCK_OUT).to(tl.int64)
+    col_mask = cols < x_dim
+
+    product = tl.zeros([BLOCK_M, BLOCK_OUT], ACC)  # (E X̂)_i for this chunk of channels
+    projection = tl.zeros([BLOCK_M], ACC)          # Σ_j E_ij G_x,ij = x̂_i · (E X̂)_i
+    for block_j in range(0, num_col_blocks):
+        rows_j = block_j * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        mask_j = rows_j < num_tokens
+        inv_z_j = tl.load(inv_z_ptr + norms + rows_j, mask=mask_j, other=0.0)
+        inv_y_j = tl.load(inv_y_ptr + norms + rows_j, mask=mask_j, other=0.0)
+        gram_z = _raw_gram_tile(z_base, rows_i, rows_j, num_tokens, dim_z, dim_z, stride_zn, stride_zd,
+                                UPCAST, USE_DOT, PRECISION, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
+        gram_z = gram_z * inv_z_i[:, None] * inv_z_j[None, :]
+        gram_y = _raw_gram_tile(y_base, rows_i, rows_j, num_tokens, dim_y, dim_y, stride_yn, stride_yd,
+                                UPCAST, USE_DOT, PRECISION, ACC, BLOCK_M, BLOCK_N, BLOCK_K)
+        gram_y = gram_y * inv_y_i[:, None] * inv_y_j[None, :]
+        difference = gram_z - gram_y
+        if TARGET_Z:
+            projection += tl.sum(difference * gram_z, 1)
+            inv_x_j = inv_z_j
+        else:
+            projection += tl.sum(difference * gram_y, 1)
+            inv_x_j = inv_y_j
+        x_j = tl.load(x_base + rows_j[:, None] * stride_xn + cols[None, :] * stride_xd,
+                      mask=mask_j[:, None] & col_mask[None, :], other=0.0)
+        x_hat_j = x_j.to(ACC) * inv_x_j[:, None]
+        if USE_DOT:
+            # Half inputs: E and X̂ (both bounded by 2 in magnitude) enter the tensor cores in the input
+            # dtype, as attention kernels do with P·V; fp32 inputs stay fp32 (input_precision="ieee").
+            product = _multiply_accumulate(store_cast(difference, X_DTYPE, INTERPRET),
+                                           store_cast(x_hat_j, X_DTYPE, INTERPRET), product,
+                                           UPCAST, USE_DOT, PRECISION)
+        else:
+            product = _multiply_accumulate(difference, x_hat_j, product, UPCAST, USE_DOT, PRECISION)
+
+    inv_x_i = tl.load(inv_x_ptr + norms + rows_i, mask=mask_i, other=0.0)
+    x_i = tl.load(x_base + rows_i[:, None] * stride_xn + cols[None, :] * stride_xd,
+                  mask=mask_i[:, None] & col_mask[None, :], other=0.0).to(ACC)
+    grad = tl.load(grad_ptr).to(ACC)
+    scale = sign * 4.0 * grad / num_tokens / num_tokens / num_slices
+    # dx_i = (dx̂_i − x̂_i (x̂_i·dx̂_i)) / ||x_i|| with dx̂ = scale·E X̂ and x̂_i = x_i·inv_x_i.
+    result = (scale * inv_x_i)[:, None] * (product - (inv_x_i * projection)[:, None] * x_i)
+    out_offsets = (slice_index * num_tokens + rows_i)[:, None] * x_dim + cols[None, :]
+    tl.store(out_ptr + out_offsets, store_cast(result, X_DTYPE, INTERPRET),
+             mask=mask_i[:, None] & col_mask[None, :])
+
+
+def _gram_switches(dtype: torch.dtype) -> dict:
+    """Constexprs of the Gram kernels for inputs of `dtype`."""
+    return dict(
+        UPCAST=utils.is_interpreter(),
+        USE_DOT=dtype != torch.float64,
+        # "ieee" keeps fp32 Grams exact to fp32 (TF32 fails the fp32 tolerance); ignored for fp16/bf16.
+        PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        ACC=utils.accumulator_dtype(dtype),
+    )
+
+
+def inverse_norms(x: torch.Tensor) -> torch.Tensor:
+    """(B·T·N,) inverse token norms of a (B, T, N, D) tensor in the compute dtype (0 for zero tokens)."""
+    batch, frames, tokens, dim = x.shape
+    rows = batch * frames * tokens
+    out = torch.empty(rows, dtype=utils.torch_accumulator_dtype(x.dtype), device=x.device)
+    blocks = utils.token_blocks(tokens, dim, x.dtype)
+    with utils.device_guard(x):
+        _inverse_norms_kernel[(triton.cdiv(rows, blocks.block_n),)](
+            x, out, rows, frames, tokens, dim, *utils.strides4(x),
+            ACC=utils.accumulator_dtype(x.dtype), BLOCK_N=blocks.block_n, BLOCK_D=blocks.block_d,
+            num_warps=blocks.num_warps)
+    return out
+
+
+def manifold_forward(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, inv_z, inv_y): the loss and the inverse token norms the backward reuses."""
+    batch, frames, tokens, dim_z = z.shape
+    dim_y = y.shape[-1]
+    inv_z, inv_y = inverse_norms(z), inverse_norms(y)
+    blocks = utils.manifold_blocks(tokens, dim_z, dim_y, z.dtype, backward=False)
+    num_blocks = triton.cdiv(tokens, blocks.block_m)
+    num_programs = batch * frames * num_blocks * num_blocks
+    acc_torch = utils.torch_accumulator_dtype(z.dtype)
+    partials = torch.empty(num_programs, dtype=acc_torch, device=z.device)
+    loss = torch.empty((), dtype=acc_torch, device=z.device)
+    switches = _gram_switches(z.dtype)
+    with utils.device_guard(z):
+        _manifold_forward_kernel[(num_programs,)](
+            z, y, inv_z, inv_y, partials, frames, tokens, dim_z, dim_y, num_blocks,
+            *utils.strides4(z), *utils.strides4(y), **switches,
+            BLOCK_M=blocks.block_m, BLOCK_K=blocks.block_k,
+            num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+        _manifold_finalize_kernel[(1,)](partials, num_programs, loss, tokens, batch * frames,
+                                        ACC=switches["ACC"], BLOCK=_FINALIZE_BLOCK, num_warps=4)
+    return loss, inv_z, inv_y
+
+
+def manifold_gradient(grad: torch.Tensor, z: torch.Tensor, y: torch.Tensor, inv_z: torch.Tensor,
+                      inv_y: torch.Tensor, target_z: bool) -> torch.Tensor:
+    """Gradient of the loss, scaled by the upstream `grad` (a 0-d tensor), to z or y (contiguous)."""
+    batch, frames, tokens, dim_z = z.shape
+    dim_y = y.shape[-1]
+    x = z if target_z else y
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    blocks = utils.manifold_blocks(tokens, dim_z, dim_y, z.dtype, backward=True)
+    row_blocks = triton.cdiv(tokens, blocks.block_m)
+    chunks = triton.cdiv(x.shape[-1], blocks.block_out)
+    switches = _gram_switches(z.dtype)
+    with utils.device_guard(z):
+        _manifold_backward_kernel[(batch * frames * row_blocks * chunks,)](
+            z, y, inv_z, inv_y, grad, out,
+            frames, tokens, dim_z, dim_y, row_blocks, triton.cdiv(tokens, blocks.block_n), chunks,
+            batch * frames, *utils.strides4(z), *utils.strides4(y),
+            TARGET_Z=target_z, X_DTYPE=utils.triton_dtype(x.dtype), **switches,
+            INTERPRET=utils.is_interpreter(),
+            BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, BLOCK_K=blocks.block_k,
+            BLOCK_OUT=blocks.block_out, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch.library registration: opaque nodes for torch.compile; the backward is an op of its own.
+
+@torch.library.custom_op("repa_kernels::manifold_triton_forward", mutates_args=())
+def manifold_triton_forward(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, inv_z, inv_y); inv_* are (B·T·N,) inverse token norms saved for the backward."""
+    return manifold_forward(z, y)
+
+
+@manifold_triton_forward.register_fake
+def _manifold_triton_forward_fake(z, y):
+    acc_torch = utils.torch_accumulator_dtype(z.dtype)
+    rows = z.shape[0] * z.shape[1] * z.shape[2]
+    return z.new_empty((), dtype=acc_torch), z.new_empty((rows,), dtype=acc_torch), \
+        y.new_empty((rows,), dtype=acc_torch)
+
+
+@torch.library.custom_op("repa_kernels::manifold_triton_backward", mutates_args=())
+def manifold_triton_backward(grad: torch.Tensor, z: torch.Tensor, y: torch.Tensor, inv_z: torch.Tensor,
+                             inv_y: torch.Tensor, need_dz: bool, need_dy: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dz, dy) for the upstream gradient `grad`; an empty tensor where not requested."""
+    dz = manifold_gradient(grad, z, y, inv_z, inv_y, target_z=True) if need_dz else z.new_empty((0,))
+    dy = manifold_gradient(grad, z, y, inv_z, inv_y, target_z=False) if need_dy else y.new_empty((0,))
+    return dz, dy
+
+
+@manifold_triton_backward.register_fake
+def _manifold_triton_backward_fake(grad, z, y, inv_z, inv_y, need_dz, need_dy):
+    return (z.new_empty(z.shape) if need_dz else z.new_empty((0,)),
+            y.new_empty(y.shape) if need_dy else y.new_empty((0,)))
+
+
+def _manifold_setup_context(ctx, inputs, output):
+    z, y = inputs
+    _, inv_z, inv_y = output
+    ctx.save_for_backward(z, y, inv_z, inv_y)
+
+
+def _manifold_backward(ctx, grad_loss, grad_inv_z, grad_inv_y):
+    z, y, inv_z, inv_y = ctx.saved_tensors
+    need_dz, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_dz or need_dy):
+        return None, None
+    dz, dy = manifold_triton_backward(grad_loss, z, y, inv_z, inv_y, need_dz, need_dy)
+    return (dz if need_dz else None), (dy if need_dy else None)
+
+
+manifold_triton_forward.register_autograd(_manifold_backward, setup_context=_manifold_setup_context)
+
+
+def manifold(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Backend entry (see `repa_kernels.backends`): the scalar loss (float32; float64 for float64).
+
+    z: (B, T, N, Dz), y: (B, T, N, Dy), one dtype and device, validated.
+    """
+    utils.check_triton_device(z)
+    loss, _, _ = manifold_triton_forward(z, y)
+    return loss

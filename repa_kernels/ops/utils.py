@@ -1,0 +1,167 @@
+"""Shared helpers of the Triton kernels: interpreter detection, dtype mapping, launch (block) sizes.
+
+Block sizes come from here only. Under the Triton interpreter (CPU tensors, tests) blocks are large so
+that few programs run (each program is interpreted op by op); on a GPU they are the tuned defaults
+below. `small_blocks()` forces tiny blocks so that tests make the loops over tokens and channels
+iterate several times. There is no autotuning: the defaults are fixed, so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import triton
+import triton.language as tl
+
+from ..options import EPS
+
+# Above this product of block sides the interpreter's numpy temporaries get large for little gain.
+_INTERPRETER_MAX_TILE = 1 << 14
+
+_force_small_blocks = False
+
+# A token with ||x|| < EPS is normalised to 0 (SPEC §2); kernels compare squared norms.
+EPS_SQUARED = tl.constexpr(EPS * EPS)
+
+
+def is_interpreter() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@contextlib.contextmanager
+def small_blocks() -> Iterator[None]:
+    """Force 16-wide blocks everywhere (tests: loops over tokens and channels run several times)."""
+    global _force_small_blocks
+    previous, _force_small_blocks = _force_small_blocks, True
+    try:
+        yield
+    finally:
+        _force_small_blocks = previous
+
+
+def accumulator_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Triton compute dtype for inputs of `dtype`: float64 for float64, float32 otherwise."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def torch_accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def triton_dtype(dtype: torch.dtype) -> tl.dtype:
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+            torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
+
+
+def strides4(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """Element strides of a 4-D tensor (kernels take strides instead of requiring contiguity)."""
+    if t.dim() != 4:
+        raise ValueError(f"expected a 4-D tensor, got shape {tuple(t.shape)}")
+    return tuple(t.stride())  # type: ignore[return-value]
+
+
+@triton.jit
+def store_cast(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Cast a float32/float64 tile to the output dtype, rounding to nearest even.
+
+    The interpreter (Triton 3.9) truncates float32 -> bfloat16 (its "rtne" mode rounds half up and
+    drops the carry), so there the rounding is done on the bits first and the cast is then exact.
+    """
+    if INTERPRET and DTYPE == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def inverse_norm(squared_norm, ACC: tl.constexpr):
+    """1/||x|| from ||x||² (float32 or float64), or 0 for a zero token (||x|| < 1e-12, SPEC §2)."""
+    if ACC == tl.float64:
+        root = tl.sqrt(squared_norm)
+    else:
+        root = tl.sqrt_rn(squared_norm)
+    keep = squared_norm >= EPS_SQUARED
+    return tl.where(keep, 1.0 / tl.where(keep, root, 1.0), 0.0)
+
+
+@dataclass(frozen=True)
+class TokenBlocks:
+    """Launch of the token-streaming kernels (CREPA, inverse norms): BLOCK_N tokens per program,
+    channels in chunks of BLOCK_D."""
+
+    block_n: int
+    block_d: int
+    num_warps: int
+
+
+def token_blocks(num_tokens: int, dim: int, dtype: torch.dtype) -> TokenBlocks:
+    if _force_small_blocks:
+        return TokenBlocks(block_n=16, block_d=16, num_warps=4)
+    if is_interpreter():
+        block_d = min(triton.next_power_of_2(dim), _INTERPRETER_MAX_TILE)
+        block_n = min(triton.next_power_of_2(num_tokens), max(1, _INTERPRETER_MAX_TILE // block_d))
+        return TokenBlocks(block_n=max(block_n, 1), block_d=block_d, num_warps=1)
+    # Memory-bound: 16 tokens x 256 channels per tile keeps a z tile and one teacher tile in registers
+    # (32 fp32 values per thread each at 4 warps) and gives thousands of programs on video shapes.
+    block_d = min(triton.next_power_of_2(dim), 128 if dtype == torch.float64 else 256)
+    block_n = 32 if block_d <= 64 else 16
+    return TokenBlocks(block_n=block_n, block_d=max(block_d, 16), num_warps=4)
+
+
+@dataclass(frozen=True)
+class ManifoldBlocks:
+    """Launch of the manifold kernels: Gram tiles of block_m x block_n tokens, reduced over channels in
+    chunks of block_k; the backward writes gradient columns in chunks of block_out."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    block_out: int
+    num_warps: int
+    num_stages: int
+
+
+def manifold_blocks(num_tokens: int, dim_z: int, dim_y: int, dtype: torch.dtype,
+                    backward: bool) -> ManifoldBlocks:
+    if _force_small_blocks:
+        return ManifoldBlocks(16, 16, 16, 16, num_warps=4, num_stages=1)
+    widest = max(dim_z, dim_y)
+    if is_interpreter():
+        rows = min(max(triton.next_power_of_2(num_tokens), 16), 64)
+        depth = min(max(triton.next_power_of_2(widest), 16), 128 if dtype != torch.float64 else 32)
+        return ManifoldBlocks(rows, rows, depth, min(max(triton.next_power_of_2(widest), 16), 128),
+                              num_warps=1, num_stages=1)
+    if dtype == torch.float64:
+        # No tensor-core path: products are explicit broadcasts, so tiles stay small.
+        return ManifoldBlocks(16, 16, 16, 32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        # fp32 uses input_precision="ieee" (TF32 fails the fp32 tolerance): no tensor cores.
+        return ManifoldBlocks(32, 32, 32, 64, num_warps=4, num_stages=2) if backward else \
+            ManifoldBlocks(64, 64, 32, 64, num_warps=4, num_stages=3)
+    if backward:
+        # Two fp32 Gram tiles and a 64 x 128 output accumulator live in registers at once.
+        return ManifoldBlocks(64, 64, 64, 128, num_warps=8, num_stages=2)
+    return ManifoldBlocks(128, 128, 64, 64, num_warps=8, num_stages=3)
+
+
+def check_triton_device(t: torch.Tensor) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter only."""
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and is_interpreter():
+        return
+    raise RuntimeError(
+        f"the Triton kernels run on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got a "
+        f"{t.device.type} tensor{' without TRITON_INTERPRET=1' if t.device.type == 'cpu' else ''}")
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make `t`'s CUDA device current while launching (a no-op for CPU tensors)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
