@@ -218,6 +218,7 @@ def test_crepa_options_must_be_crepa_options():
 NON_FINITE = [("nan_z", "z", math.nan), ("inf_z", "z", math.inf), ("neg_inf_y", "y", -math.inf), ("nan_y", "y", math.nan)]
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the Triton interpreter
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("entry", ALL_ENTRY_POINTS)
 @pytest.mark.parametrize("case_id, where, value", NON_FINITE, ids=[c[0] for c in NON_FINITE])
