@@ -54,11 +54,21 @@ def tiny_sana_video(num_layers: int = 3):
 
 
 def tiny_kandinsky5(num_layers: int = 3):
+    """Kandinsky5 zero-initialises its modulation layers (every block starts as the identity); they get
+    small random weights here so the blocks transform their input like a trained model's."""
     from diffusers import Kandinsky5Transformer3DModel
-    return _seeded(lambda: Kandinsky5Transformer3DModel(
-        in_visual_dim=LATENT_CHANNELS, in_text_dim=TEXT_DIM, in_text_dim2=8, time_dim=16,
-        out_visual_dim=LATENT_CHANNELS, patch_size=(1, 2, 2), model_dim=24, ff_dim=32, num_text_blocks=1,
-        num_visual_blocks=num_layers, axes_dims=(4, 4, 4)))
+
+    def build():
+        model = Kandinsky5Transformer3DModel(
+            in_visual_dim=LATENT_CHANNELS, in_text_dim=TEXT_DIM, in_text_dim2=8, time_dim=16,
+            out_visual_dim=LATENT_CHANNELS, patch_size=(1, 2, 2), model_dim=24, ff_dim=32, num_text_blocks=1,
+            num_visual_blocks=num_layers, axes_dims=(4, 4, 4))
+        for module in model.modules():
+            if type(module).__name__ == "Kandinsky5Modulation":
+                torch.nn.init.normal_(module.out_layer.weight, std=0.1)
+                torch.nn.init.normal_(module.out_layer.bias, std=0.1)
+        return model
+    return _seeded(build)
 
 
 def tiny_flux(num_layers: int = 2, num_single_layers: int = 2):
@@ -166,7 +176,7 @@ def pack_ltx(latents: torch.Tensor) -> torch.Tensor:
 
 def tiny_forward(model, latents: torch.Tensor, timestep: float = 500.0):
     """Run `model` once on unpacked latents; returns the prediction tensor."""
-    name = type(model).__name__
+    name = type(getattr(model, "_orig_mod", model)).__name__   # torch.compile'd models keep the original
     batch = latents.shape[0]
     t = torch.full((batch,), timestep)
     if name == "WanTransformer3DModel":
