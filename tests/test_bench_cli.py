@@ -100,6 +100,7 @@ def test_time_mode_rejects_bad_repeats():
         measure.time_mode(loss_function("reference", workload), z, y, "forward", repeats=0, warmup=0)
 
 
+@pytest.mark.slow
 def test_bench_cli_writes_csv_plots_and_table(tmp_path, capsys):
     code = main(["bench", "--workload", "crepa-cpu-ci", "--device", "cpu", "--out", str(tmp_path),
                  "--providers", "reference", "triton", "--repeats", "2", "--warmup", "1", "--name", "ci"])
@@ -132,3 +133,27 @@ def test_bench_cli_lists_workloads_and_names_files_by_device(capsys):
     assert file_prefix(torch.device("cpu"), "AMD EPYC 7B13 64-Core Processor") == "cpu-amd-epyc-7b13-64-core-processor"
     with pytest.raises(SystemExit):
         main(["bench", "--repeats", "0"])
+
+
+@pytest.mark.slow
+def test_e2e_training_steps_encode_one_frame_per_latent_frame():
+    # A smaller preset than `tiny` so that three in-process configurations take a few seconds.
+    import dataclasses
+
+    from repa_kernels.bench import e2e
+
+    preset = dataclasses.replace(e2e.PRESETS["tiny"], name="test", latent_shape=(2, 4, 2, 8, 8),
+                                 encoder_image_size=32,
+                                 encoder=dict(e2e.PRESETS["tiny"].encoder, image_size=32, patch_size=8))
+    cpu = torch.device("cpu")
+    results = {c: e2e.run_configuration(preset, c, "reference", cpu, steps=1, warmup=0, isolated=False)
+               for c in e2e.CONFIGURATIONS}
+    for result in results.values():
+        assert result.status == "ok" and len(result.samples_ms) == 1 and result.samples_ms[0] > 0
+    assert results["encoder"].frames_encoded_per_step == 2 * 2 == preset.latent_frames_per_step
+    assert results["backbone"].frames_encoded_per_step == 0 and results["baseline"].frames_encoded_per_step == 0
+    assert math.isfinite(results["encoder"].last_crepa_loss) and math.isfinite(results["backbone"].last_crepa_loss)
+    assert results["baseline"].last_crepa_loss is None
+    rows = e2e.result_rows(preset, list(results.values()), {"device": "cpu", "device_name": "test"})
+    assert rows[0]["step_time_vs_baseline"] == 1.0 and rows[1]["latent_frames_per_step"] == 4
+    assert "encoder" in e2e.format_rows(rows)

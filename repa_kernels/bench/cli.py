@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="file name prefix (default: <device>-<model>, e.g. cpu-amd-epyc)")
     parser.add_argument("--notes", default="", help="free text added to the CSV's notes column")
     parser.add_argument("--list", action="store_true", help="list the workloads and exit")
+    parser.add_argument("--e2e", action="store_true",
+                        help="instead of the kernel workloads, time training steps of a diffusers Wan transformer "
+                             "with and without CREPA (encoder and backbone mode); --repeats = timed steps")
+    parser.add_argument("--e2e-preset", choices=("tiny", "wan-1.3b"), default=None,
+                        help="model sizes for --e2e (default: tiny on CPU, wan-1.3b on CUDA)")
 
 
 def _positive_int(text: str) -> int:
@@ -66,9 +71,11 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("repa-kernels bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
-    workloads = [get_workload(name) for name in args.workload] if args.workload else default_workloads(device.type)
     context = run_context(device, args.notes)
     prefix = args.out / (args.name or file_prefix(device, context["device_name"]))
+    if args.e2e:
+        return run_e2e(args, device, context, prefix)
+    workloads = [get_workload(name) for name in args.workload] if args.workload else default_workloads(device.type)
 
     from tqdm import tqdm
 
@@ -92,6 +99,26 @@ def run(args: argparse.Namespace) -> int:
               f"matmul {peak.matmul_flops_per_s / 1e9:.1f} GFLOP/s")
     print("wrote " + ", ".join(str(p) for p in [csv_path, *plots]))
     return 0
+
+
+def run_e2e(args, device: torch.device, context: dict, prefix: Path) -> int:
+    from tqdm import tqdm
+
+    from . import e2e
+
+    preset = e2e.PRESETS[args.e2e_preset or ("wan-1.3b" if device.type == "cuda" else "tiny")]
+    with tqdm(total=len(e2e.cases(device)), desc=f"e2e {preset.name}", unit="config", file=sys.stderr) as progress:
+        results = e2e.run_all(preset, device, steps=args.repeats, warmup=args.warmup, progress=progress)
+    rows = e2e.result_rows(preset, results, context)
+    csv_path = Path(f"{prefix}-e2e.csv")
+    plot_path = Path(f"{prefix}-e2e.png")
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    report.write_csv(rows, csv_path, e2e.E2E_COLUMNS)
+    e2e.write_plot(rows, plot_path)
+    print(f"{preset.name}: {preset.description}; latents {tuple(preset.latent_shape)}")
+    print(e2e.format_rows(rows))
+    print(f"wrote {csv_path}, {plot_path}")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
 def measure_case(workload, provider: str, device: torch.device, args) -> list[measure.ModeResult]:

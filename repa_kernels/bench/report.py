@@ -57,13 +57,13 @@ def make_row(workload: Workload, provider: str, result: ModeResult, peaks: Devic
     return row
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path, columns: list[str] = COLUMNS) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: _csv_value(row.get(key)) for key in COLUMNS})
+            writer.writerow({key: _csv_value(row.get(key)) for key in columns})
 
 
 def _csv_value(value):
