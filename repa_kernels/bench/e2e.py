@@ -52,6 +52,7 @@ class E2EPreset:
     teacher_block_index: int
     autocast_dtype: str | None = None
     encoder_dtype: str = "float32"
+    gradient_checkpointing: bool = False  # needed at real sizes: 30 blocks x 32k tokens of activations
     description: str = ""
 
     @property
@@ -81,6 +82,7 @@ PRESETS = {p.name: p for p in (
                      patch_size=14, use_swiglu_ffn=True),
         latent_shape=(1, 16, 21, 60, 104), text_shape=(512, 4096), encoder_image_size=518,
         block_index=8, teacher_block_index=16, autocast_dtype="bfloat16", encoder_dtype="bfloat16",
+        gradient_checkpointing=True,
         description="Wan2.1-T2V-1.3B transformer at 480p x 81 frames, Wan VAE, DINOv2-g/14; random init"),
 )}
 
@@ -106,6 +108,8 @@ def build_models(preset: E2EPreset, device: torch.device, with_encoder: bool):
 
     torch.manual_seed(0)
     transformer = WanTransformer3DModel(**preset.wan).to(device).train()
+    if preset.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()  # diffusers' default: non-reentrant
     if not with_encoder:
         return transformer, None, None
     from transformers import Dinov2Config, Dinov2Model
