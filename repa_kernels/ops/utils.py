@@ -135,16 +135,13 @@ def manifold_blocks(num_tokens: int, dim_z: int, dim_y: int, dtype: torch.dtype,
     widest = max(dim_z, dim_y)
     if is_interpreter():
         rows = min(max(triton.next_power_of_2(num_tokens), 16), 64)
-        depth = min(max(triton.next_power_of_2(widest), 16), 128 if dtype != torch.float64 else 32)
-        return ManifoldBlocks(rows, rows, depth, min(max(triton.next_power_of_2(widest), 16), 128),
+        half = dtype in (torch.float16, torch.bfloat16)
+        depth = min(max(triton.next_power_of_2(widest), 16), 128 if half else 32)
+        return ManifoldBlocks(rows, rows, depth, min(max(triton.next_power_of_2(widest), 16), 128 if half else 32),
                               num_warps=1, num_stages=1)
-    if dtype == torch.float64:
-        # No tensor-core path: products are explicit broadcasts, so tiles stay small.
+    if dtype in (torch.float32, torch.float64):
+        # float64 accumulation with explicit products (no tensor cores): small tiles.
         return ManifoldBlocks(16, 16, 16, 32, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        # fp32 uses input_precision="ieee" (TF32 fails the fp32 tolerance): no tensor cores.
-        return ManifoldBlocks(32, 32, 32, 64, num_warps=4, num_stages=2) if backward else \
-            ManifoldBlocks(64, 64, 32, 64, num_warps=4, num_stages=3)
     if backward:
         # Two fp32 Gram tiles and a 64 x 128 output accumulator live in registers at once.
         return ManifoldBlocks(64, 64, 64, 128, num_warps=8, num_stages=2)
