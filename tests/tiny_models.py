@@ -120,14 +120,53 @@ def tiny_wan_vae():
         scale_factor_temporal=2, scale_factor_spatial=4))
 
 
-def tiny_image_vae(scaling_factor: float = 0.5, shift_factor: float | None = 0.25):
+def tiny_ltx_vae():
+    """AutoencoderKLLTXVideo with 4 latent channels, ratios 2 (space and time), timestep conditioning on,
+    scaling 0.5 and non-trivial latents_mean / latents_std buffers."""
+    from diffusers import AutoencoderKLLTXVideo
+
+    def build():
+        vae = AutoencoderKLLTXVideo(
+            latent_channels=LATENT_CHANNELS, block_out_channels=(8, 8),
+            down_block_types=("LTXVideoDownBlock3D", "LTXVideoDownBlock3D"), decoder_block_out_channels=(8, 8),
+            layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1), spatio_temporal_scaling=(True, False),
+            decoder_spatio_temporal_scaling=(True, False), decoder_inject_noise=(False, False, False),
+            downsample_type=("conv", "conv"), upsample_residual=(False, False), upsample_factor=(1, 1),
+            timestep_conditioning=True, patch_size=1, patch_size_t=1, scaling_factor=0.5)
+        vae.latents_mean.copy_(torch.tensor([0.1, -0.2, 0.3, -0.4]))
+        vae.latents_std.copy_(torch.tensor([1.5, 0.5, 2.0, 1.0]))
+        return vae
+    return _seeded(build)
+
+
+def tiny_hunyuan_vae():
+    """AutoencoderKLHunyuanVideo (Kandinsky5's VAE) with 4 latent channels, ratios 4 (space and time)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+    return _seeded(lambda: AutoencoderKLHunyuanVideo(
+        latent_channels=LATENT_CHANNELS, block_out_channels=(8, 8, 8), down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 3, layers_per_block=1, norm_num_groups=4,
+        spatial_compression_ratio=4, temporal_compression_ratio=4, mid_block_add_attention=False))
+
+
+def tiny_dc_vae():
+    """AutoencoderDC (Sana's VAE) with 4 latent channels, spatial ratio 2, scaling 0.4."""
+    from diffusers import AutoencoderDC
+    return _seeded(lambda: AutoencoderDC(
+        latent_channels=LATENT_CHANNELS, attention_head_dim=4, encoder_block_types="ResBlock",
+        decoder_block_types="ResBlock", encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), ()),
+        decoder_qkv_multiscales=((), ()), scaling_factor=0.4))
+
+
+def tiny_image_vae(scaling_factor: float = 0.5, shift_factor: float | None = 0.25, latents_mean=None,
+                   latents_std=None):
     """AutoencoderKL with 4 latent channels and spatial ratio 2."""
     from diffusers import AutoencoderKL
     return _seeded(lambda: AutoencoderKL(
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8), layers_per_block=1,
         latent_channels=LATENT_CHANNELS, norm_num_groups=4, sample_size=16, scaling_factor=scaling_factor,
-        shift_factor=shift_factor))
+        shift_factor=shift_factor, latents_mean=latents_mean, latents_std=latents_std))
 
 
 def tiny_image_tae():

@@ -59,15 +59,16 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> nn.Module:
         raise EncoderLoadError(f"encoder {name!r}: the directory {source} does not exist")
     where = str(local) if is_local else source
     how = (f"Download it on a machine with network access (e.g. `huggingface-cli download {source} --local-dir "
-           f"<dir>` or `transformers.AutoModel.from_pretrained({source!r}).save_pretrained(<dir>, "
-           "safe_serialization=True)`), copy the directory here and pass its path as the encoder "
+           f"<dir>` or `transformers.AutoModel.from_pretrained({source!r}).save_pretrained(<dir>)`, "
+           "which writes safetensors), copy the directory here and pass its path as the encoder "
            "(crepa_encoder / urepa_model), or pre-fill the Hugging Face cache and keep HF_HUB_OFFLINE=1")
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         state = "offline (HF_HUB_OFFLINE=1) and not in the local cache" if _offline() and not is_local else \
             "not loadable"
-        raise EncoderLoadError(f"encoder {name!r} ({where}) is {state}: {exc}. {how}") from exc
+        raise EncoderLoadError(f"encoder {name!r} ({where}) is {state} ({str(exc).strip().rstrip('.')}). "
+                               f"{how}") from exc
     if config.model_type not in _DINOV2_MODEL_TYPES:
         raise EncoderLoadError(f"encoder {name!r} ({where}) is a {config.model_type!r} model; the teacher must be "
                                f"DINOv2 ({' or '.join(_DINOV2_MODEL_TYPES)})")
@@ -75,7 +76,8 @@ def _load_pretrained(name: str, dtype: torch.dtype) -> nn.Module:
     try:
         return cls.from_pretrained(where, dtype=dtype, use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise EncoderLoadError(f"encoder {name!r} ({where}): cannot load safetensors weights: {exc}. {how}") from exc
+        raise EncoderLoadError(f"encoder {name!r} ({where}): cannot load safetensors weights "
+                               f"({str(exc).strip().rstrip('.')}). {how}") from exc
 
 
 class FrozenEncoder(nn.Module):
