@@ -1,8 +1,9 @@
 """Shared helpers of the Triton kernels: interpreter detection, dtype mapping, launch (block) sizes.
 
 Block sizes come from here only. Under the Triton interpreter (CPU tensors, tests) blocks are large so
-that few programs run (each program is interpreted op by op); on a GPU they are the tuned defaults
-below. `small_blocks()` forces tiny blocks so that tests make the loops over tokens and channels
+that few programs run (each program is interpreted op by op); on a GPU they are fixed defaults chosen
+from each kernel's register budget (not yet timed on a GPU: no device was available when they were
+written). `small_blocks()` forces tiny blocks so that tests make the loops over tokens and channels
 iterate several times. There is no autotuning: the defaults are fixed, so runs are reproducible.
 """
 
