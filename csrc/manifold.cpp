@@ -20,14 +20,13 @@
 //   fp32 (N=1024, K=128, Y = Z + 1e-4 noise, loss 3.2e-10) its loss was off by 1.3e-10 (40 %), while
 //   the fp64 form matches the fp64 truth to 4e-18. fp64 GEMMs run at half the fp32 rate here, which the
 //   cost model below accounts for.
-// Slices run in parallel (each with single-threaded BLAS) when they are small; large slices run one
-// after another with multi-threaded BLAS. Every reduction is per row or per slice into its own slot,
+// Slices run in parallel (each with single-threaded BLAS) when there are at least as many as threads or
+// they are small; otherwise one after another with multi-threaded BLAS. Every reduction is per row or per slice into its own slot,
 // added serially: the same bits for any thread count given bitwise-stable GEMMs (MKL's sgemm/dgemm
 // gave identical bits for 1 and 2 threads on this machine; MKL does not promise that in general).
 #include "common.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
@@ -105,14 +104,14 @@ REPA_SIMD_CLONES void row_sums_of_squares(const acc_t* data, int64_t r0, int64_t
   }
 }
 
+// Serial on purpose: a tile is small next to its GEMM, and a barrier per tile costs more than the sum
+// when the cores are shared.
 template <typename acc_t>
 static double sum_of_squares(const at::Tensor& matrix, int64_t split_col = -1) {
-  const int64_t rows = matrix.size(0), cols = matrix.size(1);
+  const int64_t rows = matrix.size(0);
   std::vector<double> partial(rows);
-  const acc_t* data = matrix.const_data_ptr<acc_t>();
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    row_sums_of_squares(data, r0, r1, cols, matrix.stride(0), split_col, partial.data());
-  });
+  row_sums_of_squares(matrix.const_data_ptr<acc_t>(), 0, rows, matrix.size(1), matrix.stride(0), split_col,
+                      partial.data());
   double total = 0.0;
   for (double v : partial) total += v;
   return total;
@@ -125,7 +124,7 @@ static double tiled_slice(SliceRows<scalar_t> z, SliceRows<scalar_t> y, int64_t 
   using acc_t = acc_type<scalar_t>;
   const int64_t Dz = z.width, Dy = y.width, K = Dz + Dy;
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor a_signed = at::empty({N, K}, options);  // [ẑ | -ŷ]
+  at::Tensor a_signed = empty_with_huge_pages({N, K}, options);  // [ẑ | -ŷ]
   at::Tensor inv = at::empty({2, N}, options);
   acc_t* a_data = a_signed.mutable_data_ptr<acc_t>();
   acc_t* inv_data = inv.mutable_data_ptr<acc_t>();
@@ -135,7 +134,7 @@ static double tiled_slice(SliceRows<scalar_t> z, SliceRows<scalar_t> y, int64_t 
 
   // Gradient columns: [0, Dz) for dz, [Dz, K) for dy.
   const int64_t c0 = dz.base != nullptr ? 0 : Dz, c1 = dy.base != nullptr ? K : Dz, nc = c1 - c0;
-  at::Tensor grad_a = nc > 0 ? at::zeros({N, nc}, options) : at::Tensor();
+  at::Tensor grad_a = nc > 0 ? empty_with_huge_pages({N, nc}, options).zero_() : at::Tensor();
   const int64_t tile = std::min(N, kTileRows);
   at::Tensor row_tile = at::empty({tile, K}, options);
   at::Tensor gram_storage = at::empty({tile * tile}, options);
@@ -179,7 +178,7 @@ static double identity_slice(SliceRows<scalar_t> z, SliceRows<scalar_t> y, int64
   const int64_t Dz = z.width, Dy = y.width, K = Dz + Dy;
   const int64_t chunk = std::min(N, std::max<int64_t>(64, kIdentityChunkElements / K));
   const auto options = at::TensorOptions().dtype(at::kDouble);
-  at::Tensor a_chunk = at::empty({chunk, K}, options);  // [ẑ | ŷ] rows of one chunk
+  at::Tensor a_chunk = empty_with_huge_pages({chunk, K}, options);  // [ẑ | ŷ] rows of one chunk
   at::Tensor inv = at::empty({2, chunk}, options);
   double* a_data = a_chunk.mutable_data_ptr<double>();
   double* inv_data = inv.mutable_data_ptr<double>();
@@ -203,7 +202,7 @@ static double identity_slice(SliceRows<scalar_t> z, SliceRows<scalar_t> y, int64
   gram.narrow(0, 0, Dz).narrow(1, Dz, Dy).neg_();  // M -> S M S
   gram.narrow(0, Dz, Dy).narrow(1, 0, Dz).neg_();
   at::Tensor sms = gram.narrow(1, c0, nc);
-  at::Tensor grad_chunk = at::empty({chunk, nc}, options);
+  at::Tensor grad_chunk = empty_with_huge_pages({chunk, nc}, options);
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
     const int64_t rows = std::min(chunk, N - r0);
     normalize_chunk(r0, rows);
@@ -251,8 +250,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> manifold_cpu(const at::Tensor& z_
   const bool identity = path == 2 || (path == 0 && identity_is_cheaper(N, Dz + Dy, gradients));
   const double grad_coef = 4.0 / (static_cast<double>(slices) * static_cast<double>(N) * static_cast<double>(N));
 
-  at::Tensor dz = need_dz ? at::empty(z.sizes(), z.options()) : at::empty({0}, z.options());
-  at::Tensor dy = need_dy ? at::empty(y.sizes(), y.options()) : at::empty({0}, y.options());
+  at::Tensor dz = need_dz ? empty_with_huge_pages(z.sizes(), z.options()) : at::empty({0}, z.options());
+  at::Tensor dy = need_dy ? empty_with_huge_pages(y.sizes(), y.options()) : at::empty({0}, y.options());
   std::vector<double> slice_sums(slices, 0.0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "repa_kernels::manifold", [&] {
@@ -266,8 +265,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> manifold_cpu(const at::Tensor& z_
       SliceGrad<scalar_t> gy{need_dy ? dy.mutable_data_ptr<scalar_t>() + s * N * Dy : nullptr, Dy};
       slice_sums[s] = identity ? identity_slice(zr, yr, N, gz, gy, grad_coef) : tiled_slice(zr, yr, N, gz, gy, grad_coef);
     };
+    // Whole slices per thread (single-threaded BLAS inside, no barrier per GEMM) when there are
+    // enough of them or they are small; otherwise one slice at a time with threaded BLAS.
     const double work = identity ? 2.0 * N * (Dz + Dy) * (Dz + Dy) : 1.5 * N * N * (Dz + Dy);
-    if (slices > 1 && work < kSmallSliceWork) {
+    if (slices > 1 && (slices >= at::get_num_threads() || work < kSmallSliceWork)) {
       at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
         for (int64_t s = s0; s < s1; ++s) run_slice(s);
       });
