@@ -19,7 +19,7 @@ from torch import nn
 
 from ..functional import crepa_loss_with_options
 from ..options import CrepaOptions
-from .capture import CaptureError, HiddenStateCapture, grid_from_latents
+from .capture import CaptureError, HiddenStateCapture, detect_family, grid_from_latents, unwrap_model
 from .config import CrepaConfig
 from .encoder import FrozenEncoder
 from .grids import TokenGrid, align_grids, image_grid_from_aspect, mean_pool, tokens_to_grid
@@ -90,12 +90,11 @@ class CrepaRegularizer(nn.Module):
         if self.backbone and teacher_index == config.crepa_block_index:
             raise ValueError(f"crepa_teacher_block_index={teacher_index} equals crepa_block_index: backbone mode "
                              "needs a different block as the teacher")
+        if detect_family(unwrap_model(models[0])).kind == "unet":
+            raise ValueError(f"{type(unwrap_model(models[0])).__name__} is a UNet: use UrepaRegularizer (U-REPA aligns "
+                             "the UNet mid-block); CrepaRegularizer serves transformer (DiT) models")
         capture = HiddenStateCapture(models, config.crepa_block_index, teacher_block_index=teacher_index,
                                      hidden_size=hidden_size)
-        if capture.family.kind == "unet":
-            capture.detach()
-            raise ValueError(f"{type(capture.models[0]).__name__} is a UNet: use UrepaRegularizer (U-REPA aligns the "
-                             "UNet mid-block); CrepaRegularizer serves transformer (DiT) models")
         self.family = capture.family
         device = model_device(capture.models[0])
         try:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..functional import urepa_loss
-from .capture import CaptureError, HiddenStateCapture
+from .capture import CaptureError, HiddenStateCapture, detect_family, unwrap_model
 from .config import UrepaConfig
 from .crepa import load_config, model_device, model_list, scalar
 from .encoder import FrozenEncoder
@@ -53,11 +53,10 @@ class UrepaRegularizer(nn.Module):
         self.config = config
         self.impl = impl
         self.schedule = CoefficientSchedule.from_config(config, max_train_steps=max_train_steps)
+        if detect_family(unwrap_model(models[0])).kind != "unet":
+            raise ValueError(f"{type(unwrap_model(models[0])).__name__} is not a UNet: U-REPA aligns a UNet mid-block; "
+                             "use CrepaRegularizer for transformer (DiT) models")
         capture = HiddenStateCapture(models, 0, hidden_size=hidden_size, block_key="the UNet mid_block")
-        if capture.family.kind != "unet":
-            capture.detach()
-            raise ValueError(f"{type(capture.models[0]).__name__} is not a UNet: U-REPA aligns a UNet mid-block; use "
-                             "CrepaRegularizer for transformer (DiT) models")
         self.family = capture.family
         device = model_device(capture.models[0])
         try:
