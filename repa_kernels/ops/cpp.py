@@ -38,7 +38,7 @@ EXTRA_CFLAGS = ["-O3", "-fopenmp"]
 EXTRA_LDFLAGS = ["-fopenmp"]
 SOURCE_FILES = ("common.h", "crepa_cosine.cpp", "manifold.cpp", "module.cpp")
 HOW_TO_BUILD = ("build it ahead of time with `pip install --no-build-isolation -e .` (or without -e) in an "
-                "environment that has torch, a C++17 compiler and ninja; or use impl='reference'")
+                "environment that has torch, a C++20 compiler and ninja; or use impl='reference'")
 
 
 @dataclass
@@ -74,19 +74,19 @@ def _short(exc: BaseException, limit: int = 1500) -> str:
 def load_extension(prebuilt: str | None = PREBUILT_MODULE, source_dirs: list[Path] | None = None,
                    build_directory: str | None = None, name: str = JIT_NAME) -> ExtensionState:
     """Import the prebuilt module, else build the sources just in time. Never raises."""
-    prebuilt_error = "not tried"
+    not_built = "the C++ extension is not built"
     if prebuilt is not None:
         try:
             module = importlib.import_module(prebuilt)
             return ExtensionState(True, f"prebuilt extension {prebuilt} ({module.__file__})", how="prebuilt",
                                   path=module.__file__, flags=list(EXTRA_CFLAGS))
         except ImportError as exc:
-            prebuilt_error = _short(exc, 300)
+            not_built += f" (importing {prebuilt}: {_short(exc, 300)})"
     directories = source_dir_candidates() if source_dirs is None else list(source_dirs)
     sources = find_sources(directories)
     if sources is None:
         return ExtensionState(False, (
-            f"the C++ extension is not built (importing {prebuilt}: {prebuilt_error}) and its sources "
+            f"{not_built} and its sources "
             f"({', '.join(SOURCE_FILES)}) were not found in {', '.join(str(d) for d in directories)}; "
             + HOW_TO_BUILD))
     flags = [*EXTRA_CFLAGS, "-DREPA_BUILD_KIND=jit"]
@@ -101,7 +101,7 @@ def load_extension(prebuilt: str | None = PREBUILT_MODULE, source_dirs: list[Pat
             build_directory=build_directory, is_python_module=False, verbose=False)
     except Exception as exc:  # a failed build must become a status, not a crash
         return ExtensionState(False, (
-            f"the C++ extension is not built (importing {prebuilt}: {prebuilt_error}) and the just-in-time "
+            f"{not_built} and the just-in-time "
             f"build from {sources} failed: {_short(exc)}; " + HOW_TO_BUILD))
     seconds = time.perf_counter() - started
     path = getattr(library, "__file__", None) or str(library)
