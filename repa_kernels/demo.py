@@ -154,9 +154,11 @@ def _encoder(args, seed: int):
 def _crepa_config(args, image_size: int) -> dict:
     from .demo_models import STUDENT_BLOCK, TEACHER_BLOCK
     config = {"crepa_enabled": True, "crepa_block_index": STUDENT_BLOCK, "crepa_lambda": 0.5,
-              "crepa_adjacent_distance": 1, "crepa_adjacent_tau": 1.0, "crepa_encoder_image_size": image_size}
+              "crepa_adjacent_distance": 1, "crepa_adjacent_tau": 1.0}
     if args.backbone:
         config.update(crepa_use_backbone_features=True, crepa_teacher_block_index=TEACHER_BLOCK)
+    else:
+        config.update(crepa_encoder_image_size=image_size)
     return config
 
 
