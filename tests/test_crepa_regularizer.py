@@ -337,3 +337,16 @@ def test_reentrant_checkpointing_is_refused_through_the_regularizer():
         gradient_checkpointing_func=functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=True))
     with pytest.raises(CaptureError, match="non-reentrant"):
         tm.tiny_forward(transformer, _latents())
+
+
+def test_a_training_forward_run_without_grad_is_refused():
+    reg, transformer, _ = _wan_reg()
+    with torch.no_grad():
+        tm.tiny_forward(transformer, _latents())
+    with pytest.raises(CaptureError, match="without gradient"):
+        reg(latents=_latents(), step=0)
+    transformer.eval()
+    with torch.no_grad():                       # validation: forward and regularizer both without grad
+        tm.tiny_forward(transformer, _latents())
+        loss, logs = reg(latents=_latents(), step=0)
+    assert torch.isfinite(loss) and not loss.requires_grad

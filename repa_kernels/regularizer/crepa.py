@@ -64,8 +64,9 @@ class CrepaRegularizer(nn.Module):
     Call after the transformer's forward: `reg(latents=..., step=...)` (or `pixels=` / `teacher_features=`)
     returns `(weighted_loss, logs)`; logs are detached scalar tensors (SPEC §6). The module's state_dict
     holds the projector and the schedule state (EMA, cutoff), so a resumed run continues exactly.
-    The frozen encoder and the VAE are not part of the state_dict and stay where they were built
-    (on the transformer's device); `.to()` moves the projector only.
+    The frozen encoder and the VAE are not part of the state_dict or parameters(). The encoder follows
+    the projector's device at each call (the projector lives on the transformer, so it moves with it,
+    e.g. under accelerator.prepare); the VAE decodes on its own device.
     """
 
     def __init__(self, config: CrepaConfig, *, transformer, vae=None, encoder: str | nn.Module | None = None,
@@ -273,9 +274,10 @@ class CrepaRegularizer(nn.Module):
         if self.backbone:
             return tokens_to_grid(captured.teacher[:, :grid.tokens], grid, "teacher block hidden states").float()
         cls_tokens = self.config.crepa_encoder_tokens == "cls"
+        device = self.projector.linear.weight.device
         if teacher_features is not None:
-            return teacher_from_features(teacher_features, grid, self.projector.out_features, cls_tokens).to(
-                self.projector.linear.weight.device)
+            return teacher_from_features(teacher_features, grid, self.projector.out_features, cls_tokens).to(device)
+        self._teacher.follow(device)
         if pixels is not None:
             return self._teacher.from_pixels(pixels, grid.frames)
         return self._teacher.from_latents(latents, grid.frames)

@@ -40,6 +40,12 @@ class PixelTeacher:
         self.image_size = int(image_size)
         self.frames_decoded = 0
 
+    def follow(self, device: torch.device) -> None:
+        """Keep the encoder on the student's device (the trainer may move the model after building the
+        regularizer, e.g. accelerator.prepare); a no-op when it is there already."""
+        if self.encoder.mean.device != device:
+            self.encoder.to(device)
+
     def from_latents(self, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
         frames = self.decoder.decode(latents)
         self.frames_decoded += frames.shape[0] * frames.shape[1]

@@ -148,6 +148,7 @@ class UrepaRegularizer(nn.Module):
         if latents is not None and latents.dim() != 4:
             raise ValueError(f"latents for a UNet must be (B, C, H, W), got shape {tuple(latents.shape)}")
         z = self.projector(tokens_to_grid(captured.student, grid, "mid-block hidden states"))
+        self._teacher.follow(device)
         if teacher_features is not None:
             y = teacher_from_features(teacher_features, grid, self.projector.out_features, False).to(device)
         elif pixels is not None:
