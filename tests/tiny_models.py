@@ -143,9 +143,9 @@ def tiny_hunyuan_vae():
     """AutoencoderKLHunyuanVideo (Kandinsky5's VAE) with 4 latent channels, ratios 4 (space and time)."""
     from diffusers import AutoencoderKLHunyuanVideo
     return _seeded(lambda: AutoencoderKLHunyuanVideo(
-        latent_channels=LATENT_CHANNELS, block_out_channels=(8, 8, 8), down_block_types=("HunyuanVideoDownBlock3D",) * 3,
-        up_block_types=("HunyuanVideoUpBlock3D",) * 3, layers_per_block=1, norm_num_groups=4,
-        spatial_compression_ratio=4, temporal_compression_ratio=4, mid_block_add_attention=False))
+        latent_channels=LATENT_CHANNELS, block_out_channels=(8, 8, 8),
+        down_block_types=("HunyuanVideoDownBlock3D",) * 3, up_block_types=("HunyuanVideoUpBlock3D",) * 3,
+        layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=4, temporal_compression_ratio=4, mid_block_add_attention=False))
 
 
 def tiny_dc_vae():

@@ -1,18 +1,22 @@
 """Capture a block's hidden states from a diffusers denoiser by forward hooks (SPEC §7).
 
-Families (matched by class name anywhere in the model's class hierarchy):
+Families (matched by class name anywhere in the model's class hierarchy), as
+family: classes; blocks in index order; block output; where the token grid (T, H, W) comes from:
 
-| family      | classes                          | blocks (index order)                          | block output            | token grid (T, H, W)                          |
-|-------------|----------------------------------|-----------------------------------------------|-------------------------|-----------------------------------------------|
-| wan         | WanTransformer3DModel            | blocks                                        | (B, S, C)               | input (B, C, F, H, W) / config.patch_size     |
-| ltx_video   | LTXVideoTransformer3DModel       | transformer_blocks                            | (B, S, C), packed       | forward's num_frames, height, width           |
-| sana_video  | SanaVideoTransformer3DModel      | transformer_blocks                            | (B, S, C)               | input (B, C, F, H, W) / config.patch_size     |
-| kandinsky5  | Kandinsky5Transformer3DModel     | visual_transformer_blocks                     | (B, S, C) (*)           | channels-last input (B, F, H, W, C) / patch   |
-| flux        | FluxTransformer2DModel           | transformer_blocks, then single_transformer_blocks | (text, image) tuple | latents (H/2, W/2): 2x2 packing                |
-| sd3         | SD3Transformer2DModel            | transformer_blocks                            | (text or None, image)   | input (B, C, H, W) / config.patch_size        |
-| pixart      | PixArtTransformer2DModel         | transformer_blocks                            | (B, S, C)               | input (B, C, H, W) / config.patch_size        |
-| sana        | SanaTransformer2DModel           | transformer_blocks                            | (B, S, C)               | input (B, C, H, W) / config.patch_size        |
-| unet        | UNet2DConditionModel, UNet2DModel| mid_block                                     | (B, C, h, w)            | (1, h, w) from the output                     |
+- wan: WanTransformer3DModel; `blocks`; (B, S, C); input (B, C, F, H, W) / config.patch_size.
+- ltx_video: LTXVideoTransformer3DModel; `transformer_blocks`; (B, S, C) packed tokens; the forward's
+  num_frames, height, width arguments (LTX's rotary embedding lays tokens on exactly that grid).
+- sana_video: SanaVideoTransformer3DModel; `transformer_blocks`; (B, S, C); input (B, C, F, H, W) / patch.
+- kandinsky5: Kandinsky5Transformer3DModel; `visual_transformer_blocks`; (B, S, C) (*); channels-last
+  input (B, F, H, W, C) / config.patch_size.
+- flux: FluxTransformer2DModel; `transformer_blocks` then `single_transformer_blocks` as one index
+  sequence; (text, image) tuples, image taken; unpacked latents (H/2, W/2) (2x2 packing), or the packed
+  token count laid on the frames' aspect ratio.
+- sd3: SD3Transformer2DModel; `transformer_blocks`; (text, image), the last block (None, image);
+  input (B, C, H, W) / config.patch_size.
+- pixart: PixArtTransformer2DModel; `transformer_blocks`; (B, S, C); input (B, C, H, W) / patch.
+- sana: SanaTransformer2DModel; `transformer_blocks`; (B, S, C); input (B, C, H, W) / patch.
+- unet: UNet2DConditionModel, UNet2DModel; `mid_block`; (B, C, h, w) -> (B, h*w, C); (1, h, w).
 
 (*) With sparse attention (`sparse_params["to_fractal"]`) Kandinsky5 orders tokens in 8x8 local windows;
 the capture un-permutes them to frame-major, row-major order.
@@ -21,6 +25,11 @@ Rules: the hook keeps the first capture of a forward; calls made while autograd 
 (non-reentrant gradient checkpointing recomputes blocks there) are ignored. A block output without
 grad seen while the model's forward ran with grad enabled means reentrant checkpointing, which is an
 error. `HiddenStateCapture.consume()` hands the captured tensors over and drops every reference.
+Hooks sit on the underlying module, so a `torch.compile`d model (whole-model or per-block) captures the
+same tensors (tested with the aot_eager backend). A wrapper that calls `model.forward(...)` directly
+(PEFT's tuner wrappers) bypasses the model-level hook: the blocks still capture (the latest call wins)
+and the token grid then comes from the latents passed to the regularizer. Flux Kontext appends the
+reference image's tokens after the target's; the regularizer keeps the first H'*W' (the target).
 """
 
 from __future__ import annotations
@@ -150,6 +159,9 @@ def supported_families_text() -> str:
     return "; ".join(f"{f.name} ({', '.join(f.class_names)})" for f in FAMILIES)
 
 
+_DATA_PARALLEL = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module that holds the blocks: strips torch.compile, DDP/FSDP-style `.module` and PEFT wrappers."""
     seen = set()
@@ -157,8 +169,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         seen.add(id(model))
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):   # torch.compile
             model = model._orig_mod
-        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel",
-                                      "FullyShardedDataParallel") and isinstance(getattr(model, "module", None), nn.Module):
+        elif type(model).__name__ in _DATA_PARALLEL and isinstance(getattr(model, "module", None), nn.Module):
             model = model.module
         elif callable(getattr(model, "get_base_model", None)) and type(model).__name__.startswith("Peft"):
             model = model.get_base_model()
@@ -202,7 +213,8 @@ def hidden_size_of(model: nn.Module, family: ModelFamily, argument: str = "hidde
 def check_block_index(model: nn.Module, family: ModelFamily, index: int, key: str) -> None:
     blocks = family.blocks(model)
     if not 0 <= index < len(blocks):
-        lists = " + ".join(f"{len(getattr(model, a))} {a}" for a in family.block_lists) if family.kind != "unet" else "mid_block"
+        lists = ("mid_block" if family.kind == "unet"
+                 else " + ".join(f"{len(getattr(model, a))} {a}" for a in family.block_lists))
         raise CaptureError(f"{key}={index} is out of range for {type(model).__name__}, which has {len(blocks)} "
                            f"blocks ({lists}; valid indices 0..{len(blocks) - 1}): hidden states not returned "
                            "for that block")

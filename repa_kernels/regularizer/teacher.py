@@ -94,7 +94,8 @@ def teacher_from_features(features: torch.Tensor, grid: TokenGrid, width: int, c
         features = features[:, select_frames(frames, grid.frames)]
     if cls_tokens:
         if tokens != 1:
-            raise ValueError(f"crepa_encoder_tokens='cls' needs teacher_features with one token per frame, got {tokens}")
+            raise ValueError(f"crepa_encoder_tokens='cls' needs teacher_features with one token per frame, got "
+                             f"{tokens}")
         return features.reshape(batch, grid.frames, 1, 1, dim).float()
     layout = image_grid_from_aspect(tokens, grid.height, grid.width, "teacher_features")
     return features.reshape(batch, grid.frames, layout.height, layout.width, dim).float()

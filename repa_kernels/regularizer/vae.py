@@ -2,14 +2,13 @@
 
 Each VAE class gets the denormalisation its diffusers pipeline applies before `vae.decode`:
 
-| class                         | latents given to decode                         | pipeline                         |
-|-------------------------------|-------------------------------------------------|----------------------------------|
-| AutoencoderKLWan              | z / (1 / std) + mean  (config lists)            | Wan, SanaVideo                   |
-| AutoencoderKLLTXVideo         | z * std / scaling_factor + mean (buffers); decode(z, temb) | LTX-Video             |
-| AutoencoderKLHunyuanVideo     | z / scaling_factor                              | Kandinsky5                       |
-| AutoencoderDC                 | z / scaling_factor                              | Sana                             |
-| AutoencoderKL                 | z * std / scaling_factor + mean when the config has latents_mean/std, else z / scaling_factor + shift_factor (shift when set) | SD, SDXL, SD3, Flux, PixArt |
-| AutoencoderTiny               | z / scaling_factor + shift_factor               | any image pipeline given a TAE   |
+- AutoencoderKLWan (Wan, SanaVideo): z / (1 / std) + mean, from the config lists.
+- AutoencoderKLLTXVideo (LTX-Video): z * std / scaling_factor + mean (buffers); decode(z, temb) with a
+  zero decode timestep when the VAE is timestep-conditioned.
+- AutoencoderKLHunyuanVideo (Kandinsky5), AutoencoderDC (Sana): z / scaling_factor.
+- AutoencoderKL (SD, SDXL, SD3, Flux, PixArt): z * std / scaling_factor + mean when the config has
+  latents_mean / latents_std, else z / scaling_factor + shift_factor (the shift when set).
+- AutoencoderTiny (any image pipeline given a TAE): z / scaling_factor + shift_factor.
 
 Any other VAE needs a `denormalize(latents) -> latents` callable. Decoding runs under no_grad in the
 VAE's dtype. Causal video VAEs decode frame k from latent frames 0..k, so all latent frames are decoded
@@ -67,7 +66,8 @@ def denormalizer_for(vae) -> Denormalize | None:
     if name == "AutoencoderKL" and getattr(config, "latents_mean", None) is not None \
             and getattr(config, "latents_std", None) is not None:
         def kl_mean_std(z):
-            return z * _channel_view(config.latents_std, z) / config.scaling_factor + _channel_view(config.latents_mean, z)
+            std, mean = _channel_view(config.latents_std, z), _channel_view(config.latents_mean, z)
+            return z * std / config.scaling_factor + mean
         return kl_mean_std
     shift = getattr(config, "shift_factor", None)   # AutoencoderKL, AutoencoderTiny
     return (lambda z: z / config.scaling_factor + shift) if shift is not None else (lambda z: z / config.scaling_factor)
