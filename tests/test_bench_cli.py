@@ -41,14 +41,22 @@ def test_bytes_follow_the_five_and_three_pass_counts():
     assert workload.flops("forward+backward") == 0
 
 
-def test_flops_count_the_gram_products():
-    workload = Workload("m", "manifold", 2, 3, 10, 4, 6, "float32", "cpu")
-    slices_n2 = 2 * 3 * 10 * 10
-    assert workload.flops("forward") == 2 * slices_n2 * (4 + 6)
-    assert workload.flops("backward") == 2 * slices_n2 * 4
-    assert workload.flops("forward+backward") == 2 * slices_n2 * (4 + 6) + 2 * slices_n2 * 4
+def test_flops_count_the_cheaper_of_the_gram_and_identity_forms():
+    # N = 10 < K = Dz + Dy = 12: the N x N Gram form is cheaper
+    gram = Workload("m", "manifold", 2, 3, 10, 4, 8, "float32", "cpu")
+    slices = 2 * 3
+    assert gram.flops_form() == "gram"
+    assert gram.flops("forward") == 2 * slices * 10 * 10 * 12
+    assert gram.flops("backward") == 2 * slices * 10 * 10 * 4
+    assert gram.flops("forward+backward") == 2 * slices * 10 * 10 * (12 + 4)
+    # N = 4096 > K = 768: the K x K identity form is cheaper
+    identity = get_workload("manifold-4k-cpu")
+    assert identity.flops_form() == "identity"
+    assert identity.flops("forward") == 2 * 4096 * 768 * 768
+    assert identity.flops("backward") == 2 * 4096 * 768 * 384
+    assert get_workload("urepa-sdxl").flops_form() == "gram"
     with pytest.raises(ValueError, match="mode='sideways' is not valid"):
-        workload.flops("sideways")
+        gram.flops("sideways")
 
 
 def test_workload_validation_and_json_round_trip():
@@ -114,10 +122,12 @@ def test_bench_cli_writes_csv_plots_and_table(tmp_path, capsys):
         assert row["status"] == "ok" and row["device"] == "cpu" and row["torch_version"] == torch.__version__
         median, p20, p80 = float(row["median_ms"]), float(row["p20_ms"]), float(row["p80_ms"])
         assert 0 < p20 <= median <= p80
-        assert float(row["peak_extra_mb"]) > 0
+        assert float(row["peak_extra_mb"]) > 0 and "noisy" in row["notes"]
+    for row in (rows[0], rows[2]):
         assert 0 < float(row["fraction_of_bound"]) and math.isfinite(float(row["achieved_bytes_per_s"]))
-        assert row["bound_kind"] == "bytes" and "noisy" in row["notes"]
+        assert row["bound_kind"] == "bytes"
     assert rows[2]["fraction_of_stretch"] != "" and rows[0]["fraction_of_stretch"] == ""
+    assert rows[1]["mode"] == "backward" and rows[1]["fraction_of_bound"] == "" and rows[1]["bound_kind"] == ""
     for row in rows[3:]:
         assert row["status"] == "skipped" and "interpreter" in row["reason"] and row["median_ms"] == ""
     for name in ("ci-time.png", "ci-memory.png"):

@@ -82,14 +82,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"measuring the peaks of {context['device_name']} ...", file=sys.stderr)
     peaks = {dtype: measure.device_peaks(device, get_dtype(dtype))
              for dtype in dict.fromkeys(w.dtype for w in workloads)}
-    rows = []
+    measured = []
     tasks = [(w, p) for w in workloads for p in args.providers]
     with tqdm(tasks, desc="bench", unit="case", file=sys.stderr) as progress:
         for workload, provider in progress:
             progress.set_postfix_str(f"{workload.name} / {provider}")
-            for result in measure_case(workload, provider, device, args):
-                rows.append(report.make_row(workload, provider, result, peaks[workload.dtype], context))
-
+            measured += [(workload, provider, result) for result in measure_case(workload, provider, device, args)]
+    # a busy moment can depress one measurement of the peaks: the bounds use the best of two
+    print(f"measuring the peaks of {context['device_name']} again ...", file=sys.stderr)
+    peaks = {dtype: measure.best_peaks(peak, measure.device_peaks(device, get_dtype(dtype)))
+             for dtype, peak in peaks.items()}
+    rows = [report.make_row(workload, provider, result, peaks[workload.dtype], context)
+            for workload, provider, result in measured]
     csv_path = Path(f"{prefix}.csv")
     report.write_csv(rows, csv_path)
     plots = report.write_plots(rows, prefix)

@@ -274,6 +274,12 @@ class DevicePeaks:
     dtype: str
 
 
+def best_peaks(first: DevicePeaks, second: DevicePeaks) -> DevicePeaks:
+    """The higher of two measurements of each peak (a bound must not be slowed by a busy moment)."""
+    return DevicePeaks(max(first.copy_bytes_per_s, second.copy_bytes_per_s),
+                       max(first.matmul_flops_per_s, second.matmul_flops_per_s), first.dtype)
+
+
 def _best_ms(action: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
     timer = _Timer(device)
     for _ in range(warmup):
@@ -299,7 +305,7 @@ def device_peaks(device: torch.device, dtype: torch.dtype) -> DevicePeaks:
     size = 8192 if cuda else 1536
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    matmul_ms = _best_ms(lambda: torch.mm(a, b), device, repeats=10 if cuda else 3, warmup=1)
+    matmul_ms = _best_ms(lambda: torch.mm(a, b), device, repeats=10 if cuda else 5, warmup=1)
     return DevicePeaks(copy_bytes_per_s=2 * copy_bytes / (copy_ms * 1e-3),
                        matmul_flops_per_s=2 * size ** 3 / (matmul_ms * 1e-3),
                        dtype=str(dtype).removeprefix("torch."))

@@ -9,14 +9,19 @@ Bytes that must move (E_z = B·T·N·Dz·itemsize, E_y likewise; SPEC §8):
   forward+backward   the sum: the five-pass goal           3·E_z + 2·E_y        (5 passes when Dz = Dy)
   stretch, fwd+bwd   one pass that also produces dZ        2·E_z + E_y          (3 passes)
 
-FLOPs counted against the matmul peak (manifold and U-REPA; S = B·T Gram slices):
-  forward            the two Grams Ẑ·Ẑᵀ and Ŷ·Ŷᵀ           2·S·N²·(Dz + Dy)
-  backward           dZ ∝ (Gz − Gy)·Ẑ, one product         2·S·N²·Dz            (+ 2·S·N²·Dy for dY)
-  forward+backward   the sum
-This is a lower bound: dense products with no symmetry saving, and a backward that is given the Gram
-difference (an implementation that recomputes it does 2·S·N²·(Dz + Dy) more). The cosine terms are
-element-wise (a few FLOPs per element): CREPA is bound by bytes alone, and U-REPA's cosine adds only
-bytes. The time bound of a row is max(bytes / copy bandwidth, FLOPs / matmul throughput).
+FLOPs counted against the matmul peak (manifold and U-REPA; S = B·T slices, K = Dz + Dy): the least
+dense-matmul work of two known forms of the loss, whichever is smaller for the shape,
+  Gram form      (E = Ẑ·Ẑᵀ − Ŷ·Ŷᵀ, N x N)   forward 2·S·N²·K      backward dZ ∝ E·Ẑ: 2·S·N²·Dz
+  identity form  (M = Aᵀ·A, A = [Ẑ | Ŷ], K x K, since ||E||² = Σ ± M_ij²)
+                                            forward 2·S·N·K²      backward dZ ∝ A·(S·M·S): 2·S·N·K·Dz
+(+ the same again for dY when y needs grad; the workloads keep y frozen). forward+backward is the sum.
+This is a lower bound: no symmetry saving is assumed (a triangular Gram halves the Gram form's
+forward), nor recomputation (a backward that rebuilds E does the forward's work again). The cosine
+terms are element-wise (a few FLOPs per element): CREPA is bound by bytes alone, and U-REPA's cosine
+adds only bytes. The time bound of a row is max(bytes / copy bandwidth, FLOPs / matmul throughput).
+
+`backward` alone has no bound: a design that produces dZ during the forward (the three-pass one)
+leaves its backward only a scale, so the split between the two modes says nothing about the limit.
 """
 
 from __future__ import annotations
@@ -118,13 +123,24 @@ class Workload:
         return 2 * z_bytes + y_bytes
 
     def flops(self, mode: str) -> int:
-        """Matrix-product FLOPs (0 for CREPA, whose cosine is element-wise)."""
+        """Matrix-product FLOPs of the cheaper form (0 for CREPA, whose cosine is element-wise)."""
+        return self._flops_by_form(mode)[self.flops_form()]
+
+    def flops_form(self) -> str:
+        """"gram" or "identity": the form with less matrix work for this shape (see the module doc)."""
         if self.op == "crepa":
-            return 0
-        slices_times_n2 = self.batch * self.frames * self.tokens * self.tokens
-        forward = 2 * slices_times_n2 * (self.width_z + self.width_y)
-        backward = 2 * slices_times_n2 * self.width_z
-        return {"forward": forward, "backward": backward, "forward+backward": forward + backward}[_mode(mode)]
+            return "none"
+        return "gram" if self.tokens <= self.width_z + self.width_y else "identity"
+
+    def _flops_by_form(self, mode: str) -> dict[str, int]:
+        mode = _mode(mode)
+        if self.op == "crepa":
+            return {"none": 0}
+        slices, n, width = self.batch * self.frames, self.tokens, self.width_z + self.width_y
+        forms = {"gram": (2 * slices * n * n * width, 2 * slices * n * n * self.width_z),
+                 "identity": (2 * slices * n * width * width, 2 * slices * n * width * self.width_z)}
+        pick = {"forward": lambda f, b: f, "backward": lambda f, b: b, "forward+backward": lambda f, b: f + b}[mode]
+        return {name: pick(*counts) for name, counts in forms.items()}
 
     # --- serialisation (the CPU worker subprocess receives workloads as JSON) ----------------
     def to_dict(self) -> dict:
