@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import importlib
 import os
-import types
 import warnings
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -48,7 +48,7 @@ def triton_status(device: torch.device) -> tuple[bool, str]:
     except ImportError as exc:
         return False, f"triton is not importable ({exc}); install it with `pip install 'repa-kernels[triton]'`"
     try:
-        _load("triton")
+        ops("triton")
     except Exception as exc:  # an import error in our kernels must say what it is
         return False, f"the Triton kernels failed to import: {type(exc).__name__}: {exc}"
     return True, "Triton interpreter" if device.type == "cpu" else "compiled Triton kernels"
@@ -87,42 +87,55 @@ def requested_impl(impl: str) -> str:
     return impl
 
 
+@torch.compiler.assume_constant_result
 def resolve(impl: str, device: torch.device) -> str:
-    """The backend that runs for `impl` on `device`: auto picks triton on CUDA, cpp on CPU, else reference."""
+    """The backend that runs for `impl` on `device`: auto picks triton on CUDA, cpp on CPU, else reference.
+
+    Under torch.compile this runs once at trace time (availability checks import modules, which Dynamo
+    cannot trace) and its answer is baked into the graph.
+    """
     impl = requested_impl(impl)
     if impl != "auto":
         ok, reason = status(impl, device)
         if not ok:
             raise BackendUnavailableError(f"impl={impl!r} is not available for {device.type} tensors: {reason}")
+        ops(impl)
         return impl
     preferred = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
     if preferred is None:
         return "reference"
     ok, reason = status(preferred, device)
     if ok:
+        ops(preferred)
         return preferred
     _warn_once(f"auto-{device.type}", f"repa_kernels: impl='auto' falls back to the reference path on "
                                       f"{device.type} because {preferred} is unavailable: {reason}")
     return "reference"
 
 
-def _load(name: str) -> types.SimpleNamespace:
+class BackendOps(NamedTuple):
+    crepa: Callable
+    manifold: Callable
+
+
+def _load(name: str) -> BackendOps:
     if name == "reference":
         from . import reference
-        return types.SimpleNamespace(crepa=reference.crepa, manifold=reference.manifold)
+        return BackendOps(reference.crepa, reference.manifold)
     if name == "triton":
         from .ops import crepa_triton, manifold_triton
-        return types.SimpleNamespace(crepa=crepa_triton.crepa, manifold=manifold_triton.manifold)
+        return BackendOps(crepa_triton.crepa, manifold_triton.manifold)
     if name == "cpp":
         from .ops import cpp
-        return types.SimpleNamespace(crepa=cpp.crepa, manifold=cpp.manifold)
+        return BackendOps(cpp.crepa, cpp.manifold)
     raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
 
 
-_ops_cache: dict[str, types.SimpleNamespace] = {}
+_ops_cache: dict[str, BackendOps] = {}
 
 
-def ops(name: str) -> types.SimpleNamespace:
+def ops(name: str) -> BackendOps:
+    """The backend's functions; `resolve` has loaded the module already, so this is a dict lookup."""
     if name not in _ops_cache:
         _ops_cache[name] = _load(name)
     return _ops_cache[name]
