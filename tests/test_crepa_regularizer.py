@@ -37,6 +37,8 @@ def test_the_documented_usage_trains_projector_and_blocks_up_to_the_captured_one
     assert transformer.crepa_projector is reg.projector
     assert any(p is reg.projector.linear.weight for p in transformer.parameters())
     assert "crepa_projector.linear.weight" in transformer.state_dict()
+    assert not list(reg.parameters())          # an optimizer over both sees each parameter once
+    assert list(reg.state_dict()) == ["_extra_state"]
     latents = _latents()
     pred = tm.tiny_forward(transformer, latents)
     reg_loss, logs = reg(latents=latents, step=0)
@@ -350,3 +352,17 @@ def test_a_training_forward_run_without_grad_is_refused():
         tm.tiny_forward(transformer, _latents())
         loss, logs = reg(latents=_latents(), step=0)
     assert torch.isfinite(loss) and not loss.requires_grad
+
+
+def test_peft_modules_to_save_trains_the_adapter_copy_of_the_projector():
+    peft = pytest.importorskip("peft")
+    reg, transformer, _ = _wan_reg()
+    transformer.requires_grad_(False)
+    transformer.add_adapter(peft.LoraConfig(r=2, target_modules=["to_q"], modules_to_save=["crepa_projector"]))
+    copy = transformer.crepa_projector.modules_to_save["default"]
+    assert copy is not reg.projector
+    tm.tiny_forward(transformer, _latents())
+    reg(latents=_latents(), step=0)[0].backward()
+    assert copy.linear.weight.grad is not None and copy.linear.weight.grad.abs().sum() > 0
+    assert reg.projector.linear.weight.grad is None      # the frozen original does not run
+    assert any("crepa_projector.modules_to_save.default.linear.weight" in k for k in transformer.state_dict())

@@ -379,6 +379,11 @@ class HiddenStateCapture:
     # ------------------------------------------------------------------ use
 
     @property
+    def last_model(self) -> nn.Module:
+        """The model whose forward ran last (the first model before any forward)."""
+        return self._state.model if self._state.model is not None else self.models[0]
+
+    @property
     def has_capture(self) -> bool:
         return self._state.slots["student"] is not None
 

@@ -11,15 +11,15 @@ the transformer as `crepa_projector` so optimizers see it and PEFT can save it (
 
 from __future__ import annotations
 
-import os
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..functional import crepa_loss_with_options
 from ..options import CrepaOptions
-from .capture import CaptureError, HiddenStateCapture, detect_family, grid_from_latents, unwrap_model
+from .base import AlignmentRegularizerBase, load_config, model_device, model_list, scalar
+from .capture import HiddenStateCapture, detect_family, grid_from_latents, unwrap_model
 from .config import CrepaConfig
 from .encoder import FrozenEncoder
 from .grids import TokenGrid, align_grids, image_grid_from_aspect, mean_pool, tokens_to_grid
@@ -31,43 +31,20 @@ from .vae import Denormalize, LatentDecoder, drop_vae_encoder
 PROJECTOR_NAME = "crepa_projector"
 
 
-def load_config(cfg, cls):
-    """A config object from itself, a dict (whole trainer configs allowed) or a JSON file path."""
-    if isinstance(cfg, cls):
-        return cfg
-    if isinstance(cfg, Mapping):
-        return cls.from_dict(cfg)
-    if isinstance(cfg, (str, os.PathLike)):
-        return cls.from_json(cfg)
-    raise TypeError(f"cfg must be a {cls.__name__}, a dict or a path to a JSON file, got {type(cfg).__name__}")
-
-
-def model_list(models, argument: str) -> list[nn.Module]:
-    models = list(models) if isinstance(models, (list, tuple)) else [models]
-    if not models or not all(isinstance(m, nn.Module) for m in models):
-        raise TypeError(f"{argument} must be a diffusers model or a list of them (e.g. Wan 2.2's two experts)")
-    return models
-
-
-def model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def scalar(value: float, device: torch.device) -> torch.Tensor:
-    return torch.tensor(float(value), dtype=torch.float32, device=device)
-
-
-class CrepaRegularizer(nn.Module):
+class CrepaRegularizer(AlignmentRegularizerBase):
     """REPA / CREPA regularizer on a diffusers transformer.
 
     Call after the transformer's forward: `reg(latents=..., step=...)` (or `pixels=` / `teacher_features=`)
     returns `(weighted_loss, logs)`; logs are detached scalar tensors (SPEC §6). The module's state_dict
-    holds the projector and the schedule state (EMA, cutoff), so a resumed run continues exactly.
-    The frozen encoder and the VAE are not part of the state_dict or parameters(). The encoder follows
-    the projector's device at each call (the projector lives on the transformer, so it moves with it,
-    e.g. under accelerator.prepare); the VAE decodes on its own device.
+    holds the schedule state (EMA, cutoff), so a resumed run continues exactly; the projector lives on
+    the transformer as `crepa_projector` and is saved with it (or with a PEFT adapter listing it in
+    `modules_to_save`; the regularizer then runs PEFT's trainable copy). The frozen encoder and the VAE
+    are in no state_dict. The encoder follows the projector's device at each call (the projector moves
+    with the transformer, e.g. under accelerator.prepare); the VAE decodes on its own device.
     """
+
+    projector_name = PROJECTOR_NAME
+    prefix = "crepa"
 
     def __init__(self, config: CrepaConfig, *, transformer, vae=None, encoder: str | nn.Module | None = None,
                  tae=None, denormalize: Denormalize | None = None, max_train_steps: int | None = None,
@@ -86,7 +63,7 @@ class CrepaRegularizer(nn.Module):
         self.options = CrepaOptions(config.crepa_adjacent_distance, config.crepa_adjacent_tau,
                                     config.crepa_cumulative_neighbors, config.crepa_normalize_by_frames,
                                     config.crepa_normalize_neighbour_sum)
-        self.schedule = CoefficientSchedule.from_config(config, max_train_steps=max_train_steps)
+        schedule = CoefficientSchedule.from_config(config, max_train_steps=max_train_steps)
         teacher_index = config.crepa_teacher_block_index if self.backbone else None
         if self.backbone and teacher_index == config.crepa_block_index:
             raise ValueError(f"crepa_teacher_block_index={teacher_index} equals crepa_block_index: backbone mode "
@@ -98,29 +75,28 @@ class CrepaRegularizer(nn.Module):
                                      hidden_size=hidden_size)
         self.family = capture.family
         device = model_device(capture.models[0])
+        teacher = None
         try:
             if self.backbone:
-                self._set_plain("_teacher", None)
                 width = capture.hidden_size
+                self.teacher_description = f"backbone block {teacher_index}"
             else:
-                frozen = FrozenEncoder.load(config.crepa_encoder if encoder is None else encoder,
-                                            dtype=config.crepa_encoder_dtype,
+                source = config.crepa_encoder if encoder is None else encoder
+                frozen = FrozenEncoder.load(source, dtype=config.crepa_encoder_dtype,
                                             frames_batch_size=config.crepa_encoder_frames_batch_size,
                                             tokens=config.crepa_encoder_tokens).to(device)
                 decoder = LatentDecoder(vae=vae, tae=tae, denormalize=denormalize, use_tae=config.crepa_use_tae,
                                         video=self.family.kind == "video")
                 if config.crepa_drop_vae_encoder and vae is not None:
                     drop_vae_encoder(vae)
-                self._set_plain("_teacher", PixelTeacher(frozen, decoder, config.crepa_encoder_image_size))
+                teacher = PixelTeacher(frozen, decoder, config.crepa_encoder_image_size)
                 width = frozen.width
-            self.projector = attach_projector(capture.models, capture.hidden_size, width, PROJECTOR_NAME).to(device)
+                self.teacher_description = f"encoder {source if isinstance(source, str) else type(source).__name__}"
+            projector = attach_projector(capture.models, capture.hidden_size, width, PROJECTOR_NAME).to(device)
         except BaseException:
             capture.detach()
             raise
-        self._set_plain("_capture", capture)
-
-    def _set_plain(self, name: str, value: Any) -> None:
-        object.__setattr__(self, name, value)   # not a submodule: kept out of state_dict and parameters()
+        self._init_parts(capture, projector, schedule, teacher)
 
     @classmethod
     def from_config(cls, cfg, *, transformer, vae=None, encoder: str | nn.Module | None = None, tae=None,
@@ -137,38 +113,6 @@ class CrepaRegularizer(nn.Module):
         """
         return cls(load_config(cfg, CrepaConfig), transformer=transformer, vae=vae, encoder=encoder, tae=tae,
                    denormalize=denormalize, max_train_steps=max_train_steps, hidden_size=hidden_size, impl=impl)
-
-    # ------------------------------------------------------------------ public helpers
-
-    @property
-    def capture(self) -> HiddenStateCapture:
-        return self._capture
-
-    @property
-    def encoder(self) -> FrozenEncoder | None:
-        return None if self._teacher is None else self._teacher.encoder
-
-    @property
-    def frames_encoded(self) -> int:
-        """Frames the encoder has processed so far (for end-to-end checks: one per latent frame per sample)."""
-        return 0 if self._teacher is None else self._teacher.encoder.frames_encoded
-
-    @property
-    def frames_decoded(self) -> int:
-        return 0 if self._teacher is None else self._teacher.frames_decoded
-
-    def detach(self) -> None:
-        """Remove the hooks (the transformer runs exactly as before) and drop any captured tensors. The
-        projector stays registered on the transformer (it holds trained weights)."""
-        self._capture.detach()
-
-    def get_extra_state(self) -> dict:
-        return {"schedule": self.schedule.state_dict()}
-
-    def set_extra_state(self, state: dict) -> None:
-        if not isinstance(state, dict) or "schedule" not in state:
-            raise ValueError(f"regularizer extra state must be a dict with a 'schedule' entry, got {state!r}")
-        self.schedule.load_state_dict(state["schedule"])
 
     # ------------------------------------------------------------------ forward
 
@@ -194,23 +138,15 @@ class CrepaRegularizer(nn.Module):
                              f"{', '.join(given) or 'none'})")
         weight = self.schedule.weight(step)
         cutoff = self.schedule.cutoff_active(step)
-        device = self.projector.linear.weight.device
         if self.schedule.finished(step):
-            self._capture.clear()
-            return self._skipped(device, cutoff)
+            return self._skipped(cutoff)
 
-        captured = self._capture.consume()
-        if captured.captured_without_grad_mode and torch.is_grad_enabled() and captured.model.training:
-            raise CaptureError(
-                f"the hidden states of block {self.config.crepa_block_index} were captured without gradient while "
-                "the model is training: the forward ran under torch.no_grad(), or reentrant gradient "
-                "checkpointing (use_reentrant=True) hid the gradient. Use non-reentrant checkpointing (diffusers' "
-                "default) and run the training forward with gradients enabled")
+        captured = self._consume()
         grid = self._student_grid(captured, latents, pixels, token_grid)
         student = captured.student
         if student.shape[1] > grid.tokens and self.family.name == "flux":
             student = student[:, :grid.tokens]   # Flux Kontext appends reference-image tokens after the target's
-        z = self.projector(tokens_to_grid(student, grid, "captured hidden states"))
+        z = self.live_projector(captured.model)(tokens_to_grid(student, grid, "captured hidden states"))
         y = self._teacher_tokens(captured, grid, latents, pixels, teacher_features)
         if y.shape[0] != z.shape[0]:
             raise ValueError(f"the teacher has batch size {y.shape[0]} but the captured hidden states have "
@@ -224,6 +160,7 @@ class CrepaRegularizer(nn.Module):
         result = crepa_loss_with_options(z, y.to(z.dtype), self.options, impl=self.impl)
         self.schedule.update(result.alignment_score)
         loss = result.loss.float() * weight
+        device = self._device()
         logs = {
             "crepa_loss": loss.detach(),
             "crepa_alignment_score": result.alignment_score.float(),
@@ -232,19 +169,7 @@ class CrepaRegularizer(nn.Module):
             "crepa_weight": scalar(weight, device),
             "crepa_cutoff": scalar(cutoff, device),
         }
-        if self.schedule.ema is not None:
-            logs["crepa_alignment_score_ema"] = scalar(self.schedule.ema, device)
-        return loss, logs
-
-    def _skipped(self, device: torch.device, cutoff: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Nothing can weigh more than 0 any more: no decode, encode or loss; the projector still gets a
-        zero gradient."""
-        loss = self.projector.zero_touch()
-        logs = {"crepa_loss": loss.detach(), "crepa_weight": scalar(0.0, device),
-                "crepa_cutoff": scalar(cutoff, device)}
-        if self.schedule.ema is not None:
-            logs["crepa_alignment_score_ema"] = scalar(self.schedule.ema, device)
-        return loss, logs
+        return loss, self._with_ema(logs)
 
     def _student_grid(self, captured, latents, pixels, token_grid) -> TokenGrid:
         grid = captured.grid
@@ -274,7 +199,7 @@ class CrepaRegularizer(nn.Module):
         if self.backbone:
             return tokens_to_grid(captured.teacher[:, :grid.tokens], grid, "teacher block hidden states").float()
         cls_tokens = self.config.crepa_encoder_tokens == "cls"
-        device = self.projector.linear.weight.device
+        device = self._device()
         if teacher_features is not None:
             return teacher_from_features(teacher_features, grid, self.projector.out_features, cls_tokens).to(device)
         self._teacher.follow(device)
@@ -283,6 +208,5 @@ class CrepaRegularizer(nn.Module):
         return self._teacher.from_latents(latents, grid.frames)
 
     def extra_repr(self) -> str:
-        mode = f"backbone teacher block {self.config.crepa_teacher_block_index}" if self.backbone else \
-            f"encoder {self.config.crepa_encoder}"
-        return f"family={self.family.name}, block={self.config.crepa_block_index}, {mode}, impl={self.impl!r}"
+        return (f"family={self.family.name}, block={self.config.crepa_block_index}, teacher="
+                f"{self.teacher_description}, impl={self.impl!r}")

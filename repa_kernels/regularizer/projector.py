@@ -29,11 +29,6 @@ class AlignmentProjector(nn.Module):
                              self.norm.eps)
             return F.linear(x, self.linear.weight.float(), self.linear.bias.float())
 
-    def zero_touch(self) -> torch.Tensor:
-        """0 * (sum of every parameter): a scalar whose backward gives every parameter a zero gradient, so
-        DDP sees them used on steps where the regularizer computes nothing."""
-        return sum(p.float().sum() for p in self.parameters()) * 0.0
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, compute_dtype=float32"
 

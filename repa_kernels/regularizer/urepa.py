@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from ..functional import urepa_loss
-from .capture import CaptureError, HiddenStateCapture, detect_family, unwrap_model
+from .base import AlignmentRegularizerBase, load_config, model_device, model_list, scalar
+from .capture import HiddenStateCapture, detect_family, unwrap_model
 from .config import UrepaConfig
-from .crepa import load_config, model_device, model_list, scalar
 from .encoder import FrozenEncoder
 from .grids import resample_grid, tokens_to_grid
 from .projector import attach_projector
@@ -31,13 +31,17 @@ from .vae import Denormalize, LatentDecoder
 PROJECTOR_NAME = "urepa_projector"
 
 
-class UrepaRegularizer(nn.Module):
+class UrepaRegularizer(AlignmentRegularizerBase):
     """U-REPA regularizer on a UNet (UNet2DConditionModel: SD1.5, SDXL, Kolors, ...).
 
     Call after the UNet's forward: `reg(latents=..., step=...)` (or `pixels=` / `teacher_features=`)
     returns `(weighted_loss, logs)`; logs are detached scalar tensors (SPEC §6). The state_dict holds the
-    projector and the schedule state. The encoder and VAE stay outside it.
+    schedule state; the projector lives on the UNet as `urepa_projector` and is saved with it (or with a
+    PEFT adapter via `modules_to_save`). The encoder and VAE are in no state_dict.
     """
+
+    projector_name = PROJECTOR_NAME
+    prefix = "urepa"
 
     def __init__(self, config: UrepaConfig, *, unet, vae=None, encoder: str | nn.Module | None = None, tae=None,
                  denormalize: Denormalize | None = None, max_train_steps: int | None = None,
@@ -52,7 +56,7 @@ class UrepaRegularizer(nn.Module):
         models = model_list(unet, "unet")
         self.config = config
         self.impl = impl
-        self.schedule = CoefficientSchedule.from_config(config, max_train_steps=max_train_steps)
+        schedule = CoefficientSchedule.from_config(config, max_train_steps=max_train_steps)
         if detect_family(unwrap_model(models[0])).kind != "unet":
             raise ValueError(f"{type(unwrap_model(models[0])).__name__} is not a UNet: U-REPA aligns a UNet mid-block; "
                              "use CrepaRegularizer for transformer (DiT) models")
@@ -60,17 +64,17 @@ class UrepaRegularizer(nn.Module):
         self.family = capture.family
         device = model_device(capture.models[0])
         try:
-            frozen = FrozenEncoder.load(config.urepa_model if encoder is None else encoder, dtype=encoder_dtype,
-                                        tokens="patch").to(device)
+            source = config.urepa_model if encoder is None else encoder
+            frozen = FrozenEncoder.load(source, dtype=encoder_dtype, tokens="patch").to(device)
+            self.teacher_description = f"encoder {source if isinstance(source, str) else type(source).__name__}"
             decoder = LatentDecoder(vae=vae, tae=tae, denormalize=denormalize, use_tae=config.urepa_use_tae,
                                     video=False, use_tae_key="urepa_use_tae")
-            object.__setattr__(self, "_teacher", PixelTeacher(frozen, decoder, config.urepa_encoder_image_size))
-            self.projector = attach_projector(capture.models, capture.hidden_size, frozen.width,
-                                              PROJECTOR_NAME).to(device)
+            teacher = PixelTeacher(frozen, decoder, config.urepa_encoder_image_size)
+            projector = attach_projector(capture.models, capture.hidden_size, frozen.width, PROJECTOR_NAME).to(device)
         except BaseException:
             capture.detach()
             raise
-        object.__setattr__(self, "_capture", capture)
+        self._init_parts(capture, projector, schedule, teacher)
 
     @classmethod
     def from_config(cls, cfg, *, unet, vae=None, encoder: str | nn.Module | None = None, tae=None,
@@ -82,34 +86,6 @@ class UrepaRegularizer(nn.Module):
         return cls(load_config(cfg, UrepaConfig), unet=unet, vae=vae, encoder=encoder, tae=tae,
                    denormalize=denormalize, max_train_steps=max_train_steps, hidden_size=hidden_size,
                    encoder_dtype=encoder_dtype, impl=impl)
-
-    @property
-    def capture(self) -> HiddenStateCapture:
-        return self._capture
-
-    @property
-    def encoder(self) -> FrozenEncoder:
-        return self._teacher.encoder
-
-    @property
-    def frames_encoded(self) -> int:
-        return self._teacher.encoder.frames_encoded
-
-    @property
-    def frames_decoded(self) -> int:
-        return self._teacher.frames_decoded
-
-    def detach(self) -> None:
-        """Remove the hooks and drop any captured tensors; the projector stays registered on the UNet."""
-        self._capture.detach()
-
-    def get_extra_state(self) -> dict:
-        return {"schedule": self.schedule.state_dict()}
-
-    def set_extra_state(self, state: dict) -> None:
-        if not isinstance(state, dict) or "schedule" not in state:
-            raise ValueError(f"regularizer extra state must be a dict with a 'schedule' entry, got {state!r}")
-        self.schedule.load_state_dict(state["schedule"])
 
     def forward(self, latents: torch.Tensor | None = None, *, step: int, pixels: torch.Tensor | None = None,
                 teacher_features: torch.Tensor | None = None,
@@ -127,27 +103,17 @@ class UrepaRegularizer(nn.Module):
                              f"{', '.join(given) or 'none'})")
         weight = self.schedule.weight(step)
         cutoff = self.schedule.cutoff_active(step)
-        device = self.projector.linear.weight.device
         if self.schedule.finished(step):
-            self._capture.clear()
-            loss = self.projector.zero_touch()
-            logs = {"urepa_loss": loss.detach(), "urepa_weight": scalar(0.0, device),
-                    "urepa_cutoff": scalar(cutoff, device)}
-            if self.schedule.ema is not None:
-                logs["urepa_similarity_ema"] = scalar(self.schedule.ema, device)
-            return loss, logs
+            return self._skipped(cutoff)
 
-        captured = self._capture.consume()
-        if captured.captured_without_grad_mode and torch.is_grad_enabled() and captured.model.training:
-            raise CaptureError("the UNet mid-block hidden states were captured without gradient while the model is "
-                               "training: the forward ran under torch.no_grad(), or reentrant gradient checkpointing "
-                               "hid the gradient; use non-reentrant checkpointing (diffusers' default)")
+        captured = self._consume()
+        device = self._device()
         grid = captured.grid
         if token_grid is not None and tuple(int(v) for v in token_grid) != tuple(grid):
             raise ValueError(f"token_grid={tuple(token_grid)} disagrees with the mid-block grid {tuple(grid)}")
         if latents is not None and latents.dim() != 4:
             raise ValueError(f"latents for a UNet must be (B, C, H, W), got shape {tuple(latents.shape)}")
-        z = self.projector(tokens_to_grid(captured.student, grid, "mid-block hidden states"))
+        z = self.live_projector(captured.model)(tokens_to_grid(captured.student, grid, "mid-block hidden states"))
         self._teacher.follow(device)
         if teacher_features is not None:
             y = teacher_from_features(teacher_features, grid, self.projector.out_features, False).to(device)
@@ -171,9 +137,7 @@ class UrepaRegularizer(nn.Module):
             "urepa_weight": scalar(weight, device),
             "urepa_cutoff": scalar(cutoff, device),
         }
-        if self.schedule.ema is not None:
-            logs["urepa_similarity_ema"] = scalar(self.schedule.ema, device)
-        return loss, logs
+        return loss, self._with_ema(logs)
 
     def extra_repr(self) -> str:
-        return f"family={self.family.name}, encoder {self.config.urepa_model}, impl={self.impl!r}"
+        return f"family={self.family.name}, teacher={self.teacher_description}, impl={self.impl!r}"

@@ -84,11 +84,14 @@ def _decoded_tensor(out) -> torch.Tensor:
     return out
 
 
-def drop_vae_encoder(vae: nn.Module) -> None:
-    """crepa_drop_vae_encoder: delete `vae.encoder` (decode-only; the VAE can no longer encode pixels)."""
+def drop_vae_encoder(vae: nn.Module) -> bool:
+    """crepa_drop_vae_encoder: delete `vae.encoder` (decode-only; the VAE can no longer encode pixels).
+    Returns whether there was an encoder to delete (building a second regularizer on the same VAE finds
+    it gone already)."""
     if getattr(vae, "encoder", None) is None:
-        raise ValueError(f"crepa_drop_vae_encoder is on but {type(vae).__name__} has no `encoder` to delete")
+        return False
     del vae.encoder
+    return True
 
 
 class LatentDecoder:

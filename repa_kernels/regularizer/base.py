@@ -1,0 +1,131 @@
+"""What CrepaRegularizer and UrepaRegularizer share: config loading, the live projector, schedule state,
+hooks' lifetime and the skipped-step result."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .capture import Captured, CaptureError, HiddenStateCapture
+from .projector import AlignmentProjector
+from .schedule import CoefficientSchedule
+
+
+def load_config(cfg, cls):
+    """A config object from itself, a dict (whole trainer configs allowed) or a JSON file path."""
+    if isinstance(cfg, cls):
+        return cfg
+    if isinstance(cfg, Mapping):
+        return cls.from_dict(cfg)
+    if isinstance(cfg, (str, os.PathLike)):
+        return cls.from_json(cfg)
+    raise TypeError(f"cfg must be a {cls.__name__}, a dict or a path to a JSON file, got {type(cfg).__name__}")
+
+
+def model_list(models, argument: str) -> list[nn.Module]:
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    if not models or not all(isinstance(m, nn.Module) for m in models):
+        raise TypeError(f"{argument} must be a diffusers model or a list of them (e.g. Wan 2.2's two experts)")
+    return models
+
+
+def model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def scalar(value: float, device: torch.device) -> torch.Tensor:
+    """A detached float32 log value on `device` (a host-to-device copy, never a device read)."""
+    return torch.tensor(float(value), dtype=torch.float32, device=device)
+
+
+class AlignmentRegularizerBase(nn.Module):
+    """Holds the capture, the projector (registered on the model(s), not on this module) and the
+    schedule. `state_dict()` is the schedule state only; the projector's weights are saved with the
+    model they are registered on (`<name>.*` keys), or with a PEFT adapter via `modules_to_save`."""
+
+    projector_name = ""
+    prefix = ""
+
+    def _set_plain(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)   # not a submodule: kept out of state_dict and parameters()
+
+    def _init_parts(self, capture: HiddenStateCapture, projector: AlignmentProjector,
+                    schedule: CoefficientSchedule, teacher) -> None:
+        self._set_plain("_capture", capture)
+        self._set_plain("projector", projector)
+        self._set_plain("_teacher", teacher)
+        self.schedule = schedule
+
+    @property
+    def capture(self) -> HiddenStateCapture:
+        return self._capture
+
+    @property
+    def encoder(self):
+        """The frozen encoder (None in backbone mode)."""
+        return None if self._teacher is None else self._teacher.encoder
+
+    @property
+    def frames_encoded(self) -> int:
+        """Frames the encoder has processed so far (one per student frame per sample and call)."""
+        return 0 if self._teacher is None else self._teacher.encoder.frames_encoded
+
+    @property
+    def frames_decoded(self) -> int:
+        return 0 if self._teacher is None else self._teacher.frames_decoded
+
+    def live_projector(self, model: nn.Module | None = None) -> nn.Module:
+        """The module the model holds under the projector's name: the projector itself, or the wrapper
+        PEFT put there for `modules_to_save` (whose trainable copy must be the one that runs)."""
+        model = model if model is not None else self._capture.models[0]
+        live = getattr(model, self.projector_name, None)
+        return self.projector if live is None else live
+
+    def detach(self) -> None:
+        """Remove the hooks (the model runs exactly as before) and drop any captured tensors. The projector
+        stays registered on the model (it holds trained weights)."""
+        self._capture.detach()
+
+    def get_extra_state(self) -> dict:
+        return {"schedule": self.schedule.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or "schedule" not in state:
+            raise ValueError(f"regularizer extra state must be a dict with a 'schedule' entry, got {state!r}")
+        self.schedule.load_state_dict(state["schedule"])
+
+    def _consume(self) -> Captured:
+        captured = self._capture.consume()
+        if captured.captured_without_grad_mode and torch.is_grad_enabled() and captured.model.training:
+            raise CaptureError(
+                f"the hidden states of {type(captured.model).__name__} were captured without gradient while the "
+                "model is training: its forward ran under torch.no_grad(), or reentrant gradient checkpointing "
+                "(use_reentrant=True) hid the gradient. Use non-reentrant checkpointing (diffusers' default) and "
+                "run the training forward with gradients enabled")
+        return captured
+
+    def _device(self) -> torch.device:
+        return self.projector.linear.weight.device
+
+    def _skipped(self, cutoff: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """No later call can weigh more than 0: nothing is decoded, encoded or compared. The projector's
+        parameters still get a zero gradient, so DDP sees them used."""
+        self._capture.clear()
+        live = self.live_projector(self._capture.last_model)
+        loss = sum(p.float().sum() for p in live.parameters() if p.requires_grad) * 0.0
+        if not isinstance(loss, torch.Tensor):   # nothing trainable (e.g. frozen for evaluation)
+            loss = scalar(0.0, self._device())
+        device = self._device()
+        logs = {f"{self.prefix}_loss": loss.detach(), f"{self.prefix}_weight": scalar(0.0, device),
+                f"{self.prefix}_cutoff": scalar(cutoff, device)}
+        return loss, self._with_ema(logs)
+
+    def _with_ema(self, logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.schedule.ema is not None:
+            key = "crepa_alignment_score_ema" if self.prefix == "crepa" else "urepa_similarity_ema"
+            logs[key] = scalar(self.schedule.ema, self._device())
+        return logs
