@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"output directory for metrics.csv, curves.png, summary.json (default ./{DEFAULT_OUT}/)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the models, data and noise (default 0)")
     parser.add_argument("--batch-size", type=int, default=2, help="clips per step (default 2)")
+    parser.add_argument("--clips", type=int, default=TRAIN_CLIPS, help=f"training clips (default {TRAIN_CLIPS})")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
     parser.add_argument("--timing-repeats", type=int, default=5,
                         help="timed steps per backend in the fused-vs-reference comparison; 0 skips it (default 5)")
@@ -71,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name, minimum in (("steps", 1), ("batch_size", 1), ("timing_repeats", 0)):
+    for name, minimum in (("steps", 1), ("batch_size", 1), ("clips", 1), ("timing_repeats", 0)):
         value = getattr(args, name)
         if value < minimum:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
@@ -383,7 +384,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  - {line}")
         print(f"  backend: {args.backend} -> {training}" + ("" if training == fused else f" (fused: {fused})"))
 
-        clips = moving_shapes(TRAIN_CLIPS + HELD_OUT_CLIPS, CLIP_FRAMES, CLIP_SIZE, CLIP_SIZE, seed=args.seed)
+        clips = moving_shapes(args.clips + HELD_OUT_CLIPS, CLIP_FRAMES, CLIP_SIZE, CLIP_SIZE, seed=args.seed)
         t0 = time.perf_counter()
         raw = encode_to_latents(models.vae, to_vae_input(clips))
         latents = normalise_latents(models.vae, raw).to(device)
@@ -391,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
         models.vae.to(device)
         print(f"  encoded {clips.shape[0]} clips to latents {tuple(latents.shape[1:])} in "
               f"{time.perf_counter() - t0:.1f}s")
-        train_latents, held_out = latents[:TRAIN_CLIPS], latents[TRAIN_CLIPS:]
+        train_latents, held_out = latents[:args.clips], latents[args.clips:]
 
         reg = CrepaRegularizer.from_config(_crepa_config(args, image_size), transformer=models.transformer,
                                            vae=None if args.backbone else models.vae,
