@@ -20,24 +20,10 @@ from repa_kernels import backends
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-# Found by this file: backends.resolve() runs the availability checks (importlib.import_module, the
-# construction of a types.SimpleNamespace in backends._load) inside the traced region, which Dynamo
-# refuses under fullgraph=True. The reference escapes only because its status check is a constant.
-RESOLVE_NOT_TRACEABLE = pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported, reason=(
-    "repa_kernels/backends.py: resolve() and ops() are traced by Dynamo and call importlib.import_module "
-    "/ types.SimpleNamespace (graph break, fatal with fullgraph=True). Fix: decorate `resolve` with "
-    "@torch.compiler.assume_constant_result (it returns a str, evaluated once at trace time, which also "
-    "imports the backend module), and make _load return an instance of a plain class "
-    "(`class BackendOps: def __init__(self, crepa, manifold): ...`) instead of types.SimpleNamespace. "
-    "Verified: with both changes this test passes for cpp and triton with values and grads bitwise equal."))
-
-
 def impl_param(name: str, device: str):
     ok, reason = backends.status(name, torch.device(device))
-    marks = [pytest.mark.skipif(not ok, reason=f"impl={name} unavailable on {device}: {reason}")]
-    if name != "reference":
-        marks.append(RESOLVE_NOT_TRACEABLE)
-    return pytest.param(name, device, id=f"{name}-{device}", marks=marks)
+    return pytest.param(name, device, id=f"{name}-{device}",
+                        marks=pytest.mark.skipif(not ok, reason=f"impl={name} unavailable on {device}: {reason}"))
 
 
 CASES = [impl_param(name, "cpu") for name in ("reference", "cpp", "triton")]
