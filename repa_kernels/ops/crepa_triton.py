@@ -300,3 +300,34 @@ def crepa(z: torch.Tensor, y: torch.Tensor, opts: CrepaOptions
         z, y, opts.distance, opts.tau, opts.cumulative, opts.normalize_by_frames,
         opts.normalize_neighbour_sum, need_dz, need_dy)
     return loss, alignment.detach(), similarity.detach()
+
+
+def cuda_compile_reports(dtype: torch.dtype = torch.bfloat16, shape: tuple[int, int, int, int] = (1, 21, 1560, 1536),
+                         distance: int = 1, arch: int = 90) -> list[utils.CompiledKernelReport]:
+    """Compile the kernels as a launch on contiguous (B, T, N, D) inputs of `shape` would, for
+    sm_`arch`, without a GPU: forward only, forward + dz, forward + dz + dy, and the finalize kernel."""
+    batch, frames, tokens, dim = shape
+    offsets = CrepaOptions(distance).offsets(frames)
+    blocks = utils.token_blocks(tokens, dim, dtype)
+    element = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
+    acc = "fp64" if dtype == torch.float64 else "fp32"
+    token_blocks = triton.cdiv(tokens, blocks.block_n)
+    strides = dict(stride_zb=frames * tokens * dim, stride_zt=tokens * dim, stride_zn=dim, stride_zd=1)
+    integers = dict(num_frames=frames, num_tokens=tokens, dim=dim, num_token_blocks=token_blocks,
+                    num_programs=batch * frames * token_blocks, loss_divisor=batch * frames,
+                    offset_start=offsets[0] if offsets else 1, num_offsets=len(offsets), **strides,
+                    **{name.replace("_z", "_y"): value for name, value in strides.items()})
+    pointers = dict(z_ptr=element, y_ptr=element, dz_ptr=element, dy_ptr=element, partial_ptr=acc)
+    reports = []
+    for need_dz, need_dy in ((False, False), (True, False), (True, True)):
+        constexprs = dict(NUM_SLOTS=max(2, triton.next_power_of_2(2 * len(offsets))), NORMALIZE_NEIGHBOUR_SUM=True,
+                          NEED_DZ=need_dz, NEED_DY=need_dy, ACC=utils.accumulator_dtype(dtype),
+                          OUT_DTYPE=utils.triton_dtype(dtype), INTERPRET=False,
+                          BLOCK_N=blocks.block_n, BLOCK_D=blocks.block_d)
+        reports.append(utils.compile_for_cuda(_crepa_fused_kernel, pointers, integers, constexprs,
+                                              blocks.num_warps, 3, arch))
+    reports.append(utils.compile_for_cuda(
+        _crepa_finalize_kernel, dict(partial_ptr=acc, loss_ptr=acc, alignment_ptr=acc, similarity_ptr=acc),
+        dict(num_programs=integers["num_programs"], loss_divisor=batch * frames, metric_divisor=batch * frames),
+        dict(ACC=utils.accumulator_dtype(dtype), BLOCK=_FINALIZE_BLOCK), 4, 3, arch))
+    return reports

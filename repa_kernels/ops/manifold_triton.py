@@ -373,3 +373,45 @@ def manifold(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     utils.check_triton_device(z)
     loss, _, _ = manifold_triton_forward(z, y)
     return loss
+
+
+def cuda_compile_reports(dtype: torch.dtype = torch.bfloat16, shape: tuple[int, int, int] = (2, 1, 3600),
+                         dim_z: int = 768, dim_y: int = 768, arch: int = 90) -> list[utils.CompiledKernelReport]:
+    """Compile the kernels as a launch on contiguous (B, T, N, D) inputs would, for sm_`arch`, without
+    a GPU: inverse norms, forward, finalize, and the backward to z and to y."""
+    batch, frames, tokens = shape
+    element = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
+    gram = {torch.float32: "fp32", torch.float64: "fp64"}[_gram_dtype(dtype)]
+    loss = "fp64" if dtype == torch.float64 else "fp32"
+    switches = dict(_gram_switches(dtype), UPCAST=False)
+    strides = dict(stride_zb=frames * tokens * dim_z, stride_zt=tokens * dim_z, stride_zn=dim_z, stride_zd=1,
+                   stride_yb=frames * tokens * dim_y, stride_yt=tokens * dim_y, stride_yn=dim_y, stride_yd=1)
+    sizes = dict(num_frames=frames, num_tokens=tokens, dim_z=dim_z, dim_y=dim_y, num_slices=batch * frames)
+    pointers = dict(z_ptr=element, y_ptr=element, inv_z_ptr=gram, inv_y_ptr=gram)
+    rows = utils.token_blocks(tokens, dim_z, dtype)
+    reports = [utils.compile_for_cuda(
+        _inverse_norms_kernel, dict(x_ptr=element, out_ptr=gram),
+        dict(num_rows=batch * frames * tokens, num_frames=frames, num_tokens=tokens, dim=dim_z,
+             stride_b=strides["stride_zb"], stride_t=strides["stride_zt"], stride_n=dim_z, stride_d=1),
+        dict(ACC=switches["ACC"], BLOCK_N=rows.block_n, BLOCK_D=rows.block_d), rows.num_warps, 3, arch)]
+    forward = utils.manifold_blocks(tokens, dim_z, dim_y, dtype, backward=False)
+    blocks = triton.cdiv(tokens, forward.block_m)
+    reports.append(utils.compile_for_cuda(
+        _manifold_forward_kernel, dict(pointers, partial_ptr=gram), dict(sizes, num_blocks=blocks, **strides),
+        dict(switches, BLOCK_M=forward.block_m, BLOCK_K=forward.block_k), forward.num_warps, forward.num_stages, arch))
+    reports.append(utils.compile_for_cuda(
+        _manifold_finalize_kernel, dict(partial_ptr=gram, loss_ptr=loss),
+        dict(num_partials=batch * frames * blocks * blocks, num_tokens=tokens, num_slices=batch * frames),
+        dict(ACC=switches["ACC"], BLOCK=_FINALIZE_BLOCK), 4, 3, arch))
+    backward = utils.manifold_blocks(tokens, dim_z, dim_y, dtype, backward=True)
+    for target_z in (True, False):
+        integers = dict(sizes, num_row_blocks=triton.cdiv(tokens, backward.block_m),
+                        num_col_blocks=triton.cdiv(tokens, backward.block_n),
+                        num_chunks=triton.cdiv(dim_z if target_z else dim_y, backward.block_out), **strides)
+        reports.append(utils.compile_for_cuda(
+            _manifold_backward_kernel, dict(pointers, grad_ptr=loss, out_ptr=element), integers,
+            dict(switches, TARGET_Z=target_z, X_DTYPE=utils.triton_dtype(dtype), INTERPRET=False,
+                 BLOCK_M=backward.block_m, BLOCK_N=backward.block_n, BLOCK_K=backward.block_k,
+                 BLOCK_OUT=backward.block_out),
+            backward.num_warps, backward.num_stages, arch))
+    return reports

@@ -165,3 +165,65 @@ def check_triton_device(t: torch.Tensor) -> None:
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Make `t`'s CUDA device current while launching (a no-op for CPU tensors)."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class CompiledKernelReport:
+    """Static resource use of a kernel compiled for a CUDA architecture (no GPU needed)."""
+
+    name: str
+    registers: int
+    stack_bytes: int  # per-thread local memory: register spills (and local arrays)
+    shared_bytes: int  # shared memory a launch requests
+    uses_wgmma: bool
+
+
+def compile_for_cuda(kernel, pointers: dict, integers: dict, constexprs: dict, num_warps: int,
+                     num_stages: int, arch: int = 90) -> CompiledKernelReport:
+    """Compile a @triton.jit kernel to a cubin for sm_`arch` on a machine without a GPU.
+
+    A development check of the GPU code path (the interpreter never compiles it): catches compile
+    errors and reports registers and local memory from the bundled cuobjdump. `pointers` maps pointer
+    arguments to element types ("bf16", "fp32", ...); `integers` gives the values of integer
+    arguments, specialised as the launcher would (1 becomes a constant, multiples of 16 are marked
+    divisible, values >= 2^31 are int64); the remaining arguments are float32 scalars. Needs
+    TRITON_INTERPRET unset when `kernel` was defined.
+    """
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if is_interpreter():
+        raise RuntimeError("compile_for_cuda needs TRITON_INTERPRET unset (kernels are interpreted)")
+    constants = dict(constexprs)
+    constants.update({name: 1 for name, value in integers.items() if value == 1})
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = f"*{pointers[name]}"
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name in integers:
+            signature[name] = "i64" if abs(integers[name]) >= 2 ** 31 else "i32"
+            if integers[name] % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32"
+    source = ASTSource(kernel, signature, constexprs=constants, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin.name],
+                               capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
+    if found is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage for {kernel.__name__}: {usage!r}")
+    return CompiledKernelReport(kernel.__name__, int(found.group(1)), int(found.group(2)),
+                                max(int(found.group(3)), int(compiled.metadata.shared)), "wgmma" in compiled.asm["ptx"])
