@@ -302,8 +302,19 @@ def test_facade_errors():
     with pytest.raises(ValueError, match="needs the tiny video decoder"):
         CrepaRegularizer.from_config({**BASE, "crepa_use_tae": True}, transformer=tm.tiny_wan(),
                                      vae=tm.tiny_wan_vae(), encoder=tm.tiny_dinov2())
+    with pytest.raises(ValueError, match="impl='gpu' is not valid"):
+        CrepaRegularizer.from_config(BASE, transformer=tm.tiny_wan(), encoder=tm.tiny_dinov2(), impl="gpu")
+    with pytest.raises(TypeError, match="hidden_size must be a positive integer"):
+        CrepaRegularizer.from_config(BASE, transformer=tm.tiny_wan(), encoder=tm.tiny_dinov2(), hidden_size="16")
+    with pytest.raises(ValueError, match="hidden_size must be a positive integer"):
+        CrepaRegularizer.from_config(BASE, transformer=tm.tiny_wan(), encoder=tm.tiny_dinov2(), hidden_size=-3)
     reg, transformer, _ = _wan_reg()
     latents = _latents()
+    with pytest.raises(TypeError, match="latents must be a floating-point tensor"):
+        reg(latents=latents.long(), step=0)
+    with pytest.raises(ValueError, match="token_grid must be"):
+        tm.tiny_forward(transformer, latents)
+        reg(latents=latents, step=0, token_grid=(3, 4))
     with pytest.raises(CaptureError, match="run the model's forward"):
         reg(latents=latents, step=0)
     with pytest.raises(ValueError, match="exactly one of"):

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .. import backends
 from .capture import Captured, CaptureError, HiddenStateCapture
 from .projector import AlignmentProjector
 from .schedule import CoefficientSchedule
@@ -35,6 +36,22 @@ def model_list(models, argument: str) -> list[nn.Module]:
 def model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def check_impl(impl: str) -> str:
+    """Validate `impl` when the regularizer is built (not at its first call, after a full forward); the
+    value is kept as given, so REPA_KERNELS_IMPL still applies at call time."""
+    backends.requested_impl(impl)
+    return impl
+
+
+def check_latents(latents: torch.Tensor | None) -> None:
+    if latents is None:
+        return
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+        got = latents.dtype if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise TypeError(f"latents must be a floating-point tensor (the clean latents in the trainer's normalised "
+                        f"space), got {got}")
 
 
 def scalar(value: float, device: torch.device) -> torch.Tensor:

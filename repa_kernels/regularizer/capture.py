@@ -264,6 +264,13 @@ class HiddenStateCapture:
                  block_key: str = "crepa_block_index", teacher_key: str = "crepa_teacher_block_index") -> None:
         if not models:
             raise ValueError("at least one model is needed")
+        if hidden_size is not None:
+            if isinstance(hidden_size, bool) or not isinstance(hidden_size, int):
+                raise TypeError(f"hidden_size must be a positive integer (the width of the block outputs), got "
+                                f"{hidden_size!r}")
+            if hidden_size <= 0:
+                raise ValueError(f"hidden_size must be a positive integer (the width of the block outputs), got "
+                                 f"{hidden_size}")
         self.models = [unwrap_model(m) for m in models]
         families = {detect_family(m).name for m in self.models}
         if len(families) > 1:

@@ -18,11 +18,12 @@ from torch import nn
 
 from ..functional import crepa_loss_with_options
 from ..options import CrepaOptions
-from .base import AlignmentRegularizerBase, load_config, model_device, model_list, scalar
+from .base import (AlignmentRegularizerBase, check_impl, check_latents, load_config, model_device, model_list,
+                   scalar)
 from .capture import HiddenStateCapture, detect_family, grid_from_latents, unwrap_model
 from .config import CrepaConfig
 from .encoder import FrozenEncoder
-from .grids import TokenGrid, align_grids, image_grid_from_aspect, mean_pool, tokens_to_grid
+from .grids import TokenGrid, align_grids, image_grid_from_aspect, mean_pool, parse_token_grid, tokens_to_grid
 from .projector import attach_projector
 from .schedule import CoefficientSchedule
 from .teacher import PixelTeacher, check_pixels, teacher_from_features
@@ -58,7 +59,7 @@ class CrepaRegularizer(AlignmentRegularizerBase):
                              "(if cfg.crepa_enabled: reg = CrepaRegularizer.from_config(...))")
         models = model_list(transformer, "transformer")
         self.config = config
-        self.impl = impl
+        self.impl = check_impl(impl)
         self.backbone = bool(config.crepa_use_backbone_features)
         self.options = CrepaOptions(config.crepa_adjacent_distance, config.crepa_adjacent_tau,
                                     config.crepa_cumulative_neighbors, config.crepa_normalize_by_frames,
@@ -136,6 +137,7 @@ class CrepaRegularizer(AlignmentRegularizerBase):
         elif len(given) != 1:
             raise ValueError(f"pass exactly one of latents=, pixels=, teacher_features= (got "
                              f"{', '.join(given) or 'none'})")
+        check_latents(latents)
         weight = self.schedule.weight(step)
         cutoff = self.schedule.cutoff_active(step)
         if self.schedule.finished(step):
@@ -181,7 +183,7 @@ class CrepaRegularizer(AlignmentRegularizerBase):
                                  "the clean latents of the batch the transformer just saw")
             grid = from_latents
         if token_grid is not None:
-            explicit = TokenGrid(*(int(v) for v in token_grid))
+            explicit = parse_token_grid(token_grid)
             if grid is not None and grid != explicit:
                 raise ValueError(f"token_grid={tuple(explicit)} disagrees with the grid {tuple(grid)} of the forward")
             grid = explicit

@@ -28,6 +28,17 @@ class TokenGrid(NamedTuple):
         return self.height * self.width
 
 
+def parse_token_grid(value) -> TokenGrid:
+    """A user-given (frames, rows, columns): exactly 3 positive integers."""
+    try:
+        items = tuple(value)
+    except TypeError:
+        items = ()
+    if len(items) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items):
+        raise ValueError(f"token_grid must be (frames, rows, columns), 3 positive integers, got {value!r}")
+    return TokenGrid(*items)
+
+
 def tokens_to_grid(tokens: torch.Tensor, grid: TokenGrid, what: str = "tokens") -> torch.Tensor:
     """(B, S, C) with S = T*H*W (frame-major, row-major) -> (B, T, H, W, C)."""
     if tokens.dim() != 3:

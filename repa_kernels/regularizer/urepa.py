@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from ..functional import urepa_loss
-from .base import AlignmentRegularizerBase, load_config, model_device, model_list, scalar
+from .base import (AlignmentRegularizerBase, check_impl, check_latents, load_config, model_device, model_list,
+                   scalar)
 from .capture import HiddenStateCapture, detect_family, unwrap_model
 from .config import UrepaConfig
 from .encoder import FrozenEncoder
-from .grids import resample_grid, tokens_to_grid
+from .grids import parse_token_grid, resample_grid, tokens_to_grid
 from .projector import attach_projector
 from .schedule import CoefficientSchedule
 from .teacher import PixelTeacher, teacher_from_features
@@ -55,7 +56,7 @@ class UrepaRegularizer(AlignmentRegularizerBase):
                              "(if cfg.urepa_enabled: reg = UrepaRegularizer.from_config(...))")
         models = model_list(unet, "unet")
         self.config = config
-        self.impl = impl
+        self.impl = check_impl(impl)
         schedule = CoefficientSchedule.from_config(config, max_train_steps=max_train_steps)
         if detect_family(unwrap_model(models[0])).kind != "unet":
             raise ValueError(f"{type(unwrap_model(models[0])).__name__} is not a UNet: U-REPA aligns a UNet mid-block; "
@@ -101,6 +102,7 @@ class UrepaRegularizer(AlignmentRegularizerBase):
         if len(given) != 1:
             raise ValueError(f"pass exactly one of latents=, pixels=, teacher_features= (got "
                              f"{', '.join(given) or 'none'})")
+        check_latents(latents)
         weight = self.schedule.weight(step)
         cutoff = self.schedule.cutoff_active(step)
         if self.schedule.finished(step):
@@ -109,7 +111,7 @@ class UrepaRegularizer(AlignmentRegularizerBase):
         captured = self._consume()
         device = self._device()
         grid = captured.grid
-        if token_grid is not None and tuple(int(v) for v in token_grid) != tuple(grid):
+        if token_grid is not None and parse_token_grid(token_grid) != grid:
             raise ValueError(f"token_grid={tuple(token_grid)} disagrees with the mid-block grid {tuple(grid)}")
         if latents is not None and latents.dim() != 4:
             raise ValueError(f"latents for a UNet must be (B, C, H, W), got shape {tuple(latents.shape)}")
