@@ -18,6 +18,7 @@
 // bf16 rows are widened into a small per-thread fp32 buffer. Each task writes its per-frame partial
 // sums into its own slot and the slots are added serially afterwards, so the result has the same
 // bits for any thread count.
+#include "module.h"  // first (it includes Python.h): PyInit__C and build_info, once for the extension
 #include "common.h"
 
 #include <ATen/Dispatch.h>

@@ -36,7 +36,10 @@
 
 namespace repa {
 
-constexpr int64_t kTileRows = 256;                // rows of a Gram tile (tiled form)
+#ifndef REPA_TILE_ROWS
+#define REPA_TILE_ROWS 256
+#endif
+constexpr int64_t kTileRows = REPA_TILE_ROWS;     // rows of a Gram tile (tiled form)
 constexpr int64_t kIdentityChunkElements = 1 << 20;  // fp64 row chunk of A (identity form): 8 MB
 constexpr double kSmallSliceWork = 1 << 25;       // multiply-adds below which a slice runs single-threaded
 

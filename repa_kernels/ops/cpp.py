@@ -36,7 +36,7 @@ JIT_NAME = "repa_kernels_cpp"
 # Compiler flags of both builds; setup.py reads these two lists from this file.
 EXTRA_CFLAGS = ["-O3", "-fopenmp"]
 EXTRA_LDFLAGS = ["-fopenmp"]
-SOURCE_FILES = ("common.h", "crepa_cosine.cpp", "manifold.cpp", "module.cpp")
+SOURCE_FILES = ("common.h", "module.h", "crepa_cosine.cpp", "manifold.cpp")
 HOW_TO_BUILD = ("build it ahead of time with `pip install --no-build-isolation -e .` (or without -e) in an "
                 "environment that has torch, a C++20 compiler and ninja; or use impl='reference'")
 
@@ -90,8 +90,8 @@ def load_extension(prebuilt: str | None = PREBUILT_MODULE, source_dirs: list[Pat
             f"({', '.join(SOURCE_FILES)}) were not found in {', '.join(str(d) for d in directories)}; "
             + HOW_TO_BUILD))
     flags = [*EXTRA_CFLAGS, "-DREPA_BUILD_KIND=jit"]
-    logger.warning("repa_kernels: compiling the C++ CPU kernels just in time from %s (first use in this "
-                   "environment; about a minute on 2 cores, cached afterwards)", sources)
+    logger.warning("repa_kernels: building the C++ CPU kernels just in time from %s (compiles on first use "
+                   "in this environment, about 20-60 s on 2 cores; cached afterwards)", sources)
     started = time.perf_counter()
     try:
         from torch.utils import cpp_extension
