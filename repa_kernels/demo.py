@@ -99,13 +99,6 @@ def _impl(name: str):
             os.environ[backends.ENV_VAR] = previous
 
 
-def _prepare_triton_interpreter(device: torch.device) -> None:
-    """The Triton kernels run on CPU tensors only in the interpreter, which must be on before triton loads."""
-    if device.type == "cpu" and "triton" not in sys.modules and not backends.triton_interpreter_enabled():
-        os.environ["TRITON_INTERPRET"] = "1"
-        print("note: --backend triton on CPU runs the Triton *interpreter* (TRITON_INTERPRET=1): correct but slow")
-
-
 def _comparison_backends(requested: str, device: torch.device) -> tuple[str, str, str | None]:
     """(training backend, fused backend, why no fused backend is available or None)."""
     training = backends.resolve(requested, device)
@@ -149,7 +142,7 @@ def _encoder(args, seed: int):
     config = AutoConfig.from_pretrained(args.encoder)
     patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
     return str(Path(args.encoder).expanduser()), ENCODER_GRID_SIDE * patch, \
-        f"DINOv2 from {args.encoder} (REAL weights, {config.hidden_size} wide), frozen"
+        f"DINOv2 with the weights in {args.encoder} (not random-init; {config.hidden_size} wide), frozen"
 
 
 def _crepa_config(args, image_size: int) -> dict:
@@ -358,8 +351,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         _check_args(args)
         device = torch.device(args.device)
-        if args.backend == "triton":
-            _prepare_triton_interpreter(device)
         with _impl(args.backend):
             training, fused, why_no_fused = _comparison_backends(args.backend, device)
     except (ValueError, backends.BackendUnavailableError) as exc:
@@ -382,7 +373,8 @@ def run(args: argparse.Namespace) -> int:
         print("repa-kernels demo: a real CREPA fine-tune of a tiny video transformer. What is random-init:")
         for line in _describe_models(args, models, encoder_label):
             print(f"  - {line}")
-        print(f"  backend: {args.backend} -> {training}" + ("" if training == fused else f" (fused: {fused})"))
+        print(f"  backend: {args.backend} -> {training} ({backends.status(training, device)[1]})"
+              + ("" if training == fused else f"; fused backend for the timing comparison: {fused}"))
 
         clips = moving_shapes(args.clips + HELD_OUT_CLIPS, CLIP_FRAMES, CLIP_SIZE, CLIP_SIZE, seed=args.seed)
         t0 = time.perf_counter()
