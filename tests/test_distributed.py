@@ -1,0 +1,112 @@
+"""Distributed training (issue 7, item 3): 2-process gloo runs on CPU via torch.multiprocessing.
+
+- DDP of a tiny Wan with CrepaRegularizer: every step's gradients equal those of a single-process run on
+  the concatenated batch, and so do the final weights.
+- The similarity-EMA cutoff fires on the same step on both ranks (the score is averaged across ranks
+  before the EMA update), although each rank's own scores would have crossed the threshold on
+  different steps; and on the same step as the single-process run.
+- After the cutoff (weight 0, nothing computed) DDP, with find_unused_parameters=False, raises no
+  unused-parameter error: the projector still gets a zero gradient.
+- FSDP2 (`fully_shard`) on CPU / gloo: the same gradients as the single-process run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from workers import ddp_worker
+
+WORLD_SIZE = 2
+THRESHOLD = 0.47   # single-process EMA: 0.39 after step 2, 0.55 after step 3 -> weight 0 from step 4 on
+
+
+MODES = ("ddp", "fsdp")
+needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return ddp_worker.single_process_run(THRESHOLD)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def distributed_runs(tmp_path_factory):
+    """{mode: [rank 0 result, rank 1 result]}: one 2-process spawn trains DDP, then FSDP2."""
+    out = tmp_path_factory.mktemp("distributed")
+    mp.spawn(ddp_worker.run, args=(WORLD_SIZE, str(out / "rendezvous"), str(out), MODES, THRESHOLD),
+             nprocs=WORLD_SIZE, join=True)
+    return {mode: [torch.load(out / f"{mode}_rank{r}.pt") for r in range(WORLD_SIZE)] for mode in MODES}
+
+
+def local_firing_step(scores, decay, threshold):
+    ema = None
+    for step, score in enumerate(scores):
+        ema = score if ema is None else decay * ema + (1 - decay) * score
+        if ema >= threshold:
+            return step + 1   # the weight is 0 from the next call on
+    return None
+
+
+def assert_grads_equal(got, want, what):
+    assert got.keys() == want.keys(), f"{what}: parameters with gradients differ: {set(got) ^ set(want)}"
+    for name in want:
+        assert torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-6), (
+            f"{what}: {name} max |diff| {(got[name] - want[name]).abs().max().item():.3e}")
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_ddp_matches_the_single_process_run_and_ranks_agree_on_the_cutoff(single_process, distributed_runs):
+    ranks = distributed_runs["ddp"]
+    steps = range(ddp_worker.STEPS)
+    cutoff = {r: [ranks[r]["records"][s]["logs"]["crepa_cutoff"].item() for s in steps] for r in range(WORLD_SIZE)}
+    truth_cutoff = [single_process["records"][s]["logs"]["crepa_cutoff"].item() for s in steps]
+    assert truth_cutoff == [0, 0, 0, 0, 1, 1], f"premise: the cutoff should fire after step 3, got {truth_cutoff}"
+    assert cutoff[0] == cutoff[1] == truth_cutoff
+
+    # Premise of the agreement check: each rank alone would have decided on another step.
+    decay = ddp_worker.CONFIG["crepa_similarity_ema_decay"]
+    local = [local_firing_step([ranks[r]["records"][s]["logs"]["crepa_alignment_score"].item() for s in range(4)],
+                               decay, THRESHOLD) for r in range(WORLD_SIZE)]
+    assert local[0] != local[1], f"the ranks' own scores cross the threshold on the same step ({local}): no test"
+    for s in range(4):
+        emas = [ranks[r]["records"][s]["logs"]["crepa_alignment_score_ema"].item() for r in range(WORLD_SIZE)]
+        truth = single_process["records"][s]["logs"]["crepa_alignment_score_ema"].item()
+        assert emas[0] == emas[1] and math.isclose(emas[0], truth, rel_tol=1e-5, abs_tol=1e-6), (s, emas, truth)
+    assert ranks[0]["schedule"] == ranks[1]["schedule"] and ranks[0]["schedule"]["permanent_cutoff_fired"]
+
+    for s in steps:
+        truth = single_process["records"][s]["grads"]
+        for r in range(WORLD_SIZE):
+            assert_grads_equal(ranks[r]["records"][s]["grads"], truth, f"rank {r} step {s}")
+        projector = {n: g for n, g in ranks[0]["records"][s]["grads"].items() if "crepa_projector" in n}
+        assert projector, f"step {s}: the projector got no gradient (DDP would see unused parameters)"
+        if truth_cutoff[s]:
+            assert all(torch.count_nonzero(g) == 0 for g in projector.values())
+    for r in range(WORLD_SIZE):
+        for name, value in single_process["weights"].items():
+            assert torch.allclose(ranks[r]["weights"][name], value, rtol=1e-4, atol=1e-5), (r, name)
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_fsdp2_on_cpu_matches_the_single_process_run(single_process, distributed_runs):
+    ranks = distributed_runs["fsdp"]
+    assert [ranks[r]["records"][s]["logs"]["crepa_cutoff"].item() for r in range(WORLD_SIZE)
+            for s in range(ddp_worker.STEPS)] == [0, 0, 0, 0, 1, 1] * WORLD_SIZE
+    for s in range(ddp_worker.STEPS):
+        for r in range(WORLD_SIZE):
+            assert_grads_equal(ranks[r]["records"][s]["grads"], single_process["records"][s]["grads"], f"rank {r} step {s}")
+    for name, value in single_process["weights"].items():
+        assert torch.allclose(ranks[0]["weights"][name], value, rtol=1e-4, atol=1e-5), name
