@@ -67,12 +67,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
     parser.add_argument("--timing-repeats", type=int, default=5,
                         help="timed steps per backend in the fused-vs-reference comparison; 0 skips it (default 5)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op CPU threads (default 1: the tiny models gain little from more, and on a "
+                             "busy machine extra threads stall each other)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (the per-step lines stay)")
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name, minimum in (("steps", 1), ("batch_size", 1), ("clips", 1), ("timing_repeats", 0)):
+    for name, minimum in (("steps", 1), ("batch_size", 1), ("clips", 1), ("timing_repeats", 0), ("threads", 1)):
         value = getattr(args, name)
         if value < minimum:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
@@ -347,13 +350,26 @@ def _mean(rows: list[dict], key: str, part: slice) -> float | None:
 # ----------------------------------------------------------------------------------------------- main
 
 def run(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
     try:
         _check_args(args)
+    except ValueError as exc:
+        print(f"repa-kernels demo: error: {exc}", file=sys.stderr)
+        return 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    try:
         device = torch.device(args.device)
         with _impl(args.backend):
             training, fused, why_no_fused = _comparison_backends(args.backend, device)
-    except (ValueError, backends.BackendUnavailableError) as exc:
+    except (ValueError, RuntimeError) as exc:   # a bad --device, or BackendUnavailableError
         print(f"repa-kernels demo: error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -374,7 +390,8 @@ def run(args: argparse.Namespace) -> int:
         for line in _describe_models(args, models, encoder_label):
             print(f"  - {line}")
         print(f"  backend: {args.backend} -> {training} ({backends.status(training, device)[1]})"
-              + ("" if training == fused else f"; fused backend for the timing comparison: {fused}"))
+              + ("" if training == fused else f"; fused backend for the timing comparison: {fused}")
+              + f"; {args.threads} CPU thread{'s' if args.threads > 1 else ''}")
 
         clips = moving_shapes(args.clips + HELD_OUT_CLIPS, CLIP_FRAMES, CLIP_SIZE, CLIP_SIZE, seed=args.seed)
         t0 = time.perf_counter()

@@ -92,11 +92,29 @@ def test_demo_ltx_backbone_mode_on_reference(tmp_path, capsys):
     assert len(_read_csv(out / "metrics.csv")) == 2
 
 
+@pytest.mark.slow
+def test_demo_loads_encoder_weights_from_a_local_directory(tmp_path, capsys):
+    from transformers import Dinov2Config, Dinov2Model
+    torch.manual_seed(0)
+    weights = tmp_path / "dinov2"
+    Dinov2Model(Dinov2Config(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, mlp_ratio=2, image_size=84,
+                             patch_size=14)).save_pretrained(weights, safe_serialization=True)
+    out = tmp_path / "out"
+    code = demo.main(["--encoder", str(weights), "--steps", "2", "--clips", "2", "--timing-repeats", "0",
+                      "--out", str(out), "--no-progress"])
+    assert code == 0
+    assert f"DINOv2 with the weights in {weights} (not random-init; 24 wide)" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["encoder"] == str(weights) and summary["random_init"] == ["transformer", "vae"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--encoder", "/no/such/dinov2"], "--encoder /no/such/dinov2: no such directory"),
     (["--backbone", "--encoder", "."], "--encoder and --backbone exclude each other"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--device", "nonsense"], "nonsense"),
 ])
 def test_demo_refuses_bad_options(tmp_path, capsys, argv, message):
     assert demo.main(argv + ["--out", str(tmp_path)]) == 2

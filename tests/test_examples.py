@@ -18,6 +18,16 @@ UREPA_KEYS = ("urepa_loss", "urepa_alignment_loss", "urepa_manifold_loss", "urep
               "urepa_cutoff")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny models gain nothing from intra-op threads, and on a shared CI machine extra threads stall."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
