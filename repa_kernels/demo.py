@@ -342,6 +342,17 @@ def write_plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _loss_token_shape(args, latents: torch.Tensor, width: int) -> tuple[int, int, int, int]:
+    """(B, T, N, D) of the loss call in a training step: the student grid (Wan patches 2x2, LTX 1x1),
+    resampled down to the encoder's ENCODER_GRID_SIDE^2 patches when that grid is smaller (SPEC §3)."""
+    from .demo_models import ENCODER_GRID_SIDE
+    patch = 2 if args.model == "wan" else 1
+    tokens = (latents.shape[3] // patch) * (latents.shape[4] // patch)
+    if not args.backbone:
+        tokens = min(tokens, ENCODER_GRID_SIDE ** 2)
+    return args.batch_size, latents.shape[2], tokens, width
+
+
 def _mean(rows: list[dict], key: str, part: slice) -> float | None:
     values = [r[key] for r in rows[part] if key in r]
     return sum(values) / len(values) if values else None
@@ -415,11 +426,7 @@ def _run(args: argparse.Namespace) -> int:
         rows = train(args, models, reg, optimizer, caption, batches, out / "metrics.csv")
         after = evaluate(models, reg, caption, held_out, args.seed)
 
-    grid_frames, grid_h, grid_w = latents.shape[2], latents.shape[3], latents.shape[4]
-    if args.model == "wan":
-        grid_h, grid_w = grid_h // 2, grid_w // 2
-    width = reg.projector.out_features
-    token_shape = (args.batch_size, grid_frames, grid_h * grid_w, width)
+    token_shape = _loss_token_shape(args, latents, reg.projector.out_features)
     timing = None
     if args.timing_repeats:
         print(f"timing {args.timing_repeats} steps per backend (forward + CREPA + backward) ...")
@@ -457,6 +464,8 @@ def _print_summary(summary: dict, out: Path) -> None:
     print(f"  training, mean of the first vs last {first['steps']} steps: flow-matching loss "
           f"{first['diffusion_loss']:.4f} -> {last['diffusion_loss']:.4f}, alignment score "
           f"{first['alignment_score']:.4f} -> {last['alignment_score']:.4f}")
+    print("  (the alignment score counts each frame's neighbour terms too, so it can exceed 1: up to 1 + 2/e ~ 1.74 "
+          "here; crepa_normalize_neighbour_sum keeps it in [-1, 1])")
     timing = summary["timing"]
     if timing:
         ref_step, ref_loss = timing["step_ms_reference"], timing["loss_ms_reference"]
