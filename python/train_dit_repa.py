@@ -70,7 +70,8 @@ def build_models(family: str, seed: int):
         from diffusers import PixArtTransformer2DModel
         # REAL MODEL:
         #   repo = "PixArt-alpha/PixArt-Sigma-XL-2-512-MS"
-        #   transformer = PixArtTransformer2DModel.from_pretrained(repo, subfolder="transformer", torch_dtype=torch.bfloat16)
+        #   transformer = PixArtTransformer2DModel.from_pretrained(
+        #       repo, subfolder="transformer", torch_dtype=torch.bfloat16)
         #   vae = AutoencoderKL.from_pretrained(repo, subfolder="vae")
         transformer = PixArtTransformer2DModel(
             num_attention_heads=2, attention_head_dim=16, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
@@ -79,7 +80,8 @@ def build_models(family: str, seed: int):
         from diffusers import SD3Transformer2DModel
         # REAL MODEL:
         #   repo = "stabilityai/stable-diffusion-3.5-medium"
-        #   transformer = SD3Transformer2DModel.from_pretrained(repo, subfolder="transformer", torch_dtype=torch.bfloat16)
+        #   transformer = SD3Transformer2DModel.from_pretrained(
+        #       repo, subfolder="transformer", torch_dtype=torch.bfloat16)
         #   vae = AutoencoderKL.from_pretrained(repo, subfolder="vae")
         transformer = SD3Transformer2DModel(
             sample_size=IMAGE_SIZE // 2, patch_size=2, in_channels=LATENT_CHANNELS, num_layers=4, attention_head_dim=16,
@@ -89,7 +91,8 @@ def build_models(family: str, seed: int):
         from diffusers import FluxTransformer2DModel
         # REAL MODEL:
         #   repo = "black-forest-labs/FLUX.1-dev"
-        #   transformer = FluxTransformer2DModel.from_pretrained(repo, subfolder="transformer", torch_dtype=torch.bfloat16)
+        #   transformer = FluxTransformer2DModel.from_pretrained(
+        #       repo, subfolder="transformer", torch_dtype=torch.bfloat16)
         #   vae = AutoencoderKL.from_pretrained(repo, subfolder="vae")
         #   (crepa_block_index counts the 19 double blocks first, then the 38 single blocks)
         transformer = FluxTransformer2DModel(

@@ -67,7 +67,8 @@ def build_models(family: str, seed: int):
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         # REAL MODEL:
         #   repo = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
-        #   transformer = WanTransformer3DModel.from_pretrained(repo, subfolder="transformer", torch_dtype=torch.bfloat16)
+        #   transformer = WanTransformer3DModel.from_pretrained(
+        #       repo, subfolder="transformer", torch_dtype=torch.bfloat16)
         #   vae = AutoencoderKLWan.from_pretrained(repo, subfolder="vae", torch_dtype=torch.float32)
         #   (Wan 2.2 A14B has two experts, transformer and transformer_2: pass both,
         #    CrepaRegularizer.from_config(cfg, transformer=[transformer, transformer_2], ...), one shared projector)
@@ -82,13 +83,16 @@ def build_models(family: str, seed: int):
         from diffusers import AutoencoderKLLTXVideo, LTXVideoTransformer3DModel
         # REAL MODEL:
         #   repo = "Lightricks/LTX-Video"
-        #   transformer = LTXVideoTransformer3DModel.from_pretrained(repo, subfolder="transformer", torch_dtype=torch.bfloat16)
+        #   transformer = LTXVideoTransformer3DModel.from_pretrained(
+        #       repo, subfolder="transformer", torch_dtype=torch.bfloat16)
         #   vae = AutoencoderKLLTXVideo.from_pretrained(repo, subfolder="vae", torch_dtype=torch.float32)
         transformer = LTXVideoTransformer3DModel(
             in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, patch_size=1, patch_size_t=1,
-            num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32, num_layers=4, caption_channels=TEXT_DIM)
+            num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32, num_layers=4,
+            caption_channels=TEXT_DIM)
         vae = AutoencoderKLLTXVideo(
-            latent_channels=LATENT_CHANNELS, block_out_channels=(8, 8, 8), down_block_types=("LTXVideoDownBlock3D",) * 3,
+            latent_channels=LATENT_CHANNELS, block_out_channels=(8, 8, 8),
+            down_block_types=("LTXVideoDownBlock3D",) * 3,
             decoder_block_out_channels=(8, 8, 8), layers_per_block=(1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
             spatio_temporal_scaling=(True, False, False), decoder_spatio_temporal_scaling=(True, False, False),
             decoder_inject_noise=(False,) * 4, downsample_type=("conv",) * 3, upsample_residual=(False,) * 3,

@@ -123,7 +123,8 @@ def caption_embedding(batch: int, seed: int) -> torch.Tensor:
     return torch.randn(1, TEXT_TOKENS, TEXT_DIM, generator=generator).expand(batch, -1, -1)
 
 
-def predict_velocity(models: VideoModels, noisy: torch.Tensor, sigmas: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
+def predict_velocity(models: VideoModels, noisy: torch.Tensor, sigmas: torch.Tensor,
+                     caption: torch.Tensor) -> torch.Tensor:
     """One transformer forward on unpacked latents (B, C, F, H, W) at noise levels sigmas (B,) in [0, 1],
     called the way the family's diffusers pipeline calls it (timestep = 1000 * sigma); returns the
     prediction in the same unpacked layout."""
