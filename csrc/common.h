@@ -126,6 +126,18 @@ inline void combine_into(T* out, const T* x, T alpha, const T* y, T beta, int64_
   for (int64_t i = 0; i < n; ++i) out[i] = alpha * x[i] + beta * y[i];
 }
 
+// Ask for a row ahead of its use (rw = 1: it will be written). One prefetch per 64-byte line.
+inline void prefetch_row(const void* row, int64_t bytes, bool for_write = false) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t offset = 0; offset < bytes; offset += 64) {
+    if (for_write) {
+      __builtin_prefetch(p + offset, 1, 2);
+    } else {
+      __builtin_prefetch(p + offset, 0, 2);
+    }
+  }
+}
+
 template <typename S, typename T>
 inline void convert_row(T* out, const S* in, int64_t n) {
 #pragma omp simd

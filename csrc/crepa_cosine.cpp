@@ -90,7 +90,16 @@ REPA_SIMD_CLONES void crepa_token_block(const CrepaProblem<scalar_t>& p, int64_t
   constexpr bool widen = !std::is_same_v<scalar_t, acc_t>;
   const FramePairs& pairs = *p.pairs;
   const int64_t T = p.frames, D = p.width, P = static_cast<int64_t>(pairs.weight.size());
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t n = n0; n < n1; ++n) {
+    // The token's rows sit in 2T (up to 4T) separate streams that the hardware prefetcher does not
+    // follow well: fetch the next token's rows while this one is computed.
+    if (n + 1 < p.tokens) {
+      for (int64_t f = 0; f < T; ++f) {
+        prefetch_row(p.z + b * p.z_strides[0] + f * p.z_strides[1] + (n + 1) * p.z_strides[2], row_bytes);
+        prefetch_row(p.y + b * p.y_strides[0] + f * p.y_strides[1] + (n + 1) * p.y_strides[2], row_bytes);
+      }
+    }
     for (int64_t f = 0; f < T; ++f) {
       const scalar_t* z_src = p.z + b * p.z_strides[0] + f * p.z_strides[1] + n * p.z_strides[2];
       const scalar_t* y_src = p.y + b * p.y_strides[0] + f * p.y_strides[1] + n * p.y_strides[2];
