@@ -87,7 +87,6 @@ def requested_impl(impl: str) -> str:
     return impl
 
 
-@torch.compiler.assume_constant_result
 def resolve(impl: str, device: torch.device) -> str:
     """The backend that runs for `impl` on `device`: auto picks triton on CUDA, cpp on CPU, else reference.
 
@@ -111,6 +110,12 @@ def resolve(impl: str, device: torch.device) -> str:
     _warn_once(f"auto-{device.type}", f"repa_kernels: impl='auto' falls back to the reference path on "
                                       f"{device.type} because {preferred} is unavailable: {reason}")
     return "reference"
+
+
+# What torch.compiler.assume_constant_result(resolve) does, without importing torch._dynamo (and with it
+# triton) at package import: ~3 s, and triton would read TRITON_INTERPRET before a caller could set it.
+# tests/test_reliability_compile.py fails if a torch release stops honouring the flag.
+resolve._dynamo_marked_constant = True
 
 
 class BackendOps(NamedTuple):
