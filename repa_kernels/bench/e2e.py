@@ -7,7 +7,8 @@ Configurations, each a full optimizer step (flow-matching loss [+ CREPA], backwa
 each CREPA configuration once with the reference loss and once with the fused backend `impl="auto"`
 picks on the device (cpp on CPU, triton on CUDA), when that is not the reference itself.
 
-Figures: step time (median, p20, p80 over `steps` timed steps after `warmup`), peak memory of a step
+Figures: step time (median, p20, p80 over `steps` timed steps after `warmup`; also the process's CPU
+time per step, steadier than wall time on a shared machine), peak memory of a step
 above the state before it (models, optimizer state, inputs) and in total, and frames encoded per step,
 which must equal batch x latent frames in encoder mode (the teacher encodes one decoded frame per
 latent frame) and 0 otherwise. On CPU each configuration runs in its own subprocess and memory is
@@ -26,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +97,7 @@ class E2EResult:
     status: str = "ok"
     reason: str = ""
     samples_ms: list[float] = field(default_factory=list)
+    cpu_samples_ms: list[float] = field(default_factory=list)  # process CPU time (all threads) per step
     peak_step_extra_bytes: int | None = None
     peak_total_bytes: int | None = None
     memory_method: str = ""
@@ -169,11 +172,13 @@ def run_configuration(preset: E2EPreset, configuration: str, impl: str, device: 
     probe = measure.memory_probe(device, isolated)
     frames_before = regularizer.frames_encoded if regularizer is not None else 0
     probe.start()
-    samples = []
+    samples, cpu_samples = [], []
     for index in range(warmup, warmup + steps):
+        cpu_start = time.process_time()
         timer.start()
         step(index)
         samples.append(timer.stop())
+        cpu_samples.append((time.process_time() - cpu_start) * 1e3)
     peak_extra = probe.stop()
     frames = (regularizer.frames_encoded if regularizer is not None else 0) - frames_before
     if device.type == "cuda":
@@ -183,6 +188,7 @@ def run_configuration(preset: E2EPreset, configuration: str, impl: str, device: 
     else:
         total = None
     return E2EResult(configuration, impl if regularizer is not None else "", backend, samples_ms=samples,
+                     cpu_samples_ms=cpu_samples,
                      peak_step_extra_bytes=peak_extra, peak_total_bytes=total, memory_method=probe.method,
                      frames_encoded_per_step=frames / steps, last_crepa_loss=last_loss[0])
 
@@ -242,7 +248,7 @@ def run_all(preset: E2EPreset, device: torch.device, *, steps: int, warmup: int,
 
 E2E_COLUMNS = [
     "preset", "configuration", "impl", "backend", "status", "reason", "steps", "median_ms", "p20_ms", "p80_ms",
-    "step_time_vs_baseline", "peak_step_extra_mb", "peak_total_mb", "memory_method", "frames_encoded_per_step",
+    "step_time_vs_baseline", "median_cpu_ms", "cpu_time_vs_baseline", "peak_step_extra_mb", "peak_total_mb", "memory_method", "frames_encoded_per_step",
     "latent_frames_per_step", "last_crepa_loss", "latent_shape",
     "device", "device_name", "threads", "torch_version", "triton_version", "package_version", "timestamp", "notes",
 ]
@@ -251,15 +257,18 @@ E2E_COLUMNS = [
 def result_rows(preset: E2EPreset, results: list[E2EResult], context: dict) -> list[dict]:
     baseline = next((r for r in results if r.configuration == "baseline" and r.samples_ms), None)
     baseline_ms = statistics.median(baseline.samples_ms) if baseline else None
+    baseline_cpu_ms = statistics.median(baseline.cpu_samples_ms) if baseline else None
     rows = []
     for r in results:
         median = statistics.median(r.samples_ms) if r.samples_ms else None
+        cpu = statistics.median(r.cpu_samples_ms) if r.cpu_samples_ms else None
         rows.append({
             "preset": preset.name, "configuration": r.configuration, "impl": r.impl, "backend": r.backend,
             "status": r.status, "reason": r.reason, "steps": len(r.samples_ms), "median_ms": median,
             "p20_ms": measure.percentile(r.samples_ms, 20) if r.samples_ms else None,
             "p80_ms": measure.percentile(r.samples_ms, 80) if r.samples_ms else None,
             "step_time_vs_baseline": median / baseline_ms if median and baseline_ms else None,
+            "median_cpu_ms": cpu, "cpu_time_vs_baseline": cpu / baseline_cpu_ms if cpu and baseline_cpu_ms else None,
             "peak_step_extra_mb": None if r.peak_step_extra_bytes is None else r.peak_step_extra_bytes / 2**20,
             "peak_total_mb": None if r.peak_total_bytes is None else r.peak_total_bytes / 2**20,
             "memory_method": r.memory_method, "frames_encoded_per_step": r.frames_encoded_per_step,
@@ -271,18 +280,20 @@ def result_rows(preset: E2EPreset, results: list[E2EResult], context: dict) -> l
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = ["configuration", "impl", "median ms", "p20-p80 ms", "x baseline", "step peak MB", "total MB",
-              "frames/step"]
+    header = ["configuration", "impl", "median ms", "p20-p80 ms", "x baseline", "CPU ms", "x baseline",
+              "step peak MB", "total MB", "frames/step"]
     lines = []
     for row in rows:
         if row["status"] != "ok":
-            lines.append([row["configuration"], row["impl"], row["status"], row["reason"][:60], "", "", "", ""])
+            lines.append([row["configuration"], row["impl"], row["status"], row["reason"][:60]] + [""] * 6)
             continue
         ratio = "" if row["step_time_vs_baseline"] is None else f"{row['step_time_vs_baseline']:.2f}"
         total = "" if row["peak_total_mb"] is None else f"{row['peak_total_mb']:.0f}"
         extra = "" if row["peak_step_extra_mb"] is None else f"{row['peak_step_extra_mb']:.1f}"
+        cpu = "" if row["median_cpu_ms"] is None else f"{row['median_cpu_ms']:.1f}"
+        cpu_ratio = "" if row["cpu_time_vs_baseline"] is None else f"{row['cpu_time_vs_baseline']:.2f}"
         lines.append([row["configuration"], row["impl"], f"{row['median_ms']:.1f}",
-                      f"{row['p20_ms']:.1f}-{row['p80_ms']:.1f}", ratio, extra, total,
+                      f"{row['p20_ms']:.1f}-{row['p80_ms']:.1f}", ratio, cpu, cpu_ratio, extra, total,
                       f"{row['frames_encoded_per_step']:g} (expect {row['latent_frames_per_step']})"])
     widths = [max(len(str(item)) for item in column) for column in zip(header, *lines)]
     out = ["  ".join(str(item).ljust(width) for item, width in zip(header, widths)),
