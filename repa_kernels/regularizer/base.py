@@ -54,6 +54,12 @@ def check_latents(latents: torch.Tensor | None) -> None:
                         f"space), got {got}")
 
 
+def check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
 def scalar(value: float, device: torch.device) -> torch.Tensor:
     """A detached float32 log value on `device` (a host-to-device copy, never a device read)."""
     return torch.tensor(float(value), dtype=torch.float32, device=device)
@@ -124,6 +130,15 @@ class AlignmentRegularizerBase(nn.Module):
                 "(use_reentrant=True) hid the gradient. Use non-reentrant checkpointing (diffusers' default) and "
                 "run the training forward with gradients enabled")
         return captured
+
+    def _require_finite(self, step: int, **tensors: torch.Tensor | None) -> None:
+        """With check_finite=True, raise on NaN/Inf in any given tensor (one host sync per tensor);
+        otherwise non-finite values propagate to the loss and stay out of the similarity EMA."""
+        if not self.check_finite:
+            return
+        for name, tensor in tensors.items():
+            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                raise FloatingPointError(f"{name} contains NaN or Inf at step {step} (check_finite=True)")
 
     def _device(self) -> torch.device:
         return self.projector.linear.weight.device

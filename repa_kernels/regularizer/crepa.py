@@ -18,8 +18,8 @@ from torch import nn
 
 from ..functional import crepa_loss_with_options
 from ..options import CrepaOptions
-from .base import (AlignmentRegularizerBase, check_impl, check_latents, load_config, model_device, model_list,
-                   scalar)
+from .base import (AlignmentRegularizerBase, check_flag, check_impl, check_latents, load_config, model_device,
+                   model_list, scalar)
 from .capture import HiddenStateCapture, detect_family, grid_from_latents, unwrap_model
 from .config import CrepaConfig
 from .encoder import FrozenEncoder
@@ -49,7 +49,7 @@ class CrepaRegularizer(AlignmentRegularizerBase):
 
     def __init__(self, config: CrepaConfig, *, transformer, vae=None, encoder: str | nn.Module | None = None,
                  tae=None, denormalize: Denormalize | None = None, max_train_steps: int | None = None,
-                 hidden_size: int | None = None, impl: str = "auto") -> None:
+                 hidden_size: int | None = None, impl: str = "auto", check_finite: bool = False) -> None:
         super().__init__()
         if not isinstance(config, CrepaConfig):
             raise TypeError(f"config must be a CrepaConfig (use CrepaRegularizer.from_config for dicts and JSON "
@@ -60,6 +60,7 @@ class CrepaRegularizer(AlignmentRegularizerBase):
         models = model_list(transformer, "transformer")
         self.config = config
         self.impl = check_impl(impl)
+        self.check_finite = check_flag("check_finite", check_finite)
         self.backbone = bool(config.crepa_use_backbone_features)
         self.options = CrepaOptions(config.crepa_adjacent_distance, config.crepa_adjacent_tau,
                                     config.crepa_cumulative_neighbors, config.crepa_normalize_by_frames,
@@ -102,7 +103,8 @@ class CrepaRegularizer(AlignmentRegularizerBase):
     @classmethod
     def from_config(cls, cfg, *, transformer, vae=None, encoder: str | nn.Module | None = None, tae=None,
                     denormalize: Denormalize | None = None, max_train_steps: int | None = None,
-                    hidden_size: int | None = None, impl: str = "auto") -> "CrepaRegularizer":
+                    hidden_size: int | None = None, impl: str = "auto",
+                    check_finite: bool = False) -> "CrepaRegularizer":
         """cfg: a CrepaConfig, a dict (a whole trainer config is fine) or a JSON file path.
 
         transformer: the diffusers transformer, or a list of transformers sharing one projector.
@@ -110,10 +112,13 @@ class CrepaRegularizer(AlignmentRegularizerBase):
         hub id, local path or a Dinov2 module); tae: tiny decoder for `crepa_use_tae`; denormalize: latent
         denormalisation for VAE classes without a known rule; max_train_steps: total steps (wins over the
         config's); hidden_size: width of the block outputs when the model config does not give it;
-        impl: kernel backend ("auto", "triton", "cpp", "reference").
+        impl: kernel backend ("auto", "triton", "cpp", "reference"); check_finite: raise FloatingPointError
+        on NaN/Inf in the inputs, the captured hidden states or the teacher tokens (one host sync each;
+        off by default, when non-finite values propagate to the loss and stay out of the EMA).
         """
         return cls(load_config(cfg, CrepaConfig), transformer=transformer, vae=vae, encoder=encoder, tae=tae,
-                   denormalize=denormalize, max_train_steps=max_train_steps, hidden_size=hidden_size, impl=impl)
+                   denormalize=denormalize, max_train_steps=max_train_steps, hidden_size=hidden_size, impl=impl,
+                   check_finite=check_finite)
 
     # ------------------------------------------------------------------ forward
 
@@ -138,6 +143,7 @@ class CrepaRegularizer(AlignmentRegularizerBase):
             raise ValueError(f"pass exactly one of latents=, pixels=, teacher_features= (got "
                              f"{', '.join(given) or 'none'})")
         check_latents(latents)
+        self._require_finite(step, latents=latents, pixels=pixels, teacher_features=teacher_features)
         weight = self.schedule.weight(step)
         cutoff = self.schedule.cutoff_active(step)
         if self.schedule.finished(step):
@@ -150,6 +156,7 @@ class CrepaRegularizer(AlignmentRegularizerBase):
             student = student[:, :grid.tokens]   # Flux Kontext appends reference-image tokens after the target's
         z = self.live_projector(captured.model)(tokens_to_grid(student, grid, "captured hidden states"))
         y = self._teacher_tokens(captured, grid, latents, pixels, teacher_features)
+        self._require_finite(step, **{"the captured hidden states": student, "the teacher tokens": y})
         if y.shape[0] != z.shape[0]:
             raise ValueError(f"the teacher has batch size {y.shape[0]} but the captured hidden states have "
                              f"{z.shape[0]}: pass the latents / pixels of the same batch as the forward")

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ..functional import urepa_loss
-from .base import (AlignmentRegularizerBase, check_impl, check_latents, load_config, model_device, model_list,
-                   scalar)
+from .base import (AlignmentRegularizerBase, check_flag, check_impl, check_latents, load_config, model_device,
+                   model_list, scalar)
 from .capture import HiddenStateCapture, detect_family, unwrap_model
 from .config import UrepaConfig
 from .encoder import FrozenEncoder
@@ -46,7 +46,8 @@ class UrepaRegularizer(AlignmentRegularizerBase):
 
     def __init__(self, config: UrepaConfig, *, unet, vae=None, encoder: str | nn.Module | None = None, tae=None,
                  denormalize: Denormalize | None = None, max_train_steps: int | None = None,
-                 hidden_size: int | None = None, encoder_dtype: str = "float32", impl: str = "auto") -> None:
+                 hidden_size: int | None = None, encoder_dtype: str = "float32", impl: str = "auto",
+                 check_finite: bool = False) -> None:
         super().__init__()
         if not isinstance(config, UrepaConfig):
             raise TypeError(f"config must be a UrepaConfig (use UrepaRegularizer.from_config for dicts and JSON "
@@ -57,6 +58,7 @@ class UrepaRegularizer(AlignmentRegularizerBase):
         models = model_list(unet, "unet")
         self.config = config
         self.impl = check_impl(impl)
+        self.check_finite = check_flag("check_finite", check_finite)
         schedule = CoefficientSchedule.from_config(config, max_train_steps=max_train_steps)
         if detect_family(unwrap_model(models[0])).kind != "unet":
             raise ValueError(f"{type(unwrap_model(models[0])).__name__} is not a UNet: U-REPA aligns a UNet mid-block; "
@@ -81,12 +83,12 @@ class UrepaRegularizer(AlignmentRegularizerBase):
     def from_config(cls, cfg, *, unet, vae=None, encoder: str | nn.Module | None = None, tae=None,
                     denormalize: Denormalize | None = None, max_train_steps: int | None = None,
                     hidden_size: int | None = None, encoder_dtype: str = "float32",
-                    impl: str = "auto") -> "UrepaRegularizer":
+                    impl: str = "auto", check_finite: bool = False) -> "UrepaRegularizer":
         """cfg: a UrepaConfig, a dict (a whole trainer config is fine) or a JSON file path; the other
         arguments as in `CrepaRegularizer.from_config` (encoder overrides `urepa_model`)."""
         return cls(load_config(cfg, UrepaConfig), unet=unet, vae=vae, encoder=encoder, tae=tae,
                    denormalize=denormalize, max_train_steps=max_train_steps, hidden_size=hidden_size,
-                   encoder_dtype=encoder_dtype, impl=impl)
+                   encoder_dtype=encoder_dtype, impl=impl, check_finite=check_finite)
 
     def forward(self, latents: torch.Tensor | None = None, *, step: int, pixels: torch.Tensor | None = None,
                 teacher_features: torch.Tensor | None = None,
@@ -103,6 +105,7 @@ class UrepaRegularizer(AlignmentRegularizerBase):
             raise ValueError(f"pass exactly one of latents=, pixels=, teacher_features= (got "
                              f"{', '.join(given) or 'none'})")
         check_latents(latents)
+        self._require_finite(step, latents=latents, pixels=pixels, teacher_features=teacher_features)
         weight = self.schedule.weight(step)
         cutoff = self.schedule.cutoff_active(step)
         if self.schedule.finished(step):
@@ -126,6 +129,7 @@ class UrepaRegularizer(AlignmentRegularizerBase):
         if y.shape[0] != z.shape[0]:
             raise ValueError(f"the teacher has batch size {y.shape[0]} but the captured hidden states have "
                              f"{z.shape[0]}: pass the latents / pixels of the same batch as the forward")
+        self._require_finite(step, **{"the captured hidden states": captured.student, "the teacher tokens": y})
         z = resample_grid(z, tuple(y.shape[2:4]))      # project first, then upsample to the encoder grid
         result = urepa_loss(z.flatten(2, 3), y.flatten(2, 3).to(z.dtype),
                             manifold_weight=self.config.urepa_manifold_weight, impl=self.impl)
