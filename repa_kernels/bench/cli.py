@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None,
                         help="file name prefix (default: <device>-<model>, e.g. cpu-amd-epyc)")
     parser.add_argument("--notes", default="", help="free text added to the CSV's notes column")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="CPU threads for torch (and OMP_NUM_THREADS of the worker processes); default: "
+                             "torch's. On a small shared machine --threads 1 steadies tiny models")
     parser.add_argument("--list", action="store_true", help="list the workloads and exit")
     parser.add_argument("--e2e", action="store_true",
                         help="instead of the kernel workloads, time training steps of a diffusers Wan transformer "
@@ -71,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("repa-kernels bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by the worker subprocesses' torch
+        torch.set_num_threads(args.threads)
     context = run_context(device, args.notes)
     prefix = args.out / (args.name or file_prefix(device, context["device_name"]))
     if args.e2e:
