@@ -4,7 +4,8 @@
   range, unknown keys, wrong value types and ranges, unsupported model families, bad constructor
   arguments, bad call arguments (step, latents, pixels, teacher_features, token_grid). Each is an error
   naming what is wrong, or a documented result.
-- Non-finite inputs: NaN/Inf propagate to the loss (documented) and are kept out of the similarity EMA.
+- Non-finite inputs: NaN/Inf propagate to the loss (documented) and are kept out of the similarity EMA;
+  the opt-in `check_finite=True` raises FloatingPointError naming the tensor and the step.
 - Gradient checkpointing: non-reentrant gives the same loss and gradients as none; reentrant is refused
   where it would hide the gradient (DiT blocks) and harmless where it does not (UNet mid-block).
 - Memory hygiene: after `reg(...)` and backward nothing captured (hidden states, projector output,
@@ -263,25 +264,44 @@ def test_non_finite_inputs_give_a_nan_loss_and_stay_out_of_the_ema(where, value)
     assert reg.schedule.ema == ema and logs["crepa_alignment_score_ema"] == ema
 
 
-def test_opt_in_finite_check():
-    """issue 7: 'the regularizer offers an opt-in finite check'. Not offered by the facade yet."""
-    import inspect
-    parameters = set(inspect.signature(CrepaRegularizer.from_config).parameters) | set(
-        inspect.signature(CrepaRegularizer.forward).parameters)
-    offered = parameters & {"check_finite", "finite_check", "check_inputs"}
-    if not offered:
-        pytest.xfail("repa_kernels/regularizer/crepa.py, urepa.py: no opt-in finite check (issue 7 item 1); "
-                     "proposed: from_config(..., check_finite=False); when True, forward raises "
-                     "FloatingPointError naming the tensor (latents / pixels / teacher_features / captured hidden "
-                     "states / projector output) and the step when one is not finite (one host sync, opt-in)")
-    name = offered.pop()
-    where = "from_config" if name in inspect.signature(CrepaRegularizer.from_config).parameters else "forward"
-    reg, transformer = crepa(**({name: True} if where == "from_config" else {}))
-    bad = features().clone()
-    bad[0, 0, 0, 0] = math.nan
-    tm.tiny_forward(transformer, latents())
-    with pytest.raises((FloatingPointError, ValueError), match="teacher_features"):
-        reg(teacher_features=bad, step=0, **({name: True} if where == "forward" else {}))
+def _nan_at(tensor, index=7):
+    tensor = tensor.clone()
+    tensor.view(-1)[index] = math.nan
+    return tensor
+
+
+@pytest.mark.parametrize("where", ["teacher_features", "latents", "pixels", "hidden_states", "urepa_teacher_features"])
+def test_opt_in_finite_check_names_the_tensor_and_the_step(where):
+    """issue 7: the regularizer offers an opt-in finite check (check_finite=True, one host sync per tensor)."""
+    if where == "urepa_teacher_features":
+        model = tm.tiny_unet().train()
+        reg = UrepaRegularizer.from_config(UREPA, unet=model, encoder=tm.tiny_dinov2(), max_train_steps=100,
+                                           check_finite=True)
+        tm.tiny_forward(model, randn(2, 4, 8, 8, seed=8))
+        call, name = dict(teacher_features=_nan_at(randn(2, 16, 16, seed=9))), "teacher_features"
+    else:
+        reg, model = crepa(check_finite=True)
+        lat = latents()
+        if where == "hidden_states":
+            with torch.no_grad():
+                model.blocks[0].ffn.net[0].proj.weight[0, 0] = math.nan   # a diverged block before the captured one
+        tm.tiny_forward(model, lat)
+        call = {"teacher_features": dict(teacher_features=_nan_at(features())), "latents": dict(latents=_nan_at(lat)),
+                "pixels": dict(pixels=_nan_at(torch.rand(2, 5, 3, 16, 24))),
+                "hidden_states": dict(teacher_features=features())}[where]
+        name = "captured hidden states" if where == "hidden_states" else where
+    with pytest.raises(FloatingPointError, match=f"{name}.*step 3"):
+        reg(**call, step=3)
+
+
+def test_finite_check_flag_is_validated_and_off_by_default():
+    with pytest.raises(TypeError, match="check_finite"):
+        crepa(check_finite="yes")
+    reg, model = crepa()
+    tm.tiny_forward(model, latents())
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        loss, _ = reg(teacher_features=_nan_at(features()), step=0)
+    assert torch.isnan(loss)
 
 
 # ---- gradient checkpointing -------------------------------------------------------------------------
