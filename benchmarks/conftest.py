@@ -39,4 +39,5 @@ def bench_settings(request):
         "rounds": rounds,
         "compiled": request.config.getoption("--bench-compiled"),
         "full_cpu": request.config.getoption("--bench-full-cpu"),
+        "compiled_by_default": COMPILED_BY_DEFAULT,
     }

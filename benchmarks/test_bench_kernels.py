@@ -18,8 +18,6 @@ import torch
 from repa_kernels.bench.providers import PROVIDERS, availability, loss_function
 from repa_kernels.bench.workloads import MODES, WORKLOADS
 
-from conftest import COMPILED_BY_DEFAULT
-
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -35,8 +33,9 @@ def _skip_reason(workload, provider, settings):
     if provider == "compiled":
         if settings["compiled"] == "none":
             return "torch.compile disabled by --bench-compiled=none"
-        if settings["compiled"] == "default" and workload.name not in COMPILED_BY_DEFAULT:
-            return f"torch.compile capped to {', '.join(COMPILED_BY_DEFAULT)}; pass --bench-compiled=all"
+        capped = settings["compiled_by_default"]
+        if settings["compiled"] == "default" and workload.name not in capped:
+            return f"torch.compile capped to {', '.join(capped)}; pass --bench-compiled=all"
     ok, reason = availability(provider, workload, _device_for(workload))
     return None if ok else reason
 
