@@ -164,6 +164,18 @@ def file_prefix(device: torch.device, name: str) -> str:
     return f"{device.type}-{slug}" if slug else device.type
 
 
+def source_revision() -> str:
+    """`git describe --always --dirty` of the package's checkout, or "" when it is not one."""
+    import subprocess
+
+    try:
+        completed = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                   cwd=Path(__file__).resolve().parent, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return completed.stdout.strip() if completed.returncode == 0 else ""
+
+
 def run_context(device: torch.device, extra_notes: str = "") -> dict:
     """The columns every row shares: device, versions, time and notes on how noisy the machine was."""
     try:
@@ -185,6 +197,7 @@ def run_context(device: torch.device, extra_notes: str = "") -> dict:
         "torch_version": torch.__version__,
         "triton_version": triton_version,
         "package_version": __version__,
+        "source_revision": source_revision(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "notes": "; ".join(notes),
     }

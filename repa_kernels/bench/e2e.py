@@ -250,7 +250,8 @@ E2E_COLUMNS = [
     "preset", "configuration", "impl", "backend", "status", "reason", "steps", "median_ms", "p20_ms", "p80_ms",
     "step_time_vs_baseline", "median_cpu_ms", "cpu_time_vs_baseline", "peak_step_extra_mb", "peak_total_mb", "memory_method", "frames_encoded_per_step",
     "latent_frames_per_step", "last_crepa_loss", "latent_shape",
-    "device", "device_name", "threads", "torch_version", "triton_version", "package_version", "timestamp", "notes",
+    "device", "device_name", "threads", "torch_version", "triton_version", "package_version", "source_revision",
+    "timestamp", "notes",
 ]
 
 

@@ -21,7 +21,7 @@ COLUMNS = [
     "bound_kind", "bound_ms", "fraction_of_bound", "bound_stretch_ms", "fraction_of_stretch",
     "copy_bandwidth_bytes_per_s", "matmul_flops_per_s",
     "device", "device_name", "threads", "torch_version", "triton_version", "package_version",
-    "timestamp", "notes",
+    "source_revision", "timestamp", "notes",
 ]
 
 
