@@ -56,7 +56,7 @@ inline at::ScalarType compute_scalar_type(at::ScalarType input) {
 // itself. Same idea as PyTorch's opt-in THP_MEM_ALLOC_ENABLE=1, applied to our own outputs only.
 inline at::Tensor empty_with_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor t = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
+#if defined(__linux__) && defined(MADV_HUGEPAGE) && !defined(REPA_NO_HUGE_PAGES)
   constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
   const size_t bytes = t.nbytes();
   if (bytes >= 2 * kHugePage) {
@@ -126,16 +126,10 @@ inline void combine_into(T* out, const T* x, T alpha, const T* y, T beta, int64_
   for (int64_t i = 0; i < n; ++i) out[i] = alpha * x[i] + beta * y[i];
 }
 
-// Ask for a row ahead of its use (rw = 1: it will be written). One prefetch per 64-byte line.
-inline void prefetch_row(const void* row, int64_t bytes, bool for_write = false) {
+// Ask for a row ahead of its use, one prefetch per 64-byte line (into L2: it is read a few times).
+inline void prefetch_row(const void* row, int64_t bytes) {
   const char* p = static_cast<const char*>(row);
-  for (int64_t offset = 0; offset < bytes; offset += 64) {
-    if (for_write) {
-      __builtin_prefetch(p + offset, 1, 2);
-    } else {
-      __builtin_prefetch(p + offset, 0, 2);
-    }
-  }
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset, 0, 2);
 }
 
 template <typename S, typename T>

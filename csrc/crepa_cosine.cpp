@@ -92,7 +92,7 @@ REPA_SIMD_CLONES void crepa_token_block(const CrepaProblem<scalar_t>& p, int64_t
   const int64_t T = p.frames, D = p.width, P = static_cast<int64_t>(pairs.weight.size());
   const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t n = n0; n < n1; ++n) {
-    // The token's rows sit in 2T (up to 4T) separate streams that the hardware prefetcher does not
+    // The token's rows sit in 2T separate streams that the hardware prefetcher does not
     // follow well: fetch the next token's rows while this one is computed.
     if (n + 1 < p.tokens) {
       for (int64_t f = 0; f < T; ++f) {

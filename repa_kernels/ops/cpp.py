@@ -43,7 +43,7 @@ HOW_TO_BUILD = ("build it ahead of time with `pip install --no-build-isolation -
 
 @dataclass
 class ExtensionState:
-    """How the extension was loaded (`how`: "prebuilt" or "jit"), or why it was not (`reason`)."""
+    """How the extension was loaded (`how`: "prebuilt", "jit" or "external"), or why not (`reason`)."""
 
     loaded: bool
     reason: str
@@ -74,6 +74,11 @@ def _short(exc: BaseException, limit: int = 1500) -> str:
 def load_extension(prebuilt: str | None = PREBUILT_MODULE, source_dirs: list[Path] | None = None,
                    build_directory: str | None = None, name: str = JIT_NAME) -> ExtensionState:
     """Import the prebuilt module, else build the sources just in time. Never raises."""
+    if hasattr(torch.ops.repa_kernels, "crepa"):
+        # Loading a second copy would register the ops twice, which aborts the process.
+        return ExtensionState(True, "the repa_kernels ops were already registered in this process by another "
+                                    "copy of the extension (e.g. loaded with torch.ops.load_library)",
+                              how="external")
     not_built = "the C++ extension is not built"
     if prebuilt is not None:
         try:
