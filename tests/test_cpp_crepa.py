@@ -232,14 +232,23 @@ def test_csrc_holds_exactly_the_sources_both_builds_compile():
     assert on_disk == set(cpp.SOURCE_FILES)
 
 
-def test_missing_sources_give_a_reason_and_how_to_build(tmp_path):
+def test_a_second_copy_is_never_loaded(tmp_path):
+    if not AVAILABLE:
+        pytest.skip(REASON)
+    state = cpp.load_extension(prebuilt="repa_kernels._C", source_dirs=[tmp_path])
+    assert state.loaded and state.how == "external" and "already registered" in state.reason
+
+
+def test_missing_sources_give_a_reason_and_how_to_build(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpp, "ops_registered", lambda: False)
     state = cpp.load_extension(prebuilt="repa_kernels._not_built", source_dirs=[tmp_path])
     assert not state.loaded
     assert "were not found in" in state.reason and str(tmp_path) in state.reason
     assert "pip install --no-build-isolation" in state.reason
 
 
-def test_failed_jit_build_gives_a_reason(tmp_path, caplog):
+def test_failed_jit_build_gives_a_reason(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(cpp, "ops_registered", lambda: False)
     sources = tmp_path / "csrc"
     sources.mkdir()
     for name in cpp.SOURCE_FILES:

@@ -71,11 +71,14 @@ def _short(exc: BaseException, limit: int = 1500) -> str:
     return text if len(text) <= limit else "... " + text[-limit:]
 
 
+def ops_registered() -> bool:
+    return hasattr(torch.ops.repa_kernels, "crepa")
+
+
 def load_extension(prebuilt: str | None = PREBUILT_MODULE, source_dirs: list[Path] | None = None,
                    build_directory: str | None = None, name: str = JIT_NAME) -> ExtensionState:
     """Import the prebuilt module, else build the sources just in time. Never raises."""
-    if hasattr(torch.ops.repa_kernels, "crepa"):
-        # Loading a second copy would register the ops twice, which aborts the process.
+    if ops_registered():  # a second copy would register the ops twice, which aborts the process
         return ExtensionState(True, "the repa_kernels ops were already registered in this process by another "
                                     "copy of the extension (e.g. loaded with torch.ops.load_library)",
                               how="external")
