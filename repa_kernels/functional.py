@@ -42,6 +42,9 @@ def crepa_loss(z: torch.Tensor, y: torch.Tensor, *, distance: int = 1, tau: floa
 
 def crepa_loss_with_options(z: torch.Tensor, y: torch.Tensor, opts: CrepaOptions, *,
                             impl: str = "auto") -> CrepaResult:
+    """`crepa_loss` with the hyper-parameters as one validated `CrepaOptions`."""
+    if not isinstance(opts, CrepaOptions):
+        raise TypeError(f"opts must be a repa_kernels.CrepaOptions, got {type(opts).__name__}")
     z4, y4 = check_pair(z, y, same_width=True)
     backend = backends.resolve(impl, z4.device)
     return CrepaResult(*backends.ops(backend).crepa(z4, y4, opts))

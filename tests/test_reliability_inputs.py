@@ -203,11 +203,6 @@ def test_bad_loss_weights_raise_a_named_error(where, case_id, value, error, frag
     assert f"{name} {fragment}" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "functional.crepa_loss_with_options does not check `opts`: a dict fails deep inside the backend with "
-    "AttributeError: 'dict' object has no attribute 'offsets'. Fix (repa_kernels/functional.py): at the top "
-    "of crepa_loss_with_options, `if not isinstance(opts, CrepaOptions): raise TypeError(f\"opts must be a "
-    "repa_kernels.CrepaOptions, got {type(opts).__name__}; build one with CrepaOptions(**{...})\")`"))
 def test_crepa_options_must_be_crepa_options():
     with pytest.raises(TypeError, match="opts must be a repa_kernels.CrepaOptions, got dict"):
         rk.crepa_loss_with_options(randn(1, 2, 3, 4), randn(1, 2, 3, 4), {"distance": 1}, impl="reference")
