@@ -49,10 +49,24 @@ def extension_kwargs() -> dict:
         return {}
     if not SOURCES:
         return {}
+
+    class OptionalBuildExtension(BuildExtension):
+        """A failed build (no compiler, a broken toolchain) leaves a pure-Python install, which retries
+        just in time on first use and otherwise says why in `repa-kernels info`."""
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as exc:  # torch raises RuntimeError / CalledProcessError, not CompileError
+                print(f"repa_kernels: WARNING: the C++ extension failed to build ({type(exc).__name__}: {exc}); "
+                      "installing without it (it is compiled just in time on first use)")
+                self.extensions = []  # nothing to copy or package
+                self.distribution.ext_modules = []
+
     ext = CppExtension("repa_kernels._C", SOURCES, depends=HEADERS, include_dirs=[str(CSRC)],
                        extra_compile_args=cpp_backend_constant("EXTRA_CFLAGS") + ["-DREPA_BUILD_KIND=setup"],
                        extra_link_args=cpp_backend_constant("EXTRA_LDFLAGS"))
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}
 
 
 if __name__ == "__main__":
