@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 PREBUILT_MODULE = "repa_kernels._C"
 JIT_NAME = "repa_kernels_cpp"
 # Compiler flags of both builds; setup.py reads these two lists from this file.
-EXTRA_CFLAGS = ["-O3", "-fopenmp"]
+EXTRA_CFLAGS = ["-O3", "-fopenmp", "-g0"]  # -g0: Python's own CFLAGS add -g (6 MB of debug info)
 EXTRA_LDFLAGS = ["-fopenmp"]
 SOURCE_FILES = ("common.h", "module.h", "crepa_cosine.cpp", "manifold.cpp")
 HOW_TO_BUILD = ("build it ahead of time with `pip install --no-build-isolation -e .` (or without -e) in an "
