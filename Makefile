@@ -17,14 +17,16 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 
 install: $(STAMP)
 
+# The unit tests, then each benchmark case once (--benchmark-disable) so the suite stays runnable.
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra tests benchmarks --benchmark-disable
 
 demo: $(STAMP)
 	$(VENV)/bin/repa-kernels demo
 
 bench: $(STAMP)
 	$(VENV)/bin/repa-kernels bench --device cpu --out benchmarks/results
+	$(VENV)/bin/repa-kernels bench --e2e --device cpu --threads 1 --out benchmarks/results
 
 # A wheel built without isolation installs into a fresh environment that already has torch,
 # imports, and computes a loss.
