@@ -9,8 +9,10 @@
 // gradient that was not asked for is an empty (0,) tensor. The loss is a scalar, so its gradient is
 // formed here in the same pass and the autograd backward only scales it by the upstream gradient.
 //
-// One pass: each task takes a block of token positions of one sample and, per token, reads that
-// token's row in every frame of z and y once from memory (later uses of the rows hit the cache):
+// One pass: each task takes a block of token positions of one sample, all frames together (the
+// neighbour terms couple frames, so splitting frames over tasks would read the neighbours' rows again)
+// and, per token, reads the token's row in every frame of z and y once from memory (later uses of the
+// rows hit the cache):
 // squared norms and the self dot product together, the neighbour dot products, then
 //   dz_f = s (sum_g W[f,g] iz_f iy_g y_g - (sum_g W[f,g] cos_fg) iz_f^2 z_f),     s = loss_scale / N,
 //   dy_g = s (sum_f W[f,g] iz_f iy_g z_f - (sum_f W[f,g] cos_fg) iy_g^2 y_g),

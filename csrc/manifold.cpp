@@ -20,10 +20,11 @@
 //   fp32 (N=1024, K=128, Y = Z + 1e-4 noise, loss 3.2e-10) its loss was off by 1.3e-10 (40 %), while
 //   the fp64 form matches the fp64 truth to 4e-18. fp64 GEMMs run at half the fp32 rate here, which the
 //   cost model below accounts for.
-// Slices run in parallel (each with single-threaded BLAS) when there are at least as many as threads or
-// they are small; otherwise one after another with multi-threaded BLAS. Every reduction is per row or per slice into its own slot,
-// added serially: the same bits for any thread count given bitwise-stable GEMMs (MKL's sgemm/dgemm
-// gave identical bits for 1 and 2 threads on this machine; MKL does not promise that in general).
+// Slices run in parallel (each with single-threaded BLAS) when there are at least as many as threads
+// or they are small; otherwise one after another with multi-threaded BLAS. Every reduction goes per
+// row or per slice into its own slot, added serially: the same bits for any thread count given
+// bitwise-stable GEMMs (MKL's sgemm/dgemm gave identical bits for 1 and 2 threads on this machine and
+// tests/test_cpp_manifold.py checks it; MKL does not promise that in general).
 #include "common.h"
 
 #include <ATen/Dispatch.h>
@@ -36,7 +37,7 @@
 
 namespace repa {
 
-#ifndef REPA_TILE_ROWS
+#ifndef REPA_TILE_ROWS  // build-time knob: 256 and 512 measured alike here; 256 does less work
 #define REPA_TILE_ROWS 256
 #endif
 constexpr int64_t kTileRows = REPA_TILE_ROWS;     // rows of a Gram tile (tiled form)
