@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..options import CrepaOptions
 from . import utils
-from .utils import inverse_norm, store_cast
+from .utils import inverse_norm, lowest_exponent, power_of_two, running_exponent, store_cast
 
 _FINALIZE_BLOCK = 1024
 
@@ -82,10 +82,17 @@ def _crepa_fused_kernel(
     z_rows = z_ptr + batch * stride_zb + tokens * stride_zn
     y_rows = y_ptr + batch * stride_yb + tokens * stride_yn
 
-    # Pass 1: squared norms and dot products per token, own frame and every neighbour frame.
+    # Pass 1: squared norms and dot products per token, own frame and every neighbour frame, of the
+    # tokens scaled by 2^-e (e: a running power-of-two bound of the token's max|x|, see utils), so
+    # that |x| ~ 1e30 does not overflow; when a chunk raises e, the sums so far are rescaled exactly.
+    lowest = lowest_exponent(ACC)
+    exp_z = tl.zeros([BLOCK_N], tl.int32) + lowest
+    exp_y = tl.zeros([BLOCK_N], tl.int32) + lowest
     zz = tl.zeros([BLOCK_N], ACC)
     yy = tl.zeros([BLOCK_N], ACC)
     zy = tl.zeros([BLOCK_N], ACC)
+    nb_exp_y = tl.zeros([BLOCK_N, NUM_SLOTS], tl.int32) + lowest
+    nb_exp_z = tl.zeros([BLOCK_N, NUM_SLOTS], tl.int32) + lowest  # (dy only)
     nb_yy = tl.zeros([BLOCK_N, NUM_SLOTS], ACC)  # ||y_g||²
     nb_zy = tl.zeros([BLOCK_N, NUM_SLOTS], ACC)  # z_f · y_g
     nb_zz = tl.zeros([BLOCK_N, NUM_SLOTS], ACC)  # ||z_g||²  (dy only)
@@ -97,9 +104,18 @@ def _crepa_fused_kernel(
                          mask=mask, other=0.0).to(ACC)
         y_tile = tl.load(y_rows[:, None] + frame * stride_yt + chans[None, :] * stride_yd,
                          mask=mask, other=0.0).to(ACC)
-        zz += tl.sum(z_tile * z_tile, 1)
-        yy += tl.sum(y_tile * y_tile, 1)
-        zy += tl.sum(z_tile * y_tile, 1)
+        new_z = running_exponent(exp_z, z_tile, ACC)
+        new_y = running_exponent(exp_y, y_tile, ACC)
+        z_tile = z_tile * power_of_two(-new_z, ACC)[:, None]
+        y_tile = y_tile * power_of_two(-new_y, ACC)[:, None]
+        zz = zz * power_of_two(2 * (exp_z - new_z), ACC) + tl.sum(z_tile * z_tile, 1)
+        yy = yy * power_of_two(2 * (exp_y - new_y), ACC) + tl.sum(y_tile * y_tile, 1)
+        zy = zy * power_of_two(exp_z - new_z + exp_y - new_y, ACC) + tl.sum(z_tile * y_tile, 1)
+        nb_zy = nb_zy * power_of_two(exp_z - new_z, ACC)[:, None]
+        if NEED_DY:
+            nb_yz = nb_yz * power_of_two(exp_y - new_y, ACC)[:, None]
+        exp_z = new_z
+        exp_y = new_y
         for slot in range(0, num_neighbours):
             other = _neighbour_frame(frame, slot, offset_start)
             # Out-of-clip neighbours load nothing (a zero channel range; the interpreter rejects
@@ -110,13 +126,25 @@ def _crepa_fused_kernel(
             column = slots[None, :] == slot
             y_other = tl.load(y_rows[:, None] + other * stride_yt + chans[None, :] * stride_yd,
                               mask=mask_other, other=0.0).to(ACC)
-            nb_yy = tl.where(column, nb_yy + tl.sum(y_other * y_other, 1)[:, None], nb_yy)
-            nb_zy = tl.where(column, nb_zy + tl.sum(z_tile * y_other, 1)[:, None], nb_zy)
+            old_g = tl.sum(tl.where(column, nb_exp_y, 0), 1)
+            new_g = running_exponent(old_g, y_other, ACC)
+            y_other = y_other * power_of_two(-new_g, ACC)[:, None]
+            nb_yy = tl.where(column, nb_yy * power_of_two(2 * (old_g - new_g), ACC)[:, None]
+                             + tl.sum(y_other * y_other, 1)[:, None], nb_yy)
+            nb_zy = tl.where(column, nb_zy * power_of_two(old_g - new_g, ACC)[:, None]
+                             + tl.sum(z_tile * y_other, 1)[:, None], nb_zy)
+            nb_exp_y = tl.where(column, new_g[:, None], nb_exp_y)
             if NEED_DY:
                 z_other = tl.load(z_rows[:, None] + other * stride_zt + chans[None, :] * stride_zd,
                                   mask=mask_other, other=0.0).to(ACC)
-                nb_zz = tl.where(column, nb_zz + tl.sum(z_other * z_other, 1)[:, None], nb_zz)
-                nb_yz = tl.where(column, nb_yz + tl.sum(y_tile * z_other, 1)[:, None], nb_yz)
+                old_g = tl.sum(tl.where(column, nb_exp_z, 0), 1)
+                new_g = running_exponent(old_g, z_other, ACC)
+                z_other = z_other * power_of_two(-new_g, ACC)[:, None]
+                nb_zz = tl.where(column, nb_zz * power_of_two(2 * (old_g - new_g), ACC)[:, None]
+                                 + tl.sum(z_other * z_other, 1)[:, None], nb_zz)
+                nb_yz = tl.where(column, nb_yz * power_of_two(old_g - new_g, ACC)[:, None]
+                                 + tl.sum(y_tile * z_other, 1)[:, None], nb_yz)
+                nb_exp_z = tl.where(column, new_g[:, None], nb_exp_z)
 
     # Frame weights: W[f, g] = c(f)·exp(-|g − f|/tau) for the in-clip neighbours, c(f) on the diagonal.
     slot_frames = _neighbour_frame(frame, slots.to(tl.int64), offset_start)
@@ -125,9 +153,10 @@ def _crepa_fused_kernel(
     slot_weight = tl.where(slot_valid, tl.exp(-slot_offsets * inv_tau), 0.0)
     scale_f = _frame_scale(frame, num_frames, offset_start, num_offsets, inv_tau, NORMALIZE_NEIGHBOUR_SUM, ACC)
 
-    inv_z = inverse_norm(zz, ACC)
-    inv_y = inverse_norm(yy, ACC)
-    inv_y_nb = inverse_norm(nb_yy, ACC)
+    # Inverse norms of the scaled tokens: cosines are scale-free, so they need no 2^e.
+    inv_z = inverse_norm(zz, exp_z, ACC)
+    inv_y = inverse_norm(yy, exp_y, ACC)
+    inv_y_nb = inverse_norm(nb_yy, nb_exp_y, ACC)
     sim_self = zy * inv_z * inv_y
     sim_nb = nb_zy * inv_z[:, None] * inv_y_nb
     weighted = scale_f * (sim_self + tl.sum(sim_nb * slot_weight[None, :], 1))  # Σ_g W[f,g] ẑ_f·ŷ_g
@@ -137,33 +166,39 @@ def _crepa_fused_kernel(
     if NEED_DZ or NEED_DY:
         grad_scale = (tl.zeros([], ACC) - 1.0) / num_tokens / loss_divisor  # -1 / (N·B')
         out_rows = ((batch * num_frames + frame) * num_tokens + tokens) * dim
+    # The gradient coefficients below multiply the scaled tiles x·2^-e (values below 4); the
+    # remaining 2^-e of 1/||x|| = inv·2^-e sits in dz_out / dy_out, the last factor, so a product
+    # underflows only where the gradient itself does.
     if NEED_DZ:
         # d loss / d ẑ_f = grad_scale·ỹ_f; the projection ẑ(ẑ·dẑ) uses ẑ_f·ỹ_f = `weighted`.
-        dz_self = scale_f * inv_y                              # coefficient of raw y_f
-        dz_nb = scale_f * slot_weight[None, :] * inv_y_nb      # coefficients of raw y_g
-        dz_own = weighted * inv_z                              # coefficient of raw z_f
-        dz_out = grad_scale * inv_z
+        dz_self = scale_f * inv_y                              # coefficient of scaled y_f
+        dz_nb = scale_f * slot_weight[None, :] * inv_y_nb      # coefficients of scaled y_g
+        dz_own = weighted * inv_z                              # coefficient of scaled z_f
+        dz_out = grad_scale * inv_z * power_of_two(-exp_z, ACC)
     if NEED_DY:
         # d loss / d ŷ_f = grad_scale·Σ_h W[h,f] ẑ_h with W[h,f] = c(h)·w(h,f): gathered, no atomics.
         transposed_weight = slot_weight * _frame_scale(slot_frames, num_frames, offset_start, num_offsets,
                                                        inv_tau, NORMALIZE_NEIGHBOUR_SUM, ACC)
-        inv_z_nb = inverse_norm(nb_zz, ACC)
+        inv_z_nb = inverse_norm(nb_zz, nb_exp_z, ACC)
         sim_t = nb_yz * inv_y[:, None] * inv_z_nb
         weighted_t = scale_f * sim_self + tl.sum(sim_t * transposed_weight[None, :], 1)
-        dy_self = scale_f * inv_z                              # coefficient of raw z_f
-        dy_nb = transposed_weight[None, :] * inv_z_nb          # coefficients of raw z_h
-        dy_own = weighted_t * inv_y                            # coefficient of raw y_f
-        dy_out = grad_scale * inv_y
+        dy_self = scale_f * inv_z                              # coefficient of scaled z_f
+        dy_nb = transposed_weight[None, :] * inv_z_nb          # coefficients of scaled z_h
+        dy_own = weighted_t * inv_y                            # coefficient of scaled y_f
+        dy_out = grad_scale * inv_y * power_of_two(-exp_y, ACC)
 
     if NEED_DZ or NEED_DY:
-        # Pass 2: the tiles of pass 1 again (from L2), combined into the gradients.
+        # Pass 2: the tiles of pass 1 again (from L2), scaled by the final 2^-e, combined into the
+        # gradients.
+        z_scale = power_of_two(-exp_z, ACC)[:, None]
+        y_scale = power_of_two(-exp_y, ACC)[:, None]
         for d0 in range(0, dim, BLOCK_D):
             chans = d0 + tl.arange(0, BLOCK_D).to(tl.int64)
             mask = token_mask[:, None] & (chans < dim)[None, :]
             z_tile = tl.load(z_rows[:, None] + frame * stride_zt + chans[None, :] * stride_zd,
-                             mask=mask, other=0.0).to(ACC)
+                             mask=mask, other=0.0).to(ACC) * z_scale
             y_tile = tl.load(y_rows[:, None] + frame * stride_yt + chans[None, :] * stride_yd,
-                             mask=mask, other=0.0).to(ACC)
+                             mask=mask, other=0.0).to(ACC) * y_scale
             if NEED_DZ:
                 dz_acc = dz_self[:, None] * y_tile - dz_own[:, None] * z_tile
             if NEED_DY:
@@ -177,10 +212,12 @@ def _crepa_fused_kernel(
                 if NEED_DZ:
                     y_other = tl.load(y_rows[:, None] + other * stride_yt + chans[None, :] * stride_yd,
                                       mask=mask_other, other=0.0).to(ACC)
+                    y_other = y_other * power_of_two(-tl.sum(tl.where(column, nb_exp_y, 0), 1), ACC)[:, None]
                     dz_acc += tl.sum(tl.where(column, dz_nb, 0.0), 1)[:, None] * y_other
                 if NEED_DY:
                     z_other = tl.load(z_rows[:, None] + other * stride_zt + chans[None, :] * stride_zd,
                                       mask=mask_other, other=0.0).to(ACC)
+                    z_other = z_other * power_of_two(-tl.sum(tl.where(column, nb_exp_z, 0), 1), ACC)[:, None]
                     dy_acc += tl.sum(tl.where(column, dy_nb, 0.0), 1)[:, None] * z_other
             out_offsets = out_rows[:, None] + chans[None, :]
             if NEED_DZ:

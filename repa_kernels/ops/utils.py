@@ -25,8 +25,8 @@ _INTERPRETER_MAX_TILE = 1 << 14
 
 _force_small_blocks = False
 
-# A token with ||x|| < EPS is normalised to 0 (SPEC §2); kernels compare squared norms.
-EPS_SQUARED = tl.constexpr(EPS * EPS)
+# A token with ||x|| < EPS is normalised to 0 (SPEC §2).
+ZERO_TOKEN_NORM = tl.constexpr(EPS)
 
 
 def is_interpreter() -> bool:
@@ -81,14 +81,61 @@ def store_cast(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
         return x.to(DTYPE)
 
 
+# Per-token power-of-two scaling (SPEC §2: norms must not overflow; |x| ~ 1e30 squares to inf in
+# float32). A token x is summed as x·2^-e with 2^e <= max|x| < 2^(e+1), so its squares stay in [1, 4)
+# and below; multiplying by a power of two is exact, hence for ordinary magnitudes every scaled sum,
+# square root and cosine is bitwise what the unscaled math gives. Exponents live as int32 and are
+# clamped to the normal range of the accumulator, so 2^e and 2^-e are always normal numbers.
+
+
 @triton.jit
-def inverse_norm(squared_norm, ACC: tl.constexpr):
-    """1/||x|| from ||x||² (float32 or float64), or 0 for a zero token (||x|| < 1e-12, SPEC §2)."""
+def lowest_exponent(ACC: tl.constexpr):
+    """The exponent of zero (and subnormal) tokens: the smallest normal exponent of ACC."""
     if ACC == tl.float64:
-        root = tl.sqrt(squared_norm)
+        return -1022
     else:
-        root = tl.sqrt_rn(squared_norm)
-    keep = squared_norm >= EPS_SQUARED
+        return -126
+
+
+@triton.jit
+def scale_exponent(peak, ACC: tl.constexpr):
+    """int32 e with 2^e <= peak < 2^(e+1) for a normal peak >= 0 of dtype ACC, clamped to
+    [lowest_exponent, -lowest_exponent] (a zero or subnormal peak gives the lowest)."""
+    if ACC == tl.float64:
+        biased = ((peak.to(tl.int64, bitcast=True) >> 52) & 0x7FF).to(tl.int32)
+        return tl.minimum(tl.maximum(biased - 1023, -1022), 1022)
+    else:
+        biased = (peak.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        return tl.minimum(tl.maximum(biased - 127, -126), 126)
+
+
+@triton.jit
+def power_of_two(exponent, ACC: tl.constexpr):
+    """2^exponent in ACC for an int32 exponent <= -lowest_exponent, built from its bits (exact);
+    0 below the normal range (the terms it rescales are then negligible, under 2^-126 relative)."""
+    if ACC == tl.float64:
+        bits = (tl.maximum(exponent, -1022) + 1023).to(tl.int64) << 52
+        return tl.where(exponent >= -1022, bits.to(tl.float64, bitcast=True), 0.0)
+    else:
+        bits = (tl.maximum(exponent, -126) + 127) << 23
+        return tl.where(exponent >= -126, bits.to(tl.float32, bitcast=True), 0.0)
+
+
+@triton.jit
+def running_exponent(exponent, tile, ACC: tl.constexpr):
+    """Per-row exponent after one more (rows, channels) tile: max(exponent, scale_exponent(max|tile|))."""
+    return tl.maximum(exponent, scale_exponent(tl.max(tl.abs(tile), 1), ACC))
+
+
+@triton.jit
+def inverse_norm(scaled_squared_norm, exponent, ACC: tl.constexpr):
+    """1/||x·2^-e|| from ||x·2^-e||² (float32 or float64), or 0 for a zero token (||x|| < 1e-12,
+    SPEC §2); ||x|| = ||x·2^-e||·2^e may overflow to inf here, which the comparison tolerates."""
+    if ACC == tl.float64:
+        root = tl.sqrt(scaled_squared_norm)
+    else:
+        root = tl.sqrt_rn(scaled_squared_norm)
+    keep = root * power_of_two(exponent, ACC) >= ZERO_TOKEN_NORM
     return tl.where(keep, 1.0 / tl.where(keep, root, 1.0), 0.0)
 
 
