@@ -65,6 +65,13 @@ def check_against_reference(z, y, opts, grad_y=True):
         assert kernel_dy is None
 
 
+@pytest.mark.parametrize("frames", [1, 2, 3, 7])
+@pytest.mark.parametrize("mode", MODES, ids=str)
+def test_frame_weights_passed_to_the_op_are_the_options_weights(mode, frames):
+    expected = MODES[mode].frame_weights(frames).flatten().tolist()
+    assert cpp.frame_weights_flat(MODES[mode], frames) == expected
+
+
 @needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", MODES, ids=str)
