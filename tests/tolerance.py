@@ -14,15 +14,15 @@ TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-6, torch.float16: 5e-3, torc
 
 
 def max_error(value: torch.Tensor, truth: torch.Tensor, scale: float = 1.0) -> float:
-    return float((value.double() - truth.double()).abs().max()) / scale
+    return float((value.detach().double() - truth.detach().double()).abs().max()) / scale
 
 
 def assert_within_reference_error(kernel: torch.Tensor, reference: torch.Tensor, truth: torch.Tensor,
                                   dtype: torch.dtype, what: str, relative: bool = False) -> None:
     """Bound the kernel's error by the same-dtype reference's error (plus the dtype's tol)."""
     assert kernel.shape == truth.shape, f"{what}: shape {tuple(kernel.shape)} != {tuple(truth.shape)}"
-    assert torch.isfinite(kernel).all(), f"{what}: kernel result is not finite"
-    scale = max(float(truth.double().abs().max()), 1e-30) if relative else 1.0
+    assert torch.isfinite(kernel.detach()).all(), f"{what}: kernel result is not finite"
+    scale = max(float(truth.detach().double().abs().max()), 1e-30) if relative else 1.0
     kernel_err = max_error(kernel, truth, scale)
     reference_err = max_error(reference, truth, scale)
     bound = reference_err + TOLERANCE[dtype]
