@@ -432,8 +432,38 @@ def _check_threshold(key: str, threshold: float | None, bound: float, why: str) 
 # ---------------------------------------------------------------------------------------------------
 
 
+class _ConfigSources:
+    """The ways to build a config, shared by CrepaConfig and UrepaConfig (each names its PREFIX)."""
+
+    PREFIX: ClassVar[str]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        """From a mapping; a whole trainer config is fine (keys without this config's prefix are ignored,
+        `max_train_steps` is read)."""
+        return _parse(cls, data)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike):
+        """From a JSON file holding an object (a whole trainer config is fine)."""
+        return _from_json(cls, path)
+
+    @classmethod
+    def from_args(cls, namespace: argparse.Namespace):
+        """From a namespace parsed with `add_argparse_args` (reads `max_train_steps` when present)."""
+        return _from_args(cls, namespace)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The documented keys, in documentation order (max_train_steps last)."""
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class CrepaConfig:
+class CrepaConfig(_ConfigSources):
     """Every documented `crepa_*` key (SPEC §5) with its documented default, plus `max_train_steps`."""
 
     PREFIX: ClassVar[str] = "crepa"
@@ -499,30 +529,6 @@ class CrepaConfig:
                     f"crepa_teacher_block_index={self.crepa_teacher_block_index} equals crepa_block_index: in "
                     "backbone mode the teacher must be a different (deeper) block than the student")
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "CrepaConfig":
-        """From a mapping; a whole trainer config is fine (keys without the crepa_ prefix are ignored,
-        `max_train_steps` is read)."""
-        return _parse(cls, data)
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "CrepaConfig":
-        """From a JSON file holding an object (a whole trainer config is fine)."""
-        return _from_json(cls, path)
-
-    @classmethod
-    def from_args(cls, namespace: argparse.Namespace) -> "CrepaConfig":
-        """From a namespace parsed with `add_argparse_args` (reads `max_train_steps` when present)."""
-        return _from_args(cls, namespace)
-
-    @classmethod
-    def keys(cls) -> list[str]:
-        """The documented keys, in documentation order (max_train_steps last)."""
-        return [f.name for f in dataclasses.fields(cls)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def crepa_options(self) -> CrepaOptions:
         """The loss hyper-parameters of SPEC §2.1 held by this config."""
         return CrepaOptions(distance=self.crepa_adjacent_distance, tau=self.crepa_adjacent_tau,
@@ -557,7 +563,7 @@ class CrepaConfig:
 
 
 @dataclass
-class UrepaConfig:
+class UrepaConfig(_ConfigSources):
     """Every documented `urepa_*` key (SPEC §5) with its documented default, plus `max_train_steps`."""
 
     PREFIX: ClassVar[str] = "urepa"
@@ -589,27 +595,6 @@ class UrepaConfig:
         _validate_fields(self)
         _check_threshold("urepa_similarity_threshold", self.urepa_similarity_threshold, 1.0,
                          "(the U-REPA score is a mean cosine)")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "UrepaConfig":
-        """From a mapping; a whole trainer config is fine (keys without the urepa_ prefix are ignored,
-        `max_train_steps` is read)."""
-        return _parse(cls, data)
-
-    @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "UrepaConfig":
-        return _from_json(cls, path)
-
-    @classmethod
-    def from_args(cls, namespace: argparse.Namespace) -> "UrepaConfig":
-        return _from_args(cls, namespace)
-
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     @staticmethod
     def _resolve_aliases(raw: Mapping[str, Any], values: dict[str, Any]) -> dict[str, Any]:
