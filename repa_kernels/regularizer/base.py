@@ -73,6 +73,19 @@ class AlignmentRegularizerBase(nn.Module):
     projector_name = ""
     prefix = ""
 
+    def _init_settings(self, config, config_class: type, impl: str, check_finite: bool) -> None:
+        """Validate and keep the settings both regularizers share."""
+        name, prefix = type(self).__name__, config_class.PREFIX
+        if not isinstance(config, config_class):
+            raise TypeError(f"config must be a {config_class.__name__} (use {name}.from_config for dicts and JSON "
+                            f"files), got {type(config).__name__}")
+        if not getattr(config, f"{prefix}_enabled"):
+            raise ValueError(f"{prefix}_enabled is false: build the regularizer only when the config turns it on "
+                             f"(if cfg.{prefix}_enabled: reg = {name}.from_config(...))")
+        self.config = config
+        self.impl = check_impl(impl)
+        self.check_finite = check_flag("check_finite", check_finite)
+
     def _set_plain(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)   # not a submodule: kept out of state_dict and parameters()
 

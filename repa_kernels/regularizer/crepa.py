@@ -17,9 +17,7 @@ import torch
 from torch import nn
 
 from ..functional import crepa_loss_with_options
-from ..options import CrepaOptions
-from .base import (AlignmentRegularizerBase, check_flag, check_impl, check_latents, load_config, model_device,
-                   model_list, scalar)
+from .base import AlignmentRegularizerBase, check_latents, load_config, model_device, model_list, scalar
 from .capture import HiddenStateCapture, detect_family, grid_from_latents, unwrap_model
 from .config import CrepaConfig
 from .encoder import FrozenEncoder
@@ -51,20 +49,10 @@ class CrepaRegularizer(AlignmentRegularizerBase):
                  tae=None, denormalize: Denormalize | None = None, max_train_steps: int | None = None,
                  hidden_size: int | None = None, impl: str = "auto", check_finite: bool = False) -> None:
         super().__init__()
-        if not isinstance(config, CrepaConfig):
-            raise TypeError(f"config must be a CrepaConfig (use CrepaRegularizer.from_config for dicts and JSON "
-                            f"files), got {type(config).__name__}")
-        if not config.crepa_enabled:
-            raise ValueError("crepa_enabled is false: build the regularizer only when the config turns it on "
-                             "(if cfg.crepa_enabled: reg = CrepaRegularizer.from_config(...))")
+        self._init_settings(config, CrepaConfig, impl, check_finite)
         models = model_list(transformer, "transformer")
-        self.config = config
-        self.impl = check_impl(impl)
-        self.check_finite = check_flag("check_finite", check_finite)
         self.backbone = bool(config.crepa_use_backbone_features)
-        self.options = CrepaOptions(config.crepa_adjacent_distance, config.crepa_adjacent_tau,
-                                    config.crepa_cumulative_neighbors, config.crepa_normalize_by_frames,
-                                    config.crepa_normalize_neighbour_sum)
+        self.options = config.crepa_options()
         schedule = CoefficientSchedule.from_config(config, max_train_steps=max_train_steps)
         teacher_index = config.crepa_teacher_block_index if self.backbone else None
         if self.backbone and teacher_index == config.crepa_block_index:

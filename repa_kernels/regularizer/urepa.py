@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from ..functional import urepa_loss
-from .base import (AlignmentRegularizerBase, check_flag, check_impl, check_latents, load_config, model_device,
-                   model_list, scalar)
+from .base import AlignmentRegularizerBase, check_latents, load_config, model_device, model_list, scalar
 from .capture import HiddenStateCapture, detect_family, unwrap_model
 from .config import UrepaConfig
 from .encoder import FrozenEncoder
@@ -49,16 +48,8 @@ class UrepaRegularizer(AlignmentRegularizerBase):
                  hidden_size: int | None = None, encoder_dtype: str = "float32", impl: str = "auto",
                  check_finite: bool = False) -> None:
         super().__init__()
-        if not isinstance(config, UrepaConfig):
-            raise TypeError(f"config must be a UrepaConfig (use UrepaRegularizer.from_config for dicts and JSON "
-                            f"files), got {type(config).__name__}")
-        if not config.urepa_enabled:
-            raise ValueError("urepa_enabled is false: build the regularizer only when the config turns it on "
-                             "(if cfg.urepa_enabled: reg = UrepaRegularizer.from_config(...))")
+        self._init_settings(config, UrepaConfig, impl, check_finite)
         models = model_list(unet, "unet")
-        self.config = config
-        self.impl = check_impl(impl)
-        self.check_finite = check_flag("check_finite", check_finite)
         schedule = CoefficientSchedule.from_config(config, max_train_steps=max_train_steps)
         if detect_family(unwrap_model(models[0])).kind != "unet":
             raise ValueError(f"{type(unwrap_model(models[0])).__name__} is not a UNet: U-REPA aligns a UNet mid-block; "
