@@ -112,6 +112,60 @@ def test_zero_tokens_have_zero_gradient(device, dtype):
     assert (dy[1, 2, 5] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("magnitude", [1e30, 1e-6], ids=["1e30", "1e-6"])
+def test_huge_and_small_magnitudes(device, dtype, magnitude):
+    # |x| ~ 1e30: x² overflows float32 (1e60 > 3.4e38), the per-token power-of-two scaling must not;
+    # |x| ~ 1e-6: squares ~1e-12, far from the zero-token threshold ||x|| < 1e-12.
+    z, y = make_inputs((1, 3, 9, 40), torch.float64, device, seed=13)
+    check_against_reference((z * magnitude).to(dtype), (y * magnitude).to(dtype), grad_y=True, upstream=1.5,
+                            **MODES["cumulative-d2-neighboursum"])
+
+
+MIXED_SCALES = {
+    # 1e-11 tokens (||x|| ~ 6e-11) are kept; 1e-20 and below are zero tokens (||x|| < 1e-12).
+    # No subnormal tokens: the reference's gradient is NaN there (see test_subnormal_tokens_are_zero_tokens).
+    torch.float32: [3e37, 1e30, 1e20, 1.0, 1e-3, 1e-11, 1e-20, 1e-37],
+    torch.bfloat16: [3e37, 1e30, 1e20, 1.0, 1e-3, 1e-11, 1e-20, 1e-37],
+    torch.float64: [1e300, 1e200, 1e100, 1.0, 1e-3, 1e-11, 1e-200, 1e-300],
+}
+
+
+@pytest.mark.parametrize("dtype", MIXED_SCALES.keys(), ids=str)
+def test_mixed_magnitudes_rescale_within_a_token(device, dtype):
+    # Tokens of very different magnitudes side by side (frames and neighbours), and tokens whose
+    # largest entry lies in a later 16-channel chunk, so the running scale rises mid-token.
+    z, y = make_inputs((1, 3, 8, 40), torch.float64, device, seed=14)
+    scales = torch.tensor(MIXED_SCALES[dtype], dtype=torch.float64, device=device)
+    z = z * scales[:, None]
+    y = y * scales.roll(3)[:, None]
+    z[0, 1, 3, 35] = scales[0] * 3  # later chunk ~ 3e37 (1e300) in a token of ~1
+    y[0, 2, 0, 20] = scales[1]
+    with utils.small_blocks():
+        check_against_reference(z.to(dtype), y.to(dtype), grad_y=True, upstream=1.0,
+                                **MODES["cumulative-d2-neighboursum"])
+
+
+@pytest.mark.parametrize("dtype, tiny", [(torch.float32, 1e-40), (torch.float64, 1e-310)], ids=["fp32", "fp64"])
+def test_subnormal_tokens_are_zero_tokens(device, dtype, tiny):
+    # Subnormal tokens (||x|| << 1e-12) are zero tokens: the same loss and gradients as exact zeros, and a
+    # zero gradient. (The reference's gradient is NaN there: autograd through x / max|x| divides by
+    # max|x|², which overflows.)
+    z, y = make_inputs((1, 3, 6, 24), dtype, device, seed=15)
+    z_zero, y_zero = z.clone(), y.clone()
+    z_zero[0, 1, 2] = 0.0
+    y_zero[0, 2, 4] = 0.0
+    z[0, 1, 2] = tiny * torch.linspace(-1, 1, 24, dtype=dtype, device=device)
+    y[0, 2, 4] = tiny
+    assert z[0, 1, 2].abs().max() > 0 and y[0, 2, 4].abs().max() > 0
+    mode = MODES["cumulative-d2-neighboursum"]
+    tiny_run = run(z, y, "triton", grad_y=True, **mode)
+    zero_run = run(z_zero, y_zero, "triton", grad_y=True, **mode)
+    for a, b in zip(tiny_run, zero_run):
+        assert torch.equal(a, b)
+    assert (tiny_run[3][0, 1, 2] == 0).all() and (tiny_run[4][0, 2, 4] == 0).all()
+
+
 def test_golden_value(device):
     v = torch.randn(8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     z = (v / v.norm()).expand(2, 4, 3, 8).to(device=device, dtype=torch.float32)

@@ -90,6 +90,63 @@ def test_zero_tokens_have_zero_gradient(device, dtype):
     assert (dz[0, 3] == 0).all() and (dy[1, 7] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("magnitude", [1e30, 1e-6], ids=["1e30", "1e-6"])
+def test_huge_and_small_magnitudes(device, dtype, magnitude):
+    # |x| ~ 1e30: squares and raw bf16 Gram products overflow float32; the token norms are taken of
+    # x·2^-e and bf16 tiles of such rows are scaled before the tensor cores. |x| ~ 1e-6: plain path.
+    z, y = make_inputs((1, 2, 20, 24), (1, 2, 20, 40), torch.float64, device, seed=14)
+    check_against_reference((z * magnitude).to(dtype), (y * magnitude).to(dtype), grad_y=True, upstream=2.0)
+
+
+MIXED_SCALES = {
+    # 1e-11 tokens (||x|| ~ 5e-11) are kept; 1e-20 and below are zero tokens (||x|| < 1e-12).
+    # No subnormal tokens: the reference's gradient is NaN there (see test_subnormal_tokens_are_zero_tokens).
+    torch.float32: [3e37, 1e30, 1e20, 1e-11, 1e-20, 1e-37],
+    torch.bfloat16: [3e37, 1e30, 1e20, 1e-11, 1e-20, 1e-37],
+    torch.float64: [1e300, 1e200, 1e130, 1e-11, 1e-200, 1e-300],
+}
+
+
+@pytest.mark.parametrize("dtype", MIXED_SCALES.keys(), ids=str)
+def test_mixed_magnitudes_extreme_and_moderate_tiles(device, dtype):
+    # 16-token tiles: the extreme tokens sit in row block 0 (and token 20 of z), so tiles touching
+    # them take the scaled branch (bf16, float64) and the others the plain one, within one slice and
+    # one program's walk over column blocks; a later 16-channel chunk raises token 20's scale mid-row.
+    z, y = make_inputs((1, 1, 37, 40), (1, 1, 37, 24), torch.float64, device, seed=15)
+    scales = torch.ones(37, dtype=torch.float64, device=device)
+    scales[:12] = torch.tensor(MIXED_SCALES[dtype] * 2, dtype=torch.float64, device=device)
+    z = z * scales[:, None]
+    y = y * scales.flip(0).roll(-25)[:, None]  # y's extreme tokens are rows 0-11 too, in another order
+    z[0, 0, 20, 33] = MIXED_SCALES[dtype][1]
+    z, y = z.to(dtype), y.to(dtype)
+    scale_row = manifold_triton.inverse_norms(z)[2].view(1, 37)
+    limit = 2.0 ** 400 if dtype == torch.float64 else 2.0 ** 40
+    extreme = (scale_row > limit) | (scale_row < 1 / limit)
+    assert extreme[0, :12].any() and extreme[0, 20] and extreme[0, 16:].sum() == 1  # row 20 only past 16
+    with utils.small_blocks():
+        check_against_reference(z, y, grad_y=True, upstream=1.5)
+
+
+@pytest.mark.parametrize("dtype, tiny", [(torch.float32, 1e-40), (torch.float64, 1e-310)], ids=["fp32", "fp64"])
+def test_subnormal_tokens_are_zero_tokens(device, dtype, tiny):
+    # Subnormal tokens (||x|| << 1e-12) are zero tokens: the same loss and gradients as exact zeros, and a
+    # zero gradient. (The reference's gradient is NaN there: autograd through x / max|x| divides by
+    # max|x|², which overflows.)
+    z, y = make_inputs((1, 2, 9, 16), (1, 2, 9, 8), dtype, device, seed=16)
+    z_zero, y_zero = z.clone(), y.clone()
+    z_zero[0, 1, 2] = 0.0
+    y_zero[0, 0, 7] = 0.0
+    z[0, 1, 2] = tiny * torch.linspace(-1, 1, 16, dtype=dtype, device=device)
+    y[0, 0, 7] = tiny
+    assert z[0, 1, 2].abs().max() > 0 and y[0, 0, 7].abs().max() > 0
+    tiny_run = run(z, y, "triton", grad_y=True)
+    zero_run = run(z_zero, y_zero, "triton", grad_y=True)
+    for a, b in zip(tiny_run, zero_run):
+        assert torch.equal(a, b)
+    assert (tiny_run[1][0, 1, 2] == 0).all() and (tiny_run[2][0, 0, 7] == 0).all()
+
+
 def test_bitwise_deterministic(device):
     z, y = make_inputs((1, 2, 37, 40), (1, 2, 37, 24), torch.bfloat16, device, seed=8)
     first = run(z, y, "triton", grad_y=True, upstream=0.7)

@@ -11,6 +11,12 @@ Design (memory-bound: the goal is to move each tensor once):
   neighbour frame g = f ± k (k = the clamped offsets), ||y_g||² and z_f·y_g (plus ||z_g||² and y_f·z_g
   when y needs a gradient). The neighbour values sit in (BLOCK_N, NUM_SLOTS) register tiles, one
   column per neighbour. No normalised copy and no per-offset tensor exists anywhere.
+- Huge and tiny magnitudes (SPEC §2: norms must not overflow): every token enters those sums as
+  x·2^-e, with 2^e a running power-of-two bound of its max|x| over the chunks read so far (sums are
+  rescaled exactly when a chunk raises e), so |x| up to the float32 maximum neither overflows nor
+  underflows. Cosines are scale-free and scaling by a power of two is exact: for ordinary
+  magnitudes the results are bitwise those of unscaled math (checked against the unscaled kernel
+  under the interpreter). Cost: a max and a multiply per element, free in a memory-bound kernel.
 - The program then forms its share of Σ_n Σ_g W[f,g] ẑ·ŷ_g / N and of the self similarity and writes
   them to a per-program partial (no atomics); a one-program kernel sums the partials in a fixed order.
 - The loss is linear in ŷ, so ∂loss/∂ẑ_f = -ỹ_f / (N·B') with ỹ_f = Σ_g W[f,g] ŷ_g needs only what

@@ -157,8 +157,8 @@ def token_blocks(num_tokens: int, dim: int, dtype: torch.dtype) -> TokenBlocks:
         block_n = min(triton.next_power_of_2(num_tokens), max(1, _INTERPRETER_MAX_TILE // block_d))
         return TokenBlocks(block_n=max(block_n, 1), block_d=block_d, num_warps=1)
     # Memory-bound: a tile of 2048 (half), 1024 (fp32) or 512 (fp64) elements keeps z, y and one
-    # neighbour tile in registers with no spills at 4 warps (ptxas for sm_90: 80 registers forward,
-    # 128 with dy, in bf16 at 8 x 256), so several programs share each SM.
+    # neighbour tile in registers with no spills at 4 warps (ptxas for sm_90, CREPA in bf16 at
+    # 8 x 256: 102 registers forward, 96 with dz, 165 with dz and dy), so several programs share each SM.
     tile = {torch.float64: 512, torch.float32: 1024}.get(dtype, 2048)
     block_d = max(16, min(triton.next_power_of_2(dim), tile // 8))
     block_n = min(32, tile // block_d)
