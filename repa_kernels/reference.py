@@ -27,7 +27,9 @@ def safe_normalize(x: torch.Tensor) -> torch.Tensor:
     underflow; ||x|| = max|x| * ||x / max|x|||.
     """
     x = x.to(compute_dtype(x.dtype))
-    peak = x.abs().amax(dim=-1, keepdim=True)
+    # x / ||x|| does not depend on the scale, so the scale is a constant to autograd: exact gradients,
+    # and no 1/peak² in the backward (which overflows for subnormal peaks and gave 0·inf = NaN).
+    peak = x.detach().abs().amax(dim=-1, keepdim=True)
     peak = torch.where(peak > 0, peak, torch.ones_like(peak))
     unit_scaled = x / peak
     scaled_norm = torch.linalg.vector_norm(unit_scaled, dim=-1, keepdim=True)

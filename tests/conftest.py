@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import torch
 
@@ -7,6 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A fresh inductor cache per run: a cache left by an earlier checkout can hold code compiled against an
+# older fake (meta) shape of a custom op, which inductor's cache key does not see.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="repa-inductor-"))
 # The tests choose backends explicitly; a user's override would silently change what they test.
 os.environ.pop("REPA_KERNELS_IMPL", None)
 

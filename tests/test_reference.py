@@ -251,3 +251,14 @@ def test_huge_and_small_magnitudes_match_float64(magnitude):
     truth = spec_math.crepa(z.double().numpy(), y.double().numpy(), distance=1)
     assert abs(ours.loss.item() - truth[0]) < 1e-6
     assert abs(rk.manifold_loss(z, y, impl="reference").item() - spec_math.manifold(z.double().numpy(), y.double().numpy())) < 1e-6
+
+
+@pytest.mark.parametrize("dtype, tiny", [(torch.float32, 1e-40), (torch.float64, 1e-310)])
+def test_subnormal_tokens_have_zero_gradient(dtype, tiny):
+    z = torch.randn(1, 2, 3, 4, dtype=dtype)
+    z[0, 1, 2] = tiny
+    z.requires_grad_()
+    y = torch.randn(1, 2, 3, 4, dtype=dtype)
+    (crepa_ref(z, y).loss + rk.manifold_loss(z, y, impl="reference")).backward()
+    assert torch.isfinite(z.grad).all()
+    assert (z.grad[0, 1, 2] == 0).all()
