@@ -14,6 +14,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -69,27 +71,75 @@ inline at::Tensor empty_with_huge_pages(at::IntArrayRef sizes, const at::TensorO
   return t;
 }
 
-// 1 / ||x|| for ||x|| >= kEps, else 0 (the zero-token rule).
-inline double safe_inverse_norm(double squared_norm) {
+// Huge and tiny magnitudes (SPEC §2: norms must not overflow). A row whose largest |x| lies far from 1
+// is used as x' = x 2^-e, with e the exponent of max|x| (so max|x'| is in [0.5, 1)): the power of two
+// makes the scaling exact, the squares and dot products of x' cannot overflow, ||x|| = 2^e ||x'||
+// decides the zero-token rule and 1 / ||x'|| normalises x'. This is reference.safe_normalize's
+// max-scaling, applied only where it is needed: rows with max|x| in [2^-R, 2^R] (every realistic
+// feature row) are used as they are, so the common path does the same arithmetic as without scaling.
+// R keeps every square, dot product and gradient coefficient of an unscaled row far inside the
+// accumulation type's normal range (fp32: squares <= 2^40 D, coefficients 1/||x||^2 >= 2^-40 / D).
+template <typename acc_t>
+constexpr int kUnscaledExponentLimit = std::is_same_v<acc_t, double> ? 200 : 20;
+
+// e (x is used as x 2^-e) for a row with largest magnitude `peak`: 0 when the row is used as it is:
+// peak in [2^-R, 2^R]; 0; subnormal (then ||x|| <= peak sqrt(D) << kEps: a zero token either way);
+// inf or NaN (which propagate as before).
+template <typename acc_t>
+inline int scaling_exponent(acc_t peak) {
+  if (!(peak >= std::numeric_limits<acc_t>::min()) || !std::isfinite(peak)) return 0;
+  int exponent = 0;
+  std::frexp(peak, &exponent);
+  return exponent < -kUnscaledExponentLimit<acc_t> || exponent > kUnscaledExponentLimit<acc_t> ? exponent : 0;
+}
+
+// 2^-e in acc_t, exact (a subnormal power of two for fp32 e = 128 or fp64 e = 1024 is still exact).
+template <typename acc_t>
+inline acc_t power_of_two_scale(int exponent) {
+  return std::ldexp(acc_t(1), -exponent);
+}
+
+// 1 / ||x'|| of a row used as x' = x 2^-e (e = 0: x itself), or 0 when ||x|| = 2^e ||x'|| < kEps (the
+// zero-token rule).
+inline double safe_inverse_norm(double squared_norm, int exponent = 0) {
   const double norm = std::sqrt(squared_norm);
-  return norm >= kEps ? 1.0 / norm : 0.0;
+  const double true_norm = exponent == 0 ? norm : std::ldexp(norm, exponent);
+  return true_norm >= kEps ? 1.0 / norm : 0.0;
 }
 
 // The vector primitives below are `inline` so that each SIMD clone of a kernel inlines its own copy;
 // `omp simd reduction` lets the compiler split the sums over vector lanes (a fixed order for a given
 // build and machine, whatever the thread count).
 template <typename T>
-inline void squared_norms_and_dot(const T* a, const T* b, int64_t n, T& aa, T& bb, T& ab) {
-  T saa = 0, sbb = 0, sab = 0;
-#pragma omp simd reduction(+ : saa, sbb, sab)
+struct RowPairSums {
+  T aa, bb, ab;          // ||a||², ||b||², a · b
+  T peak_a, peak_b;      // max |a|, max |b|
+};
+
+template <typename T>
+inline RowPairSums<T> squared_norms_dot_and_peaks(const T* a, const T* b, int64_t n) {
+  T saa = 0, sbb = 0, sab = 0, ma = 0, mb = 0;
+#pragma omp simd reduction(+ : saa, sbb, sab) reduction(max : ma, mb)
   for (int64_t i = 0; i < n; ++i) {
     saa += a[i] * a[i];
     sbb += b[i] * b[i];
     sab += a[i] * b[i];
+    const T abs_a = std::abs(a[i]), abs_b = std::abs(b[i]);
+    ma = ma > abs_a ? ma : abs_a;
+    mb = mb > abs_b ? mb : abs_b;
   }
-  aa = saa;
-  bb = sbb;
-  ab = sab;
+  return {saa, sbb, sab, ma, mb};
+}
+
+template <typename T>
+inline T peak_magnitude(const T* a, int64_t n) {
+  T m = 0;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) {
+    const T abs_a = std::abs(a[i]);
+    m = m > abs_a ? m : abs_a;
+  }
+  return m;
 }
 
 template <typename T>

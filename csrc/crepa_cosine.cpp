@@ -17,7 +17,12 @@
 //   dz_f = s (sum_g W[f,g] iz_f iy_g y_g - (sum_g W[f,g] cos_fg) iz_f^2 z_f),     s = loss_scale / N,
 //   dy_g = s (sum_f W[f,g] iz_f iy_g z_f - (sum_f W[f,g] cos_fg) iy_g^2 y_g),
 // with iz = 1/||z|| (0 when ||z|| < 1e-12). No normalised copies, no per-offset temporaries; fp16 /
-// bf16 rows are widened into a small per-thread fp32 buffer. Each task writes its per-frame partial
+// bf16 rows are widened into a small per-thread fp32 buffer. A row whose largest |x| is huge or tiny
+// (outside [2^-20, 2^20] in fp32, e.g. |x| ~ 1e30, whose squares overflow fp32) is used as the exact
+// power-of-two rescaled copy x' = x 2^-e in that buffer (common.h, scaling_exponent): its norm and dot
+// products cannot overflow, cosines do not change, and its gradient row is d/dx = 2^-e d/dx'. The
+// largest |x| comes with the squared norms in the same pass, so rows of ordinary size cost one max per
+// element and are computed exactly as without scaling. Each task writes its per-frame partial
 // sums into its own slot and the slots are added serially afterwards, so the result has the same
 // bits for any thread count.
 #include "module.h"  // first (it includes Python.h): PyInit__C and build_info, once for the extension
@@ -73,13 +78,15 @@ struct CrepaProblem {
 // Per-thread scratch, allocated once per parallel chunk.
 template <typename acc_t>
 struct CrepaScratch {
-  std::vector<acc_t> z_rows, y_rows, out_row;  // fp32 copies of fp16 / bf16 rows (unused otherwise)
-  std::vector<const acc_t*> z_row, y_row;
-  std::vector<double> inv_z, inv_y, self_dot, cosine, pull_z, pull_y;
+  std::vector<acc_t> z_rows, y_rows;  // fp32 copies of fp16 / bf16 rows, and rescaled copies of any row
+  std::vector<acc_t> out_row;         // fp16 / bf16 only: the gradient row before narrowing
+  std::vector<const acc_t*> z_row, y_row;  // the rows the token uses: input rows or copies
+  std::vector<int> z_exponent, y_exponent;  // row used = input row * 2^-exponent (0: as it is)
+  std::vector<double> inv_z, inv_y, self_dot, cosine, pull_z, pull_y;  // inv_*: 1 / ||row used||
 
   CrepaScratch(int64_t frames, int64_t width, int64_t num_pairs, bool widen)
-      : z_rows(widen ? frames * width : 0), y_rows(widen ? frames * width : 0), out_row(widen ? width : 0),
-        z_row(frames), y_row(frames), inv_z(frames), inv_y(frames), self_dot(frames), cosine(num_pairs),
+      : z_rows(frames * width), y_rows(frames * width), out_row(widen ? width : 0), z_row(frames), y_row(frames),
+        z_exponent(frames), y_exponent(frames), inv_z(frames), inv_y(frames), self_dot(frames), cosine(num_pairs),
         pull_z(frames), pull_y(frames) {}
 };
 
@@ -105,20 +112,35 @@ REPA_SIMD_CLONES void crepa_token_block(const CrepaProblem<scalar_t>& p, int64_t
     for (int64_t f = 0; f < T; ++f) {
       const scalar_t* z_src = p.z + b * p.z_strides[0] + f * p.z_strides[1] + n * p.z_strides[2];
       const scalar_t* y_src = p.y + b * p.y_strides[0] + f * p.y_strides[1] + n * p.y_strides[2];
+      acc_t* z_copy = s.z_rows.data() + f * D;
+      acc_t* y_copy = s.y_rows.data() + f * D;
       if constexpr (widen) {
-        convert_row(s.z_rows.data() + f * D, z_src, D);
-        convert_row(s.y_rows.data() + f * D, y_src, D);
-        s.z_row[f] = s.z_rows.data() + f * D;
-        s.y_row[f] = s.y_rows.data() + f * D;
+        convert_row(z_copy, z_src, D);
+        convert_row(y_copy, y_src, D);
+        s.z_row[f] = z_copy;
+        s.y_row[f] = y_copy;
       } else {
         s.z_row[f] = z_src;
         s.y_row[f] = y_src;
       }
-      acc_t zz, yy, zy;
-      squared_norms_and_dot(s.z_row[f], s.y_row[f], D, zz, yy, zy);
-      s.inv_z[f] = safe_inverse_norm(zz);
-      s.inv_y[f] = safe_inverse_norm(yy);
-      s.self_dot[f] = zy;
+      RowPairSums<acc_t> sums = squared_norms_dot_and_peaks(s.z_row[f], s.y_row[f], D);
+      const int ez = scaling_exponent(sums.peak_a), ey = scaling_exponent(sums.peak_b);
+      if (ez != 0) {  // rare: recompute on the exact rescaled copy (the sums above may have overflowed)
+        scale_into(z_copy, s.z_row[f], power_of_two_scale<acc_t>(ez), D);
+        s.z_row[f] = z_copy;
+        sums.aa = squared_norm(z_copy, D);
+      }
+      if (ey != 0) {
+        scale_into(y_copy, s.y_row[f], power_of_two_scale<acc_t>(ey), D);
+        s.y_row[f] = y_copy;
+        sums.bb = squared_norm(y_copy, D);
+      }
+      if (ez != 0 || ey != 0) sums.ab = dot(s.z_row[f], s.y_row[f], D);
+      s.z_exponent[f] = ez;
+      s.y_exponent[f] = ey;
+      s.inv_z[f] = safe_inverse_norm(sums.aa, ez);
+      s.inv_y[f] = safe_inverse_norm(sums.bb, ey);
+      s.self_dot[f] = sums.ab;
       s.pull_z[f] = 0.0;
       s.pull_y[f] = 0.0;
     }
@@ -143,6 +165,8 @@ REPA_SIMD_CLONES void crepa_token_block(const CrepaProblem<scalar_t>& p, int64_t
           const int64_t g = pairs.teacher[q];
           add_scaled(out, s.y_row[g], static_cast<acc_t>(p.grad_scale * pairs.weight[q] * iz * s.inv_y[g]), D);
         }
+        // out is d loss / d z' for the row used, z' = z 2^-e: d loss / d z = 2^-e d loss / d z'.
+        if (s.z_exponent[f] != 0) scale_into(out, out, power_of_two_scale<acc_t>(s.z_exponent[f]), D);
         if constexpr (widen) convert_row(dst, out, D);
       }
     }
@@ -156,6 +180,7 @@ REPA_SIMD_CLONES void crepa_token_block(const CrepaProblem<scalar_t>& p, int64_t
           const int64_t f = pairs.student[q];
           add_scaled(out, s.z_row[f], static_cast<acc_t>(p.grad_scale * pairs.weight[q] * s.inv_z[f] * iy), D);
         }
+        if (s.y_exponent[g] != 0) scale_into(out, out, power_of_two_scale<acc_t>(s.y_exponent[g]), D);
         if constexpr (widen) convert_row(dst, out, D);
       }
     }
