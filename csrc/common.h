@@ -12,6 +12,7 @@
 
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -29,6 +30,14 @@
 #else
 #define REPA_SIMD_CLONES
 #define REPA_SIMD_CLONES_NAME "compiler default target only"
+#endif
+
+// For a helper with several loops called from a SIMD-cloned kernel: GCC may otherwise keep it out of
+// line, compiled for the baseline target only (SSE2 loops inside an AVX-512 clone).
+#if defined(__GNUC__)
+#define REPA_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define REPA_ALWAYS_INLINE inline
 #endif
 
 #define REPA_STRINGIFY_(x) #x
@@ -71,29 +80,38 @@ inline at::Tensor empty_with_huge_pages(at::IntArrayRef sizes, const at::TensorO
   return t;
 }
 
-// Huge and tiny magnitudes (SPEC §2: norms must not overflow). A row whose largest |x| lies far from 1
-// is used as x' = x 2^-e, with e the exponent of max|x| (so max|x'| is in [0.5, 1)): the power of two
-// makes the scaling exact, the squares and dot products of x' cannot overflow, ||x|| = 2^e ||x'||
-// decides the zero-token rule and 1 / ||x'|| normalises x'. This is reference.safe_normalize's
-// max-scaling, applied only where it is needed: rows with max|x| in [2^-R, 2^R] (every realistic
-// feature row) are used as they are, so the common path does the same arithmetic as without scaling.
-// R keeps every square, dot product and gradient coefficient of an unscaled row far inside the
-// accumulation type's normal range (fp32: squares <= 2^40 D, coefficients 1/||x||^2 >= 2^-40 / D).
+// Huge and tiny magnitudes (SPEC §2: norms must not overflow). A row is first used as it is; when
+// its squared norm, so computed, lies outside [2^-L, 2^L] (or overflowed to inf), it is used instead as
+// x' = x 2^-e, with e the exponent of max|x| (so max|x'| is in [0.5, 1)): the power of two makes the
+// scaling exact, the squares and dot products of x' cannot overflow, ||x|| = 2^e ||x'|| decides the
+// zero-token rule and 1 / ||x'|| normalises x'. This is reference.safe_normalize's max-scaling,
+// applied only where needed: rows of every realistic size (fp32: 2^-32 <= ||x|| <= 2^32) take the
+// unscaled path, whose arithmetic is the same as without scaling (same bits, no extra pass), and
+// within which every square, dot product (<= ||z|| ||y|| <= 2^64) and gradient coefficient
+// (1 / ||x||^2 >= 2^-64) stays far inside the accumulation type's normal range.
 template <typename acc_t>
-constexpr int kUnscaledExponentLimit = std::is_same_v<acc_t, double> ? 200 : 20;
+constexpr int kUnscaledSquaredNormExponent = std::is_same_v<acc_t, double> ? 400 : 64;
 
-// e (x is used as x 2^-e) for a row with largest magnitude `peak`: 0 when the row is used as it is:
-// peak in [2^-R, 2^R]; 0; subnormal (then ||x|| <= peak sqrt(D) << kEps: a zero token either way);
-// inf or NaN (which propagate as before).
+// Whether a row whose squared norm, computed as it is, came out as `squared_norm` must be rescaled
+// (true for 0 too: the rare zero row then finds max|x| = 0 and stays as it is).
+template <typename acc_t>
+inline bool needs_rescaling(acc_t squared_norm) {
+  constexpr int L = kUnscaledSquaredNormExponent<acc_t>;
+  return !(squared_norm >= std::ldexp(acc_t(1), -L) && squared_norm <= std::ldexp(acc_t(1), L));
+}
+
+// e (the row is used as x 2^-e) for a row with largest magnitude `peak`: the exponent of peak, or 0
+// (used as it is) when peak is 0 or subnormal (then ||x|| <= peak sqrt(D) << kEps: a zero token either
+// way), inf or NaN (which propagate as without scaling).
 template <typename acc_t>
 inline int scaling_exponent(acc_t peak) {
   if (!(peak >= std::numeric_limits<acc_t>::min()) || !std::isfinite(peak)) return 0;
   int exponent = 0;
   std::frexp(peak, &exponent);
-  return exponent < -kUnscaledExponentLimit<acc_t> || exponent > kUnscaledExponentLimit<acc_t> ? exponent : 0;
+  return exponent;
 }
 
-// 2^-e in acc_t, exact (a subnormal power of two for fp32 e = 128 or fp64 e = 1024 is still exact).
+// 2^-e in acc_t, exact (also the subnormal 2^-128 for fp32, 2^-1024 for fp64).
 template <typename acc_t>
 inline acc_t power_of_two_scale(int exponent) {
   return std::ldexp(acc_t(1), -exponent);
@@ -111,35 +129,17 @@ inline double safe_inverse_norm(double squared_norm, int exponent = 0) {
 // `omp simd reduction` lets the compiler split the sums over vector lanes (a fixed order for a given
 // build and machine, whatever the thread count).
 template <typename T>
-struct RowPairSums {
-  T aa, bb, ab;          // ||a||², ||b||², a · b
-  T peak_a, peak_b;      // max |a|, max |b|
-};
-
-template <typename T>
-inline RowPairSums<T> squared_norms_dot_and_peaks(const T* a, const T* b, int64_t n) {
-  T saa = 0, sbb = 0, sab = 0, ma = 0, mb = 0;
-#pragma omp simd reduction(+ : saa, sbb, sab) reduction(max : ma, mb)
+inline void squared_norms_and_dot(const T* a, const T* b, int64_t n, T& aa, T& bb, T& ab) {
+  T saa = 0, sbb = 0, sab = 0;
+#pragma omp simd reduction(+ : saa, sbb, sab)
   for (int64_t i = 0; i < n; ++i) {
     saa += a[i] * a[i];
     sbb += b[i] * b[i];
     sab += a[i] * b[i];
-    const T abs_a = std::abs(a[i]), abs_b = std::abs(b[i]);
-    ma = ma > abs_a ? ma : abs_a;
-    mb = mb > abs_b ? mb : abs_b;
   }
-  return {saa, sbb, sab, ma, mb};
-}
-
-template <typename T>
-inline T peak_magnitude(const T* a, int64_t n) {
-  T m = 0;
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) {
-    const T abs_a = std::abs(a[i]);
-    m = m > abs_a ? m : abs_a;
-  }
-  return m;
+  aa = saa;
+  bb = sbb;
+  ab = sab;
 }
 
 template <typename T>
@@ -174,6 +174,22 @@ template <typename T>
 inline void combine_into(T* out, const T* x, T alpha, const T* y, T beta, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] = alpha * x[i] + beta * y[i];
+}
+
+// The rare rescaling path of a row x of n values whose squared norm needs_rescaling: writes x 2^-e
+// into out (which may be x) and its squared norm into squared_norm, and returns e; returns 0 and
+// leaves both alone when the row stays as it is (0, subnormal, inf or NaN peak). Out of line (and so
+// baseline-compiled) on purpose: it is rare, and it keeps the hot callers small.
+template <typename acc_t>
+__attribute__((noinline)) int rescale_row(acc_t* out, const acc_t* x, int64_t n, acc_t& squared_norm_out) {
+  acc_t peak = 0;
+  for (int64_t i = 0; i < n; ++i) peak = std::max(peak, std::abs(x[i]));
+  const int exponent = scaling_exponent(peak);
+  if (exponent != 0) {
+    scale_into(out, x, power_of_two_scale<acc_t>(exponent), n);
+    squared_norm_out = squared_norm(out, n);
+  }
+  return exponent;
 }
 
 // Ask for a row ahead of its use, one prefetch per 64-byte line (into L2: it is read a few times).

@@ -17,12 +17,11 @@
 //   dz_f = s (sum_g W[f,g] iz_f iy_g y_g - (sum_g W[f,g] cos_fg) iz_f^2 z_f),     s = loss_scale / N,
 //   dy_g = s (sum_f W[f,g] iz_f iy_g z_f - (sum_f W[f,g] cos_fg) iy_g^2 y_g),
 // with iz = 1/||z|| (0 when ||z|| < 1e-12). No normalised copies, no per-offset temporaries; fp16 /
-// bf16 rows are widened into a small per-thread fp32 buffer. A row whose largest |x| is huge or tiny
-// (outside [2^-20, 2^20] in fp32, e.g. |x| ~ 1e30, whose squares overflow fp32) is used as the exact
-// power-of-two rescaled copy x' = x 2^-e in that buffer (common.h, scaling_exponent): its norm and dot
-// products cannot overflow, cosines do not change, and its gradient row is d/dx = 2^-e d/dx'. The
-// largest |x| comes with the squared norms in the same pass, so rows of ordinary size cost one max per
-// element and are computed exactly as without scaling. Each task writes its per-frame partial
+// bf16 rows are widened into a small per-thread fp32 buffer. A row whose squared norm comes out of
+// that pass outside [2^-64, 2^64] in fp32 (e.g. |x| ~ 1e30, whose squares overflow) is used as the
+// exact power-of-two rescaled copy x' = x 2^-e in that buffer (common.h, needs_rescaling): its norm
+// and dot products cannot overflow, cosines do not change, and its gradient row is d/dx = 2^-e d/dx'.
+// Rows of ordinary size are computed exactly as without rescaling. Each task writes its per-frame partial
 // sums into its own slot and the slots are added serially afterwards, so the result has the same
 // bits for any thread count.
 #include "module.h"  // first (it includes Python.h): PyInit__C and build_info, once for the extension
@@ -123,24 +122,19 @@ REPA_SIMD_CLONES void crepa_token_block(const CrepaProblem<scalar_t>& p, int64_t
         s.z_row[f] = z_src;
         s.y_row[f] = y_src;
       }
-      RowPairSums<acc_t> sums = squared_norms_dot_and_peaks(s.z_row[f], s.y_row[f], D);
-      const int ez = scaling_exponent(sums.peak_a), ey = scaling_exponent(sums.peak_b);
-      if (ez != 0) {  // rare: recompute on the exact rescaled copy (the sums above may have overflowed)
-        scale_into(z_copy, s.z_row[f], power_of_two_scale<acc_t>(ez), D);
-        s.z_row[f] = z_copy;
-        sums.aa = squared_norm(z_copy, D);
-      }
-      if (ey != 0) {
-        scale_into(y_copy, s.y_row[f], power_of_two_scale<acc_t>(ey), D);
-        s.y_row[f] = y_copy;
-        sums.bb = squared_norm(y_copy, D);
-      }
-      if (ez != 0 || ey != 0) sums.ab = dot(s.z_row[f], s.y_row[f], D);
+      acc_t zz, yy, zy;
+      squared_norms_and_dot(s.z_row[f], s.y_row[f], D, zz, yy, zy);
+      // Rare: a huge or tiny row is used as its exact rescaled copy (zz may have overflowed).
+      const int ez = needs_rescaling(zz) ? rescale_row(z_copy, s.z_row[f], D, zz) : 0;
+      const int ey = needs_rescaling(yy) ? rescale_row(y_copy, s.y_row[f], D, yy) : 0;
+      if (ez != 0) s.z_row[f] = z_copy;
+      if (ey != 0) s.y_row[f] = y_copy;
+      if (ez != 0 || ey != 0) zy = dot(s.z_row[f], s.y_row[f], D);
       s.z_exponent[f] = ez;
       s.y_exponent[f] = ey;
-      s.inv_z[f] = safe_inverse_norm(sums.aa, ez);
-      s.inv_y[f] = safe_inverse_norm(sums.bb, ey);
-      s.self_dot[f] = sums.ab;
+      s.inv_z[f] = safe_inverse_norm(zz, ez);
+      s.inv_y[f] = safe_inverse_norm(yy, ey);
+      s.self_dot[f] = zy;
       s.pull_z[f] = 0.0;
       s.pull_y[f] = 0.0;
     }

@@ -58,14 +58,15 @@ struct SliceGrad {  // contiguous gradient rows of one slice, nullptr when not a
 };
 
 // x <- sign x / ||x|| in place (0 when ||x|| < kEps); returns 1 / ||x|| (0 for a zero token). A row
-// whose largest |x| is huge or tiny is first rescaled exactly by 2^-e (common.h), so that its squares
-// cannot overflow: 1e30 in fp32 normalises like 1. In the identity form acc_t is fp64, which holds the
-// squares of every fp32 / fp16 / bf16 value: only fp64 inputs beyond 2^±200 are rescaled there.
+// whose squared norm is out of range (common.h, needs_rescaling) is first rescaled exactly by 2^-e, so
+// that its squares cannot overflow: 1e30 in fp32 normalises like 1. In the identity form acc_t is
+// fp64, which holds the squares of every fp32 / fp16 / bf16 value: only fp64 inputs beyond ~2^±200
+// are rescaled there.
 template <typename acc_t>
-inline double normalize_in_place(acc_t* x, int64_t n, acc_t sign) {
-  const int exponent = scaling_exponent(peak_magnitude(x, n));
-  if (exponent != 0) scale_into(x, x, power_of_two_scale<acc_t>(exponent), n);
-  const double inverse = safe_inverse_norm(squared_norm(x, n), exponent);  // 1 / ||x 2^-e||
+REPA_ALWAYS_INLINE double normalize_in_place(acc_t* x, int64_t n, acc_t sign) {
+  acc_t squared = squared_norm(x, n);
+  const int exponent = needs_rescaling(squared) ? rescale_row(x, x, n, squared) : 0;
+  const double inverse = safe_inverse_norm(squared, exponent);  // 1 / ||x 2^-e||
   scale_into(x, x, sign * static_cast<acc_t>(inverse), n);
   return exponent == 0 ? inverse : std::ldexp(inverse, -exponent);
 }
@@ -239,17 +240,12 @@ static double identity_slice(SliceRows<scalar_t> z, SliceRows<scalar_t> y, int64
   return total;
 }
 
-// Multiply-adds of each form per slice with gradients, weighted by the measured GEMM rates (fp64 at
-// half the fp32 rate): the identity wins when N > 2.7 K. Calls without gradients take the same form
-// (only the tiled side's gradient GEMMs drop out, which would move the switch to N > 4 K), so that a
-// no_grad evaluation gives the training loss's bits, and between 2.7 K and 4 K they get the fp64
-// identity, which near convergence (Z ≈ Y) is far more accurate than fp32 Gram tiles: there the
-// loss's relative error is set by rounding the normalised rows to fp32 (~5e-6 median, N = 96, D = 16,
-// Y = Z + 3e-4 noise) against ~2e-8 for the identity.
-static bool identity_is_cheaper(int64_t N, int64_t K) {
+// Multiply-adds of each form per slice, weighted by the measured GEMM rates (fp64 at half the fp32
+// rate): the identity wins roughly when N > 2.7 K with gradients and N > 4 K without.
+static bool identity_is_cheaper(int64_t N, int64_t K, bool gradients) {
   const double n = static_cast<double>(N), k = static_cast<double>(K);
-  const double identity = 2.0 * 2.0 * n * k * k;
-  const double tiled = 1.5 * n * n * k;
+  const double identity = 2.0 * (gradients ? 2.0 : 1.0) * n * k * k;
+  const double tiled = (gradients ? 1.5 : 0.5) * n * n * k;
   return identity < tiled;
 }
 
@@ -269,7 +265,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> manifold_cpu(const at::Tensor& z_
   const at::Tensor z = z_in.stride(3) == 1 ? z_in : z_in.contiguous();
   const at::Tensor y = y_in.stride(3) == 1 ? y_in : y_in.contiguous();
   const int64_t B = z.size(0), T = z.size(1), N = z.size(2), Dz = z.size(3), Dy = y.size(3), slices = B * T;
-  const bool identity = path == 2 || (path == 0 && identity_is_cheaper(N, Dz + Dy));
+  const bool gradients = need_dz || need_dy;
+  const bool identity = path == 2 || (path == 0 && identity_is_cheaper(N, Dz + Dy, gradients));
   const double grad_coef = 4.0 / (static_cast<double>(slices) * static_cast<double>(N) * static_cast<double>(N));
 
   at::Tensor dz = need_dz ? empty_with_huge_pages(z.sizes(), z.options()) : at::empty({0}, z.options());
