@@ -89,15 +89,18 @@ inline at::Tensor empty_with_huge_pages(at::IntArrayRef sizes, const at::TensorO
 // unscaled path, whose arithmetic is the same as without scaling (same bits, no extra pass), and
 // within which every square, dot product (<= ||z|| ||y|| <= 2^64) and gradient coefficient
 // (1 / ||x||^2 >= 2^-64) stays far inside the accumulation type's normal range.
+// [2^-L, 2^L]: L = 64 for fp32, 400 for fp64.
 template <typename acc_t>
-constexpr int kUnscaledSquaredNormExponent = std::is_same_v<acc_t, double> ? 400 : 64;
+struct UnscaledSquaredNormRange;
+template <> struct UnscaledSquaredNormRange<float> { static constexpr float low = 0x1p-64f, high = 0x1p64f; };
+template <> struct UnscaledSquaredNormRange<double> { static constexpr double low = 0x1p-400, high = 0x1p400; };
 
 // Whether a row whose squared norm, computed as it is, came out as `squared_norm` must be rescaled
 // (true for 0 too: the rare zero row then finds max|x| = 0 and stays as it is).
 template <typename acc_t>
 inline bool needs_rescaling(acc_t squared_norm) {
-  constexpr int L = kUnscaledSquaredNormExponent<acc_t>;
-  return !(squared_norm >= std::ldexp(acc_t(1), -L) && squared_norm <= std::ldexp(acc_t(1), L));
+  using Range = UnscaledSquaredNormRange<acc_t>;
+  return !(squared_norm >= Range::low && squared_norm <= Range::high);
 }
 
 // e (the row is used as x 2^-e) for a row with largest magnitude `peak`: the exponent of peak, or 0
@@ -177,18 +180,17 @@ inline void combine_into(T* out, const T* x, T alpha, const T* y, T beta, int64_
 }
 
 // The rare rescaling path of a row x of n values whose squared norm needs_rescaling: writes x 2^-e
-// into out (which may be x) and its squared norm into squared_norm, and returns e; returns 0 and
-// leaves both alone when the row stays as it is (0, subnormal, inf or NaN peak). Out of line (and so
-// baseline-compiled) on purpose: it is rare, and it keeps the hot callers small.
+// into out (which may be x) and returns e; returns 0 and leaves out alone when the row stays as it is
+// (0, subnormal, inf or NaN peak). The caller then recomputes the row's sums with the same code as
+// for an ordinary row, so that (barring subnormals) 2^k x gives exactly the results of x: the same
+// cosines and normalised rows, bit for bit, and gradients exactly 2^-k times. Out of line (so
+// baseline-compiled: it is rare, and scaling by a power of two is exact however it is vectorised).
 template <typename acc_t>
-__attribute__((noinline)) int rescale_row(acc_t* out, const acc_t* x, int64_t n, acc_t& squared_norm_out) {
+__attribute__((noinline)) int rescale_row(acc_t* out, const acc_t* x, int64_t n) {
   acc_t peak = 0;
   for (int64_t i = 0; i < n; ++i) peak = std::max(peak, std::abs(x[i]));
   const int exponent = scaling_exponent(peak);
-  if (exponent != 0) {
-    scale_into(out, x, power_of_two_scale<acc_t>(exponent), n);
-    squared_norm_out = squared_norm(out, n);
-  }
+  if (exponent != 0) scale_into(out, x, power_of_two_scale<acc_t>(exponent), n);
   return exponent;
 }
 

@@ -122,14 +122,18 @@ REPA_SIMD_CLONES void crepa_token_block(const CrepaProblem<scalar_t>& p, int64_t
         s.z_row[f] = z_src;
         s.y_row[f] = y_src;
       }
+      // A huge or tiny row (rare) is used as its exact rescaled copy, and the sums are taken again
+      // (the first ones may have overflowed) by the same code: one call site, so the same summation
+      // order, which makes 2^k x give exactly the results of x.
       acc_t zz, yy, zy;
-      squared_norms_and_dot(s.z_row[f], s.y_row[f], D, zz, yy, zy);
-      // Rare: a huge or tiny row is used as its exact rescaled copy (zz may have overflowed).
-      const int ez = needs_rescaling(zz) ? rescale_row(z_copy, s.z_row[f], D, zz) : 0;
-      const int ey = needs_rescaling(yy) ? rescale_row(y_copy, s.y_row[f], D, yy) : 0;
-      if (ez != 0) s.z_row[f] = z_copy;
-      if (ey != 0) s.y_row[f] = y_copy;
-      if (ez != 0 || ey != 0) zy = dot(s.z_row[f], s.y_row[f], D);
+      int ez = 0, ey = 0;
+      for (bool first = true;; first = false) {
+        squared_norms_and_dot(s.z_row[f], s.y_row[f], D, zz, yy, zy);
+        if (!first) break;
+        if (needs_rescaling(zz) && (ez = rescale_row(z_copy, s.z_row[f], D)) != 0) s.z_row[f] = z_copy;
+        if (needs_rescaling(yy) && (ey = rescale_row(y_copy, s.y_row[f], D)) != 0) s.y_row[f] = y_copy;
+        if (ez == 0 && ey == 0) break;
+      }
       s.z_exponent[f] = ez;
       s.y_exponent[f] = ey;
       s.inv_z[f] = safe_inverse_norm(zz, ez);

@@ -64,8 +64,12 @@ struct SliceGrad {  // contiguous gradient rows of one slice, nullptr when not a
 // are rescaled there.
 template <typename acc_t>
 REPA_ALWAYS_INLINE double normalize_in_place(acc_t* x, int64_t n, acc_t sign) {
-  acc_t squared = squared_norm(x, n);
-  const int exponent = needs_rescaling(squared) ? rescale_row(x, x, n, squared) : 0;
+  acc_t squared;
+  int exponent = 0;
+  for (bool first = true;; first = false) {  // one call site: the same summation order after rescaling
+    squared = squared_norm(x, n);
+    if (!first || !needs_rescaling(squared) || (exponent = rescale_row(x, x, n)) == 0) break;
+  }
   const double inverse = safe_inverse_norm(squared, exponent);  // 1 / ||x 2^-e||
   scale_into(x, x, sign * static_cast<acc_t>(inverse), n);
   return exponent == 0 ? inverse : std::ldexp(inverse, -exponent);
