@@ -113,14 +113,14 @@ REPA_SIMD_CLONES void crepa_token_block(const CrepaProblem<scalar_t>& p, int64_t
       const scalar_t* y_src = p.y + b * p.y_strides[0] + f * p.y_strides[1] + n * p.y_strides[2];
       acc_t* z_copy = s.z_rows.data() + f * D;
       acc_t* y_copy = s.y_rows.data() + f * D;
+      const acc_t* z_row = z_copy;
+      const acc_t* y_row = y_copy;
       if constexpr (widen) {
         convert_row(z_copy, z_src, D);
         convert_row(y_copy, y_src, D);
-        s.z_row[f] = z_copy;
-        s.y_row[f] = y_copy;
       } else {
-        s.z_row[f] = z_src;
-        s.y_row[f] = y_src;
+        z_row = z_src;
+        y_row = y_src;
       }
       // A huge or tiny row (rare) is used as its exact rescaled copy, and the sums are taken again
       // (the first ones may have overflowed) by the same code: one call site, so the same summation
@@ -128,12 +128,14 @@ REPA_SIMD_CLONES void crepa_token_block(const CrepaProblem<scalar_t>& p, int64_t
       acc_t zz, yy, zy;
       int ez = 0, ey = 0;
       for (bool first = true;; first = false) {
-        squared_norms_and_dot(s.z_row[f], s.y_row[f], D, zz, yy, zy);
+        squared_norms_and_dot(z_row, y_row, D, zz, yy, zy);
         if (!first) break;
-        if (needs_rescaling(zz) && (ez = rescale_row(z_copy, s.z_row[f], D)) != 0) s.z_row[f] = z_copy;
-        if (needs_rescaling(yy) && (ey = rescale_row(y_copy, s.y_row[f], D)) != 0) s.y_row[f] = y_copy;
+        if (needs_rescaling(zz) && (ez = rescale_row(z_copy, z_row, D)) != 0) z_row = z_copy;
+        if (needs_rescaling(yy) && (ey = rescale_row(y_copy, y_row, D)) != 0) y_row = y_copy;
         if (ez == 0 && ey == 0) break;
       }
+      s.z_row[f] = z_row;
+      s.y_row[f] = y_row;
       s.z_exponent[f] = ez;
       s.y_exponent[f] = ey;
       s.inv_z[f] = safe_inverse_norm(zz, ez);

@@ -230,6 +230,97 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=0)
 
 
+# ---- huge and tiny magnitudes (SPEC §2: norms must not overflow) -----------------------------------
+# A row whose squared norm leaves [2^-64, 2^64] (fp32; [2^-400, 2^400] fp64) is used as its exact
+# power-of-two rescaled copy (csrc/common.h): 1e30^2 would overflow fp32, 1e-30^2 underflow it.
+
+# Token scales: huge (squares overflow fp32), beyond 2^32 (rescaled), just below it (not), ordinary,
+# tiny but a real direction (||x|| ~ 4e-11 > 1e-12, rescaled), and zero tokens (||x|| < 1e-12).
+TOKEN_SCALES = {
+    torch.float32: [1e30, 3e37, 1e10, 1e9, 1.0, 1e-3, 1e-11, 1e-14, 1e-30],
+    torch.float64: [1e300, 1e200, 1e130, 1.0, 1e-100, 1e-200],
+}
+# Gradient entries this small are fp32 subnormals (1 / ||x|| for |x| ~ 3e37): compared only through the
+# whole-tensor rule, not per scale group.
+NORMAL_GRADIENT = 1e-35
+
+
+def magnitude_pair(dtype, frames=3, seed=20):
+    """(2, frames, S², 12): token n has z scale S[n % |S|] and y scale S[n // |S|] (every pairing of
+    magnitudes, in every frame), and one token of ordinary size has a single 1e35 channel (fp32)."""
+    scales = torch.tensor(TOKEN_SCALES[torch.float64 if dtype == torch.float64 else torch.float32],
+                          dtype=torch.float64)
+    count = len(scales)
+    z, y = make_pair((2, frames, count * count, 12), torch.float64, seed)
+    index = torch.arange(count * count)
+    z_scale, y_scale = scales[index % count], scales[index // count]
+    z, y = z * z_scale[:, None], y * y_scale[:, None]
+    if dtype != torch.float64:
+        z[0, 0, 4, 3] = 1e35  # token 4: z scale 1, one dominant channel
+    return z.to(dtype), y.to(dtype), z_scale, y_scale
+
+
+def check_each_scale_group(kernel, ref, truth, token_scale, dtype, what):
+    """tests/tolerance.py's rule on the gradient rows of each token scale separately (relative to that
+    group's largest true entry), so that the tiny gradients of huge tokens are checked too."""
+    for scale in token_scale.unique():
+        rows = token_scale == scale
+        group_truth = truth[:, :, rows]
+        if group_truth.abs().max() < NORMAL_GRADIENT:
+            continue
+        assert_within_reference_error(kernel[:, :, rows], ref[:, :, rows], group_truth, dtype,
+                                      f"{what} of tokens at scale {scale.item():g}", relative=True)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_huge_and_tiny_magnitudes_match_the_float64_truth(dtype):
+    z, y, z_scale, y_scale = magnitude_pair(dtype)
+    opts = rk.CrepaOptions(distance=1, cumulative=True, normalize_neighbour_sum=True)
+    check_against_reference(z, y, opts)
+    kernel, kernel_dz, kernel_dy = run(z, y, opts, "cpp")
+    _, ref_dz, ref_dy = run(z, y, opts, "reference")
+    _, truth_dz, truth_dy = run(z.double(), y.double(), opts, "reference")
+    assert torch.isfinite(kernel.loss) and torch.isfinite(kernel_dz).all() and torch.isfinite(kernel_dy).all()
+    check_each_scale_group(kernel_dz, ref_dz, truth_dz, z_scale, dtype, "dz")
+    check_each_scale_group(kernel_dy, ref_dy, truth_dy, y_scale, dtype, "dy")
+    zero_z = z_scale * 12**0.5 * 6 < 1e-12  # |randn| < 6: ||z|| < 1e-12, a zero token
+    assert zero_z.any() and (kernel_dz[:, :, zero_z] == 0).all()
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype, z_shift, y_shift", [(torch.float32, 80, -38), (torch.bfloat16, -38, 80),
+                                                     (torch.float64, 600, -36)], ids=str)
+def test_power_of_two_scaling_gives_the_same_bits(dtype, z_shift, y_shift):
+    """2^k z: rescaled rows (2^80 x squares past fp32's range; 2^-38 x is a real direction whose norm is
+    below 2^-32) take the ordinary rows' arithmetic shifted by an exact power of two, so the cosines are
+    the same bit for bit and the gradient is 2^-k times (the shifts keep every gradient entry normal)."""
+    z, y = make_pair((2, 3, 20, 40), dtype, seed=21)
+    weights = cpp.frame_weights_flat(rk.CrepaOptions(distance=2, cumulative=True), 3)
+    plain = torch.ops.repa_kernels.crepa(z, y, weights, -0.2, True, True)
+    shifted = torch.ops.repa_kernels.crepa(z * 2.0**z_shift, y * 2.0**y_shift, weights, -0.2, True, True)
+    for field in range(3):
+        assert torch.equal(plain[field], shifted[field]), field
+    assert torch.equal(plain[3], shifted[3] * 2.0**z_shift)
+    assert torch.equal(plain[4], shifted[4] * 2.0**y_shift)
+
+
+@needs_extension
+def test_huge_magnitudes_same_bits_for_one_and_two_threads():
+    z, y, _, _ = magnitude_pair(torch.float32, frames=2, seed=22)
+    opts = rk.CrepaOptions(distance=1)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(z, y, opts, "cpp")
+        torch.set_num_threads(2)
+        two = run(z, y, opts, "cpp")
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one[0].loss, two[0].loss)
+    assert torch.equal(one[1], two[1]) and torch.equal(one[2], two[2])
+
+
 # ---- extension loading: failures become a status, never a crash ----------------------------------
 
 def test_csrc_holds_exactly_the_sources_both_builds_compile():
