@@ -161,6 +161,71 @@ def test_float64_gradcheck(path):
         assert torch.autograd.gradcheck(lambda z, y: rk.manifold_loss(z, y, impl="cpp"), (z, y))
 
 
+# ---- huge and tiny magnitudes (SPEC §2: norms must not overflow) -----------------------------------
+# Rows whose squared norm leaves [2^-64, 2^64] in the form's accumulation type (fp32 for the tiled form
+# of fp32 / fp16 / bf16 inputs; fp64 for the identity form, which holds every fp32 square, and for fp64
+# inputs: [2^-400, 2^400]) are normalised through an exact power-of-two rescaled copy (csrc/common.h).
+
+TOKEN_SCALES = {
+    torch.float32: [1e30, 3e37, 1e10, 1e9, 1.0, 1e-3, 1e-11, 1e-14, 1e-30],
+    torch.float64: [1e300, 1e200, 1e130, 1.0, 1e-100, 1e-200],
+}
+NORMAL_GRADIENT = 1e-35  # smaller gradient entries are fp32 subnormals: whole-tensor rule only
+
+
+def magnitude_pair(dtype, width_y=10, seed=20):
+    """(2, 1, S², 12) and (2, 1, S², width_y): token n has z scale S[n % |S|] and y scale S[n // |S|]
+    (every pairing of magnitudes), and one token of ordinary size a single 1e35 channel (fp32)."""
+    scales = torch.tensor(TOKEN_SCALES[torch.float64 if dtype == torch.float64 else torch.float32],
+                          dtype=torch.float64)
+    count = len(scales)
+    z, y = make_pair((2, 1, count * count, 12), width_y, torch.float64, seed)
+    index = torch.arange(count * count)
+    z_scale, y_scale = scales[index % count], scales[index // count]
+    z, y = z * z_scale[:, None], y * y_scale[:, None]
+    if dtype != torch.float64:
+        z[0, 0, 4, 3] = 1e35  # token 4: z scale 1, one dominant channel
+    return z.to(dtype), y.to(dtype), z_scale, y_scale
+
+
+def check_each_scale_group(kernel, ref, truth, token_scale, dtype, what):
+    """tests/tolerance.py's rule on the gradient rows of each token scale separately."""
+    for scale in token_scale.unique():
+        rows = token_scale == scale
+        if truth[:, :, rows].abs().max() < NORMAL_GRADIENT:
+            continue
+        assert_within_reference_error(kernel[:, :, rows], ref[:, :, rows], truth[:, :, rows], dtype,
+                                      f"{what} of tokens at scale {scale.item():g}", relative=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("path", PATHS)
+def test_huge_and_tiny_magnitudes_match_the_float64_truth(path, dtype):
+    z, y, z_scale, y_scale = magnitude_pair(dtype)
+    kernel = check_against_reference(z, y, PATHS[path])
+    ref = reference_run(z, y)
+    truth = reference_run(z.double(), y.double())
+    assert all(torch.isfinite(t).all() for t in kernel)
+    check_each_scale_group(kernel[1], ref[1], truth[1], z_scale, dtype, "dz")
+    check_each_scale_group(kernel[2], ref[2], truth[2], y_scale, dtype, "dy")
+    zero_z = z_scale * 12**0.5 * 6 < 1e-12  # |randn| < 6: ||z|| < 1e-12, a zero token
+    assert zero_z.any() and (kernel[1][:, :, zero_z] == 0).all()
+
+
+@pytest.mark.parametrize("dtype, z_shift, y_shift", [(torch.float32, 80, -38), (torch.bfloat16, -38, 80),
+                                                     (torch.float64, 600, -36)], ids=str)
+@pytest.mark.parametrize("path", PATHS)
+def test_power_of_two_scaling_gives_the_same_bits(path, dtype, z_shift, y_shift):
+    """2^k z: rescaled rows take the ordinary rows' arithmetic shifted by an exact power of two: the
+    normalised rows, hence the loss, are the same bit for bit and the gradient is 2^-k times."""
+    z, y = make_pair((2, 3, 20, 40), 24, dtype, seed=21)
+    plain = torch.ops.repa_kernels.manifold(z, y, True, True, PATHS[path])
+    shifted = torch.ops.repa_kernels.manifold(z * 2.0**z_shift, y * 2.0**y_shift, True, True, PATHS[path])
+    assert torch.equal(plain[0], shifted[0])
+    assert torch.equal(plain[1], shifted[1] * 2.0**z_shift)
+    assert torch.equal(plain[2], shifted[2] * 2.0**y_shift)
+
+
 def test_never_allocates_n_by_n():
     tokens = 600
     z, y = make_pair((1, 1, tokens, 16), 16, torch.float32, seed=9)
