@@ -36,8 +36,10 @@
 // line, compiled for the baseline target only (SSE2 loops inside an AVX-512 clone).
 #if defined(__GNUC__)
 #define REPA_ALWAYS_INLINE inline __attribute__((always_inline))
+#define REPA_NOINLINE __attribute__((noinline))
 #else
 #define REPA_ALWAYS_INLINE inline
+#define REPA_NOINLINE
 #endif
 
 #define REPA_STRINGIFY_(x) #x
@@ -81,15 +83,14 @@ inline at::Tensor empty_with_huge_pages(at::IntArrayRef sizes, const at::TensorO
 }
 
 // Huge and tiny magnitudes (SPEC §2: norms must not overflow). A row is first used as it is; when
-// its squared norm, so computed, lies outside [2^-L, 2^L] (or overflowed to inf), it is used instead as
-// x' = x 2^-e, with e the exponent of max|x| (so max|x'| is in [0.5, 1)): the power of two makes the
-// scaling exact, the squares and dot products of x' cannot overflow, ||x|| = 2^e ||x'|| decides the
-// zero-token rule and 1 / ||x'|| normalises x'. This is reference.safe_normalize's max-scaling,
-// applied only where needed: rows of every realistic size (fp32: 2^-32 <= ||x|| <= 2^32) take the
-// unscaled path, whose arithmetic is the same as without scaling (same bits, no extra pass), and
-// within which every square, dot product (<= ||z|| ||y|| <= 2^64) and gradient coefficient
-// (1 / ||x||^2 >= 2^-64) stays far inside the accumulation type's normal range.
-// [2^-L, 2^L]: L = 64 for fp32, 400 for fp64.
+// its squared norm, so computed, lies outside [2^-64, 2^64] in fp32 ([2^-400, 2^400] in fp64), or
+// overflowed to inf, it is used instead as x' = x 2^-e, with e the exponent of max|x| (so max|x'| is
+// in [0.5, 1)): the power of two makes the scaling exact, the squares and dot products of x' cannot
+// overflow, ||x|| = 2^e ||x'|| decides the zero-token rule and 1 / ||x'|| normalises x'. This is
+// reference.safe_normalize's max-scaling, applied only where needed: rows of every realistic size
+// (fp32: 2^-32 <= ||x|| <= 2^32) take the unscaled path, whose arithmetic is the same as without
+// scaling (same bits, no extra pass), and within which every square, dot product (<= ||z|| ||y|| <=
+// 2^64) and gradient coefficient (1 / ||x||^2 >= 2^-64) stays far inside the type's normal range.
 template <typename acc_t>
 struct UnscaledSquaredNormRange;
 template <> struct UnscaledSquaredNormRange<float> { static constexpr float low = 0x1p-64f, high = 0x1p64f; };
@@ -186,7 +187,7 @@ inline void combine_into(T* out, const T* x, T alpha, const T* y, T beta, int64_
 // cosines and normalised rows, bit for bit, and gradients exactly 2^-k times. Out of line (so
 // baseline-compiled: it is rare, and scaling by a power of two is exact however it is vectorised).
 template <typename acc_t>
-__attribute__((noinline)) int rescale_row(acc_t* out, const acc_t* x, int64_t n) {
+REPA_NOINLINE int rescale_row(acc_t* out, const acc_t* x, int64_t n) {
   acc_t peak = 0;
   for (int64_t i = 0; i < n; ++i) peak = std::max(peak, std::abs(x[i]));
   const int exponent = scaling_exponent(peak);
