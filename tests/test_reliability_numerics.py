@@ -38,20 +38,8 @@ def impl_param(name: str):
 IMPLS = [impl_param(name) for name in ("reference", "cpp", "triton")]
 KERNELS = [impl_param(name) for name in ("cpp", "triton")]
 
-# Found by this file: the kernels square fp32 values in fp32, so |x| ~ 1e30 overflows (1e60 > 3.4e38)
-# where the reference (and SPEC §2: norms must not overflow) takes ||x|| = max|x| * ||x / max|x|||.
-SQUARES_OVERFLOW = {
-    "cpp": [pytest.mark.xfail(strict=True, reason=(
-        "csrc/common.h squared_norms_and_dot / squared_norm accumulate x*x and z*y in float for fp32/bf16/fp16 "
-        "inputs: 1e30^2 overflows to inf, safe_inverse_norm(inf) = 0 (the token is treated as zero: wrong loss) "
-        "or inf*0 = NaN. Fix: accumulate these per-token sums in double (covers every fp32 value: 3.4e38^2 * D "
-        "< 1.8e308), or keep float with a running max m per token (s = s*(m/m_new)^2 + (x/m_new)^2; the dot "
-        "products scaled by 1/(m_z*m_y)), as reference.safe_normalize does"))],
-}
-
-
-def kernels_with_overflow_bug():
-    return [pytest.param(*p.values, id=p.id, marks=[*p.marks, *SQUARES_OVERFLOW.get(p.values[0], [])]) for p in KERNELS]
+# Found by this file and since fixed in both kernels: squaring fp32 values in fp32 overflowed at
+# |x| ~ 1e30; norms must be taken as the reference does, ||x|| = max|x| * ||x / max|x|||.
 
 
 def randn(*shape, seed=0, dtype=torch.float64):
@@ -137,18 +125,13 @@ def test_scattered_zero_and_sub_eps_tokens(impl, dtype):
 # ---- huge and tiny magnitudes --------------------------------------------------------------------
 
 MAGNITUDES = [(1e30, 1e30), (1e30, 1.0), (1e-30, 1e-30), (1e-30, 1.0), (1e30, 1e-30), (1e-6, 1e-6)]
-# (z scale, y scale, impls whose kernel has the overflow bug in that case)
-OVERFLOWING = {(1e30, 1e30): ("cpp", "triton"), (1e30, 1.0): ("cpp", "triton"), (1e30, 1e-30): ("cpp",)}
 
 
 def magnitude_cases():
     for z_scale, y_scale in MAGNITUDES:
         for p in KERNELS:
             impl = p.values[0]
-            marks = list(p.marks)
-            if impl in OVERFLOWING.get((z_scale, y_scale), ()) and impl in SQUARES_OVERFLOW:
-                marks.extend(SQUARES_OVERFLOW[impl])
-            yield pytest.param(impl, z_scale, y_scale, id=f"z{z_scale:g}_y{y_scale:g}-{impl}", marks=marks)
+            yield pytest.param(impl, z_scale, y_scale, id=f"z{z_scale:g}_y{y_scale:g}-{impl}", marks=p.marks)
 
 
 @pytest.mark.parametrize("impl, z_scale, y_scale", list(magnitude_cases()))
@@ -163,7 +146,7 @@ def test_fp32_huge_and_tiny_magnitudes(impl, z_scale, y_scale):
         assert torch.isfinite(got[key]).all()
 
 
-@pytest.mark.parametrize("impl", kernels_with_overflow_bug())
+@pytest.mark.parametrize("impl", KERNELS)
 def test_fp32_mixed_magnitudes_in_one_frame(impl):
     """Per-token scaling: tokens of 1e30, 1, 1e-3 and 1e-30 side by side, and one huge entry in a token."""
     z = randn(2, 2, 8, 12, seed=6)
@@ -186,7 +169,7 @@ def test_fp16_overflow_range(impl, scale):
     assert torch.isfinite(got["dz"]).all() and torch.isfinite(got["dy"]).all()
 
 
-@pytest.mark.parametrize("impl", kernels_with_overflow_bug())
+@pytest.mark.parametrize("impl", KERNELS)
 def test_bf16_huge_magnitudes(impl):
     z = (randn(1, 3, 5, 16, seed=10) * 1e30).bfloat16()
     y = (randn(1, 3, 5, 16, seed=11) * 1e30).bfloat16()
