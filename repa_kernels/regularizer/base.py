@@ -144,6 +144,21 @@ class AlignmentRegularizerBase(nn.Module):
                 "run the training forward with gradients enabled")
         return captured
 
+    def _begin_call(self, step: int, latents, pixels, teacher_features, *, teacher_input_required: bool = True):
+        """Checks shared by both regularizers' calls, then the schedule: (weight, cutoff, skipped), where
+        `skipped` is the finished-schedule result to return as is (nothing decoded or encoded), else None."""
+        given = [name for name, v in (("latents", latents), ("pixels", pixels),
+                                      ("teacher_features", teacher_features)) if v is not None]
+        if teacher_input_required and len(given) != 1:
+            raise ValueError(f"pass exactly one of latents=, pixels=, teacher_features= (got "
+                             f"{', '.join(given) or 'none'})")
+        check_latents(latents)
+        self._require_finite(step, latents=latents, pixels=pixels, teacher_features=teacher_features)
+        weight = self.schedule.weight(step)
+        cutoff = self.schedule.cutoff_active(step)
+        skipped = self._skipped(cutoff) if self.schedule.finished(step) else None
+        return weight, cutoff, skipped
+
     def _require_finite(self, step: int, **tensors: torch.Tensor | None) -> None:
         """With check_finite=True, raise on NaN/Inf in any given tensor (one host sync per tensor);
         otherwise non-finite values propagate to the loss and stay out of the similarity EMA."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..functional import crepa_loss_with_options
-from .base import AlignmentRegularizerBase, check_latents, load_config, model_device, model_list, scalar
+from .base import AlignmentRegularizerBase, load_config, model_device, model_list, scalar
 from .capture import HiddenStateCapture, detect_family, grid_from_latents, unwrap_model
 from .config import CrepaConfig
 from .encoder import FrozenEncoder
@@ -121,21 +121,13 @@ class CrepaRegularizer(AlignmentRegularizerBase):
 
         Returns (λ-weighted loss, a float32 scalar with grad; logs of detached scalar tensors).
         """
-        given = [name for name, v in (("latents", latents), ("pixels", pixels),
-                                      ("teacher_features", teacher_features)) if v is not None]
-        if self.backbone:
-            if pixels is not None or teacher_features is not None:
-                raise ValueError("backbone mode (crepa_use_backbone_features) takes its teacher from block "
-                                 f"{self.config.crepa_teacher_block_index}; do not pass pixels or teacher_features")
-        elif len(given) != 1:
-            raise ValueError(f"pass exactly one of latents=, pixels=, teacher_features= (got "
-                             f"{', '.join(given) or 'none'})")
-        check_latents(latents)
-        self._require_finite(step, latents=latents, pixels=pixels, teacher_features=teacher_features)
-        weight = self.schedule.weight(step)
-        cutoff = self.schedule.cutoff_active(step)
-        if self.schedule.finished(step):
-            return self._skipped(cutoff)
+        if self.backbone and (pixels is not None or teacher_features is not None):
+            raise ValueError("backbone mode (crepa_use_backbone_features) takes its teacher from block "
+                             f"{self.config.crepa_teacher_block_index}; do not pass pixels or teacher_features")
+        weight, cutoff, skipped = self._begin_call(step, latents, pixels, teacher_features,
+                                                   teacher_input_required=not self.backbone)
+        if skipped is not None:
+            return skipped
 
         captured = self._consume()
         grid = self._student_grid(captured, latents, pixels, token_grid)

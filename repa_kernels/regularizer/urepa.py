@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..functional import urepa_loss
-from .base import AlignmentRegularizerBase, check_latents, load_config, model_device, model_list, scalar
+from .base import AlignmentRegularizerBase, load_config, model_device, model_list, scalar
 from .capture import HiddenStateCapture, detect_family, unwrap_model
 from .config import UrepaConfig
 from .encoder import FrozenEncoder
@@ -90,17 +90,9 @@ class UrepaRegularizer(AlignmentRegularizerBase):
 
         Returns (λ-weighted loss with grad; logs of detached scalar tensors).
         """
-        given = [name for name, v in (("latents", latents), ("pixels", pixels),
-                                      ("teacher_features", teacher_features)) if v is not None]
-        if len(given) != 1:
-            raise ValueError(f"pass exactly one of latents=, pixels=, teacher_features= (got "
-                             f"{', '.join(given) or 'none'})")
-        check_latents(latents)
-        self._require_finite(step, latents=latents, pixels=pixels, teacher_features=teacher_features)
-        weight = self.schedule.weight(step)
-        cutoff = self.schedule.cutoff_active(step)
-        if self.schedule.finished(step):
-            return self._skipped(cutoff)
+        weight, cutoff, skipped = self._begin_call(step, latents, pixels, teacher_features)
+        if skipped is not None:
+            return skipped
 
         captured = self._consume()
         device = self._device()
