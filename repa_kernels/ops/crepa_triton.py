@@ -45,6 +45,22 @@ _FINALIZE_BLOCK = 1024
 
 
 @triton.jit
+def _accumulate_neighbour(other, own, column, nb_sq, nb_dot, nb_exp, ACC: tl.constexpr):
+    """Add one channel chunk of a neighbour frame's rows `other` to the neighbour slot `column`: its
+    squared norm and its dot with the program's own rows `own`, both kept at the scale 2^-nb_exp of
+    the running per-token exponent (rescaled exactly when this chunk raises it)."""
+    old = tl.sum(tl.where(column, nb_exp, 0), 1)
+    new = running_exponent(old, other, ACC)
+    other = other * power_of_two(-new, ACC)[:, None]
+    nb_sq = tl.where(column, nb_sq * power_of_two(2 * (old - new), ACC)[:, None]
+                     + tl.sum(other * other, 1)[:, None], nb_sq)
+    nb_dot = tl.where(column, nb_dot * power_of_two(old - new, ACC)[:, None]
+                      + tl.sum(own * other, 1)[:, None], nb_dot)
+    nb_exp = tl.where(column, new[:, None], nb_exp)
+    return nb_sq, nb_dot, nb_exp
+
+
+@triton.jit
 def _frame_scale(frame, num_frames, offset_start, num_offsets, inv_tau,
                  NORMALIZE_NEIGHBOUR_SUM: tl.constexpr, ACC: tl.constexpr):
     """c(frame) of SPEC §2.1 for a scalar or a tensor of (int64) frame indices."""
@@ -132,25 +148,12 @@ def _crepa_fused_kernel(
             column = slots[None, :] == slot
             y_other = tl.load(y_rows[:, None] + other * stride_yt + chans[None, :] * stride_yd,
                               mask=mask_other, other=0.0).to(ACC)
-            old_g = tl.sum(tl.where(column, nb_exp_y, 0), 1)
-            new_g = running_exponent(old_g, y_other, ACC)
-            y_other = y_other * power_of_two(-new_g, ACC)[:, None]
-            nb_yy = tl.where(column, nb_yy * power_of_two(2 * (old_g - new_g), ACC)[:, None]
-                             + tl.sum(y_other * y_other, 1)[:, None], nb_yy)
-            nb_zy = tl.where(column, nb_zy * power_of_two(old_g - new_g, ACC)[:, None]
-                             + tl.sum(z_tile * y_other, 1)[:, None], nb_zy)
-            nb_exp_y = tl.where(column, new_g[:, None], nb_exp_y)
+            nb_yy, nb_zy, nb_exp_y = _accumulate_neighbour(y_other, z_tile, column, nb_yy, nb_zy, nb_exp_y, ACC)
             if NEED_DY:
                 z_other = tl.load(z_rows[:, None] + other * stride_zt + chans[None, :] * stride_zd,
                                   mask=mask_other, other=0.0).to(ACC)
-                old_g = tl.sum(tl.where(column, nb_exp_z, 0), 1)
-                new_g = running_exponent(old_g, z_other, ACC)
-                z_other = z_other * power_of_two(-new_g, ACC)[:, None]
-                nb_zz = tl.where(column, nb_zz * power_of_two(2 * (old_g - new_g), ACC)[:, None]
-                                 + tl.sum(z_other * z_other, 1)[:, None], nb_zz)
-                nb_yz = tl.where(column, nb_yz * power_of_two(old_g - new_g, ACC)[:, None]
-                                 + tl.sum(y_tile * z_other, 1)[:, None], nb_yz)
-                nb_exp_z = tl.where(column, new_g[:, None], nb_exp_z)
+                nb_zz, nb_yz, nb_exp_z = _accumulate_neighbour(z_other, y_tile, column, nb_zz, nb_yz, nb_exp_z,
+                                                               ACC)
 
     # Frame weights: W[f, g] = c(f)·exp(-|g − f|/tau) for the in-clip neighbours, c(f) on the diagonal.
     slot_frames = _neighbour_frame(frame, slots.to(tl.int64), offset_start)
