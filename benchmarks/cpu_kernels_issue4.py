@@ -2,10 +2,12 @@
 
     python benchmarks/cpu_kernels_issue4.py [--rounds 7] [--out benchmarks/results/cpu_kernels_issue4.csv]
 
-Time: every (workload, provider, mode) case runs once per round, rounds interleaved so that load
-from other processes spreads over all cases; median, p20, p80 and min of the rounds; 2 torch threads.
+Time: one workload after the other (as in training, where the shapes repeat step after step); within
+a workload every (provider, mode) case runs once per round, rounds interleaved so that load from other
+processes spreads over the providers compared; median, p20, p80 and min of the rounds; 2 torch threads.
 Memory: peak RSS (VmHWM, reset through /proc/self/clear_refs) above the RSS just before one
-forward+backward, after a warm-up call, in a fresh subprocess per case; the inputs are allocated before.
+forward+backward, after a warm-up call, in a fresh subprocess per case; the inputs are allocated before,
+and the cpp backend's cache of freed buffers is emptied before, so its gradient buffers count.
 The reference under torch.compile compiles `reference.crepa` / `reference.manifold` directly.
 """
 
@@ -94,6 +96,7 @@ def measure_memory(workload: str, provider: str) -> float:
     step(fn, z, y, "forward+backward")
     z.grad = None
     gc.collect()
+    cpp.release_cached_buffers()
     before = read_kb("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -102,21 +105,21 @@ def measure_memory(workload: str, provider: str) -> float:
 
 
 def measure_time(rounds: int) -> dict:
-    cases = []
+    times: dict = {}
     for workload in WORKLOADS:
         z, y = make_inputs(workload)
+        cases = []
         for provider in PROVIDERS:
             fn = objective(workload, provider)
             for mode in MODES:
                 step(fn, z, y, mode)  # warm-up, compiles
-                cases.append((workload, provider, mode, fn, z, y))
-    times: dict = {}
-    for _ in range(rounds):
-        for workload, provider, mode, fn, z, y in cases:
-            gc.collect()
-            start = time.perf_counter()
-            step(fn, z, y, mode)
-            times.setdefault((workload, provider, mode), []).append((time.perf_counter() - start) * 1e3)
+                cases.append((provider, mode, fn))
+        for _ in range(rounds):
+            for provider, mode, fn in cases:
+                gc.collect()
+                start = time.perf_counter()
+                step(fn, z, y, mode)
+                times.setdefault((workload, provider, mode), []).append((time.perf_counter() - start) * 1e3)
     return times
 
 
@@ -153,7 +156,8 @@ def main() -> int:
     rows = []
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     notes = (f"2 cores shared with other jobs: load average {load_before:.1f} before, {load_after:.1f} after; "
-             f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}; {args.notes}").strip("; ")
+             f"REPA_KERNELS_CPU_CACHE_MB={os.environ.get('REPA_KERNELS_CPU_CACHE_MB', 'unset')}; "
+             f"{args.notes}").strip("; ")
     for (workload, provider, mode), values in times.items():
         values = sorted(values)
         row = dict(workload=workload, shape=WORKLOADS[workload]["label"], dtype="float32", provider=provider,

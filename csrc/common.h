@@ -18,9 +18,7 @@
 #include <limits>
 #include <type_traits>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
+#include "buffer_cache.h"
 
 // Hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time (GCC
 // function multi-versioning), so one build serves any x86-64 machine at full vector width.
@@ -61,25 +59,6 @@ inline void check_supported_dtype(const char* op, at::ScalarType dtype) {
 
 inline at::ScalarType compute_scalar_type(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// at::empty whose pages, for a large tensor, are backed by transparent huge pages where the kernel
-// allows it (THP mode "madvise", the default of many distributions): the first touch of a fresh
-// 40 MB gradient otherwise costs ~10,000 page faults, which measured here as long as the kernel pass
-// itself. Same idea as PyTorch's opt-in THP_MEM_ALLOC_ENABLE=1, applied to our own outputs only.
-inline at::Tensor empty_with_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE) && !defined(REPA_NO_HUGE_PAGES)
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  const size_t bytes = t.nbytes();
-  if (bytes >= 2 * kHugePage) {
-    const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-    const uintptr_t last = (begin + bytes) & ~(kHugePage - 1);
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice only
-  }
-#endif
-  return t;
 }
 
 // Huge and tiny magnitudes (SPEC §2: norms must not overflow). A row is first used as it is; when

@@ -214,8 +214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crepa_cpu
   const FramePairs pairs = frame_pairs(frame_weights, T);
   const int64_t blocks = (N + kTokensPerTask - 1) / kTokensPerTask, tasks = B * blocks;
 
-  at::Tensor dz = need_dz ? empty_with_huge_pages(z.sizes(), z.options()) : at::empty({0}, z.options());
-  at::Tensor dy = need_dy ? empty_with_huge_pages(y.sizes(), y.options()) : at::empty({0}, y.options());
+  at::Tensor dz = need_dz ? cached_empty(z.sizes(), z.options()) : at::empty({0}, z.options());
+  at::Tensor dy = need_dy ? cached_empty(y.sizes(), y.options()) : at::empty({0}, y.options());
   std::vector<double> partial(static_cast<size_t>(tasks) * 2 * T, 0.0);  // per task: total[T], self[T]
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "repa_kernels::crepa", [&] {

@@ -147,7 +147,7 @@ static double tiled_slice(SliceRows<scalar_t> z, SliceRows<scalar_t> y, int64_t 
   using acc_t = acc_type<scalar_t>;
   const int64_t Dz = z.width, Dy = y.width, K = Dz + Dy;
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor a_signed = empty_with_huge_pages({N, K}, options);  // [ẑ | -ŷ]
+  at::Tensor a_signed = cached_empty({N, K}, options);  // [ẑ | -ŷ]
   std::vector<double> inv(2 * N);  // 1 / ||z_n||, then 1 / ||y_n||
   acc_t* a_data = a_signed.mutable_data_ptr<acc_t>();
   double* inv_data = inv.data();
@@ -157,7 +157,7 @@ static double tiled_slice(SliceRows<scalar_t> z, SliceRows<scalar_t> y, int64_t 
 
   // Gradient columns: [0, Dz) for dz, [Dz, K) for dy.
   const int64_t c0 = dz.base != nullptr ? 0 : Dz, c1 = dy.base != nullptr ? K : Dz, nc = c1 - c0;
-  at::Tensor grad_a = nc > 0 ? empty_with_huge_pages({N, nc}, options).zero_() : at::Tensor();
+  at::Tensor grad_a = nc > 0 ? cached_empty({N, nc}, options).zero_() : at::Tensor();
   const int64_t tile = std::min(N, kTileRows);
   at::Tensor row_tile = at::empty({tile, K}, options);
   at::Tensor gram_storage = at::empty({tile * tile}, options);
@@ -201,7 +201,7 @@ static double identity_slice(SliceRows<scalar_t> z, SliceRows<scalar_t> y, int64
   const int64_t Dz = z.width, Dy = y.width, K = Dz + Dy;
   const int64_t chunk = std::min(N, std::max<int64_t>(64, kIdentityChunkElements / K));
   const auto options = at::TensorOptions().dtype(at::kDouble);
-  at::Tensor a_chunk = empty_with_huge_pages({chunk, K}, options);  // [ẑ | ŷ] rows of one chunk
+  at::Tensor a_chunk = cached_empty({chunk, K}, options);  // [ẑ | ŷ] rows of one chunk
   std::vector<double> inv(2 * chunk);
   double* a_data = a_chunk.mutable_data_ptr<double>();
   double* inv_data = inv.data();
@@ -225,7 +225,7 @@ static double identity_slice(SliceRows<scalar_t> z, SliceRows<scalar_t> y, int64
   gram.narrow(0, 0, Dz).narrow(1, Dz, Dy).neg_();  // M -> S M S
   gram.narrow(0, Dz, Dy).narrow(1, 0, Dz).neg_();
   at::Tensor sms = gram.narrow(1, c0, nc);
-  at::Tensor grad_chunk = empty_with_huge_pages({chunk, nc}, options);
+  at::Tensor grad_chunk = cached_empty({chunk, nc}, options);
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
     const int64_t rows = std::min(chunk, N - r0);
     normalize_chunk(r0, rows);
@@ -273,8 +273,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> manifold_cpu(const at::Tensor& z_
   const bool identity = path == 2 || (path == 0 && identity_is_cheaper(N, Dz + Dy, gradients));
   const double grad_coef = 4.0 / (static_cast<double>(slices) * static_cast<double>(N) * static_cast<double>(N));
 
-  at::Tensor dz = need_dz ? empty_with_huge_pages(z.sizes(), z.options()) : at::empty({0}, z.options());
-  at::Tensor dy = need_dy ? empty_with_huge_pages(y.sizes(), y.options()) : at::empty({0}, y.options());
+  at::Tensor dz = need_dz ? cached_empty(z.sizes(), z.options()) : at::empty({0}, z.options());
+  at::Tensor dy = need_dy ? cached_empty(y.sizes(), y.options()) : at::empty({0}, y.options());
   std::vector<double> slice_sums(slices, 0.0);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "repa_kernels::manifold", [&] {

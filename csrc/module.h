@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #ifndef REPA_BUILD_KIND
 #define REPA_BUILD_KIND unknown
@@ -55,7 +56,23 @@ static std::string build_info() {
 
 }  // namespace repa
 
-TORCH_LIBRARY_FRAGMENT(repa_kernels, m) { m.def("build_info() -> str", &repa::build_info); }
+namespace repa {
+
+static int64_t cpu_cache_release() { return BufferCache::instance().release_cached(); }
+
+// [limit_bytes, cached_bytes, cached_blocks, hits, misses]
+static std::vector<int64_t> cpu_cache_stats() {
+  const BufferCache::Stats s = BufferCache::instance().stats();
+  return {s.limit_bytes, s.cached_bytes, s.cached_blocks, s.hits, s.misses};
+}
+
+}  // namespace repa
+
+TORCH_LIBRARY_FRAGMENT(repa_kernels, m) {
+  m.def("build_info() -> str", &repa::build_info);
+  m.def("cpu_cache_release() -> int", &repa::cpu_cache_release);
+  m.def("cpu_cache_stats() -> int[]", &repa::cpu_cache_stats);
+}
 
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "repa_kernels C++ CPU kernels", -1, nullptr};

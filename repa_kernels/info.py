@@ -83,7 +83,19 @@ def _extension_facts() -> dict:
         if state.build_seconds is not None:
             facts["build seconds"] = round(state.build_seconds, 1)
         facts.update(cpp.build_info())
+        facts["buffer cache"] = _buffer_cache_fact(cpp)
     return facts
+
+
+def _buffer_cache_fact(cpp) -> str:
+    try:
+        cache = cpp.cpu_cache_stats()
+    except RuntimeError as exc:  # a bad REPA_KERNELS_CPU_CACHE_MB: the kernels will raise the same
+        return f"unusable: {exc}"
+    if cache["limit_bytes"] == 0:
+        return "off (REPA_KERNELS_CPU_CACHE_MB=0)"
+    return (f"keeps up to {cache['limit_bytes'] >> 20} MB of freed gradient and scratch buffers for reuse "
+            f"(REPA_KERNELS_CPU_CACHE_MB); now {cache['cached_bytes'] >> 20} MB in {cache['cached_blocks']} blocks")
 
 
 def render(facts: dict) -> str:

@@ -11,7 +11,8 @@ process's libraries), over a mode's timed calls; for `backward` that includes th
   CUDA: torch.cuda.max_memory_allocated() above memory_allocated() with the inputs alive.
   CPU:  each (workload, provider) runs in its own subprocess (`run_isolated`); its peak RSS (VmHWM)
         is reset through /proc/self/clear_refs after warm-up and read after the timed calls, above the
-        RSS at the reset. glibc is told to return every block >= 64 KiB to the OS on free
+        RSS at the reset. The cpp backend's cache of freed buffers is emptied before the reset, so a
+        provider's peak includes every buffer it needs. glibc is told to return every block >= 64 KiB to the OS on free
         (MALLOC_MMAP_THRESHOLD_), so freed tensors leave RSS and cannot hide a later peak.
 
 Device peaks (`device_peaks`): copy bandwidth from a large device-to-device copy (bytes read +
@@ -111,6 +112,9 @@ class RssMemoryProbe:
     method = "peak RSS (VmHWM) above the inputs, own subprocess"
 
     def start(self) -> None:
+        # The cpp backend keeps freed large buffers for reuse: give them back first, so that the
+        # baseline holds only the inputs and the buffers a call needs count towards its peak.
+        release_cached_cpu_buffers()
         if not can_reset_peak_rss():
             raise RuntimeError("cannot reset the peak RSS through /proc/self/clear_refs")
         self.baseline_kib = _proc_status_kib("VmRSS")
@@ -129,6 +133,13 @@ class NoMemoryProbe:
 
     def stop(self) -> None:
         return None
+
+
+def release_cached_cpu_buffers() -> int:
+    """Bytes freed from the cpp backend's buffer cache (0 when the extension was not loaded)."""
+    from ..ops import cpp
+
+    return cpp.release_cached_buffers() if cpp.is_loaded() else 0
 
 
 def memory_probe(device: torch.device, isolated: bool):

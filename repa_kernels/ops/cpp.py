@@ -12,6 +12,11 @@ needed, and the backward only scales them by the upstream gradient: in eager mod
 (`_AdoptedGradients`), under tracing through the ops' registered autograd. Fake (meta) kernels make
 both ops opaque single nodes under `torch.compile(fullgraph=True)`. Double backward is not supported
 (the gradient does not depend on z and y differentiably).
+
+Large gradients and scratch buffers come from a small cache in the extension (csrc/buffer_cache.h):
+freed ones are kept for the next call of the same shapes, which then skips the page faults of fresh
+memory (on crepa-cpu these cost more than the kernel pass). `release_cached_buffers()` frees them;
+REPA_KERNELS_CPU_CACHE_MB bounds the cache (default 2048, 0 turns it off).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ JIT_NAME = "repa_kernels_cpp"
 # Compiler flags of both builds; setup.py reads these two lists from this file.
 EXTRA_CFLAGS = ["-O3", "-fopenmp", "-g0"]  # -g0: Python's own CFLAGS add -g (6 MB of debug info)
 EXTRA_LDFLAGS = ["-fopenmp"]
-SOURCE_FILES = ("common.h", "module.h", "crepa_cosine.cpp", "manifold.cpp")
+SOURCE_FILES = ("buffer_cache.h", "common.h", "module.h", "crepa_cosine.cpp", "manifold.cpp")
 HOW_TO_BUILD = ("build it ahead of time with `pip install --no-build-isolation -e .` (or without -e) in an "
                 "environment that has torch, a C++20 compiler and ninja; or use impl='reference'")
 
@@ -147,6 +152,28 @@ def build_info() -> dict[str, str]:
         return {}
     lines = torch.ops.repa_kernels.build_info().splitlines()
     return dict(line.split(": ", 1) for line in lines if ": " in line)
+
+
+def is_loaded() -> bool:
+    """Whether the extension is loaded already (never starts loading or building it)."""
+    return _state is not None and _state.loaded
+
+
+def cpu_cache_stats() -> dict[str, int]:
+    """The C++ buffer cache's figures: limit_bytes, cached_bytes, cached_blocks, hits, misses."""
+    _require()
+    values = torch.ops.repa_kernels.cpu_cache_stats()
+    return dict(zip(("limit_bytes", "cached_bytes", "cached_blocks", "hits", "misses"), values))
+
+
+def release_cached_buffers() -> int:
+    """Frees the large gradient and scratch buffers the C++ kernels keep for reuse; returns the bytes.
+
+    The kernels keep up to REPA_KERNELS_CPU_CACHE_MB (default 2048; 0 turns it off) of freed buffers
+    so that the next call of the same shapes skips the page faults of fresh memory; a call with new
+    shapes frees the old ones. Call this to give that memory back to the OS now."""
+    _require()
+    return int(torch.ops.repa_kernels.cpu_cache_release())
 
 
 def _require() -> None:
