@@ -11,12 +11,13 @@ Bytes that must move (E_z = B·T·N·Dz·itemsize, E_y likewise; SPEC §8):
 
 FLOPs counted against the matmul peak (manifold and U-REPA; S = B·T slices, K = Dz + Dy): the least
 dense-matmul work of two known forms of the loss, whichever is smaller for the shape,
-  Gram form      (E = Ẑ·Ẑᵀ − Ŷ·Ŷᵀ, N x N)   forward 2·S·N²·K      backward dZ ∝ E·Ẑ: 2·S·N²·Dz
+  Gram form      (E = Ẑ·Ẑᵀ − Ŷ·Ŷᵀ, N x N)   forward S·N²·K        backward dZ ∝ E·Ẑ: 2·S·N²·Dz
   identity form  (M = Aᵀ·A, A = [Ẑ | Ŷ], K x K, since ||E||² = Σ ± M_ij²)
-                                            forward 2·S·N·K²      backward dZ ∝ A·(S·M·S): 2·S·N·K·Dz
+                                            forward S·N·K²        backward dZ ∝ A·(S·M·S): 2·S·N·K·Dz
 (+ the same again for dY when y needs grad; the workloads keep y frozen). forward+backward is the sum.
-This is a lower bound: no symmetry saving is assumed (a triangular Gram halves the Gram form's
-forward), nor recomputation (a backward that rebuilds E does the forward's work again). The cosine
+The forwards count half the products of a full matmul: E and M are symmetric, so only their upper
+triangle needs computing. This is a lower bound: no recomputation is charged (a backward that
+rebuilds E does the forward's work again). The cosine
 terms are element-wise (a few FLOPs per element): CREPA is bound by bytes alone, and U-REPA's cosine
 adds only bytes. The time bound of a row is max(bytes / copy bandwidth, FLOPs / matmul throughput).
 
@@ -137,8 +138,8 @@ class Workload:
         if self.op == "crepa":
             return {"none": 0}
         slices, n, width = self.batch * self.frames, self.tokens, self.width_z + self.width_y
-        forms = {"gram": (2 * slices * n * n * width, 2 * slices * n * n * self.width_z),
-                 "identity": (2 * slices * n * width * width, 2 * slices * n * width * self.width_z)}
+        forms = {"gram": (slices * n * n * width, 2 * slices * n * n * self.width_z),  # forwards: symmetric
+                 "identity": (slices * n * width * width, 2 * slices * n * width * self.width_z)}
         pick = {"forward": lambda f, b: f, "backward": lambda f, b: b, "forward+backward": lambda f, b: f + b}[mode]
         return {name: pick(*counts) for name, counts in forms.items()}
 
