@@ -147,3 +147,21 @@ def test_a_bad_cache_setting_is_refused_by_name(value):
     assert completed.stdout.strip() == (
         "REPA_KERNELS_CPU_CACHE_MB must be a whole number of megabytes from 0 to 1073741824 (0 turns the CPU "
         f"buffer cache off), got '{value}'")
+
+
+def test_threads_sharing_the_cache_get_their_own_buffers_and_correct_gradients():
+    """Autograd and user threads may free and take blocks at once: each call still gets a block nobody
+    else holds, and the gradients match a serial run bit for bit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pairs = [make_pair(CREPA_SHAPES[torch.float32], torch.float32, seed=seed) for seed in range(4)]
+    expected = [gradients("crepa", z, y)[0].clone() for z, y in pairs]
+
+    def work(index):
+        z, y = pairs[index % len(pairs)]
+        dz, _ = gradients("crepa", z, y)
+        return index % len(pairs), dz.clone()
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for index, dz in pool.map(work, range(24)):
+            assert torch.equal(dz, expected[index])
