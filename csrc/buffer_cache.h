@@ -15,7 +15,7 @@
 //     its limit (REPA_KERNELS_CPU_CACHE_MB, default 2048; 0 turns caching off), in which case it is
 //     freed;
 //   - every block is written in full by the kernel that asks for it (no zeroing is promised).
-// release_cached() frees the free blocks (torch.ops.repa_kernels.cpu_cache_release, exposed as
+// release_cached() frees the free blocks (torch.ops.repa_kernels.buffer_cache_release, exposed as
 // repa_kernels.ops.cpp.release_cached_buffers()); the cache is thread-safe.
 #pragma once
 

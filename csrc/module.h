@@ -58,10 +58,10 @@ static std::string build_info() {
 
 namespace repa {
 
-static int64_t cpu_cache_release() { return BufferCache::instance().release_cached(); }
+static int64_t buffer_cache_release() { return BufferCache::instance().release_cached(); }
 
 // [limit_bytes, cached_bytes, cached_blocks, hits, misses]
-static std::vector<int64_t> cpu_cache_stats() {
+static std::vector<int64_t> buffer_cache_stats() {
   const BufferCache::Stats s = BufferCache::instance().stats();
   return {s.limit_bytes, s.cached_bytes, s.cached_blocks, s.hits, s.misses};
 }
@@ -70,8 +70,8 @@ static std::vector<int64_t> cpu_cache_stats() {
 
 TORCH_LIBRARY_FRAGMENT(repa_kernels, m) {
   m.def("build_info() -> str", &repa::build_info);
-  m.def("cpu_cache_release() -> int", &repa::cpu_cache_release);
-  m.def("cpu_cache_stats() -> int[]", &repa::cpu_cache_stats);
+  m.def("buffer_cache_release() -> int", &repa::buffer_cache_release);
+  m.def("buffer_cache_stats() -> int[]", &repa::buffer_cache_stats);
 }
 
 extern "C" PyObject* PyInit__C(void) {

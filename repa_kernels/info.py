@@ -89,7 +89,7 @@ def _extension_facts() -> dict:
 
 def _buffer_cache_fact(cpp) -> str:
     try:
-        cache = cpp.cpu_cache_stats()
+        cache = cpp.buffer_cache_stats()
     except RuntimeError as exc:  # a bad REPA_KERNELS_CPU_CACHE_MB: the kernels will raise the same
         return f"unusable: {exc}"
     if cache["limit_bytes"] == 0:

@@ -66,11 +66,11 @@ def test_a_recycled_buffer_filled_with_nan_gives_the_same_bits_as_a_fresh_one(op
     fresh_dz.fill_(float("nan"))  # whatever a recycled block holds must be overwritten in full
     fresh_dy.fill_(float("nan"))
     del fresh_dz, fresh_dy
-    before = cpp.cpu_cache_stats()
+    before = cpp.buffer_cache_stats()
     assert before["cached_blocks"] >= 2
 
     dz, dy = gradients(op, z, y)
-    after = cpp.cpu_cache_stats()
+    after = cpp.buffer_cache_stats()
     assert {dz.data_ptr(), dy.data_ptr()} <= pointers  # the gradients were served from the cache
     assert after["hits"] - before["hits"] >= 2
     assert after["misses"] == before["misses"]
@@ -93,19 +93,19 @@ def test_new_shapes_free_the_stale_blocks_and_release_returns_everything():
     small = make_pair((1, 2, 1100, 300), torch.float32, seed=0)  # 2.5 MiB: 4 MiB blocks
     large = make_pair((1, 2, 2300, 300), torch.float32, seed=0)  # 5.3 MiB: 6 MiB blocks
     gradients("crepa", *small)
-    assert cpp.cpu_cache_stats()["cached_bytes"] == 2 * 4 * MIB
+    assert cpp.buffer_cache_stats()["cached_bytes"] == 2 * 4 * MIB
     gradients("crepa", *large)  # a miss: the small blocks go
-    assert cpp.cpu_cache_stats()["cached_bytes"] == 2 * 6 * MIB
+    assert cpp.buffer_cache_stats()["cached_bytes"] == 2 * 6 * MIB
     assert cpp.release_cached_buffers() == 2 * 6 * MIB
-    stats = cpp.cpu_cache_stats()
+    stats = cpp.buffer_cache_stats()
     assert stats["cached_bytes"] == 0 and stats["cached_blocks"] == 0
 
 
 def test_small_gradients_bypass_the_cache():
     z, y = make_pair((1, 3, 37, 67), torch.float32, seed=0)
-    before = cpp.cpu_cache_stats()
+    before = cpp.buffer_cache_stats()
     gradients("crepa", z, y)
-    after = cpp.cpu_cache_stats()
+    after = cpp.buffer_cache_stats()
     assert (after["hits"], after["misses"], after["cached_bytes"]) == (before["hits"], before["misses"], 0)
 
 
@@ -127,7 +127,7 @@ def test_the_limit_holds_and_zero_turns_the_cache_off(value):
         for _ in range(3):
             rk.crepa_loss(z, y, impl="cpp").loss.backward()
             z.grad = None
-        stats = cpp.cpu_cache_stats()
+        stats = cpp.buffer_cache_stats()
         assert stats["limit_bytes"] == int({value}) << 20, stats
         assert stats["cached_bytes"] == 0 and stats["hits"] == 0 and stats["misses"] == 3, stats
         print("ok")

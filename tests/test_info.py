@@ -29,7 +29,7 @@ def test_info_text_reports_versions_backends_and_extension(capsys):
         assert f"  how: {cpp.extension().how}" in out
         assert "  flags: " + " ".join(cpp.extension().flags) in out
         assert "  openmp: " in out and "  compiler: " in out
-        limit_mb = cpp.cpu_cache_stats()["limit_bytes"] >> 20
+        limit_mb = cpp.buffer_cache_stats()["limit_bytes"] >> 20
         assert ("  buffer cache: off" if limit_mb == 0 else
                 f"  buffer cache: keeps up to {limit_mb} MB of freed gradient and scratch buffers") in out
 

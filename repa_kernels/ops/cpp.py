@@ -159,10 +159,10 @@ def is_loaded() -> bool:
     return _state is not None and _state.loaded
 
 
-def cpu_cache_stats() -> dict[str, int]:
+def buffer_cache_stats() -> dict[str, int]:
     """The C++ buffer cache's figures: limit_bytes, cached_bytes, cached_blocks, hits, misses."""
     _require()
-    values = torch.ops.repa_kernels.cpu_cache_stats()
+    values = torch.ops.repa_kernels.buffer_cache_stats()
     return dict(zip(("limit_bytes", "cached_bytes", "cached_blocks", "hits", "misses"), values))
 
 
@@ -173,7 +173,7 @@ def release_cached_buffers() -> int:
     so that the next call of the same shapes skips the page faults of fresh memory; a call with new
     shapes frees the old ones. Call this to give that memory back to the OS now."""
     _require()
-    return int(torch.ops.repa_kernels.cpu_cache_release())
+    return int(torch.ops.repa_kernels.buffer_cache_release())
 
 
 def _require() -> None:
