@@ -1,9 +1,9 @@
 // A small cache of large CPU buffers for the kernels' gradients and scratch tensors.
 //
 // Why: a fresh 40 MB gradient each training step costs more than the kernel pass that fills it. glibc
-// serves blocks of >= 32 MB (and, after a free, smaller ones too once trimmed) with a new mmap, and the
-// first touch of every page then faults and the OS zeroes it: measured here 16.5 ms to allocate and fill
-// a (1, 13, 1024, 768) fp32 tensor against 1.4 ms to fill one that is already mapped. PyTorch's CUDA
+// serves blocks of 32 MB and more with a new mmap each time (and returns them on free), and the first
+// touch of every page then faults and the OS zeroes it: measured here 16.5 ms to allocate and fill a
+// (1, 13, 1024, 768) fp32 tensor against 1.4 ms to fill one that is already mapped. PyTorch's CUDA
 // caching allocator keeps freed blocks for the same reason; its CPU allocator does not. This cache does
 // it for our own large outputs and scratch only:
 //   - a request of >= kMinCachedBytes is rounded up to whole 2 MiB huge pages and served from a free

@@ -12,8 +12,9 @@ process's libraries), over a mode's timed calls; for `backward` that includes th
   CPU:  each (workload, provider) runs in its own subprocess (`run_isolated`); its peak RSS (VmHWM)
         is reset through /proc/self/clear_refs after warm-up and read after the timed calls, above the
         RSS at the reset. The cpp backend's cache of freed buffers is emptied before the reset, so a
-        provider's peak includes every buffer it needs. glibc is told to return every block >= 64 KiB to the OS on free
-        (MALLOC_MMAP_THRESHOLD_), so freed tensors leave RSS and cannot hide a later peak.
+        provider's peak includes every buffer it needs. glibc is told to return every block >= 64 KiB
+        to the OS on free (MALLOC_MMAP_THRESHOLD_), so freed tensors leave RSS and cannot hide a later
+        peak.
 
 Device peaks (`device_peaks`): copy bandwidth from a large device-to-device copy (bytes read +
 written), matmul throughput from a square matmul in the workload dtype; the best of a few runs.
