@@ -101,6 +101,20 @@ def test_isolated_cpu_peak_memory_sees_the_gram_matrices():
     assert "VmHWM" in result.memory_method
 
 
+def test_isolated_cpu_peak_memory_counts_the_gradient_the_cpp_cache_keeps():
+    # dZ is 9 MiB; after warm-up the C++ buffer cache holds its block, so the probe must empty the cache
+    # before taking the baseline, or the gradient would not count at all.
+    from repa_kernels.ops import cpp
+
+    if not cpp.status()[0]:
+        pytest.skip(f"C++ extension unavailable: {cpp.status()[1]}")
+    workload = Workload("cache-probe", "crepa", 1, 3, 1024, 768, 768, "float32", "cpu", ci=True)
+    (result,) = measure.run_isolated(workload, "cpp", ["forward+backward"], repeats=2, warmup=2)
+    assert result.status == "ok", result.reason
+    gradient_bytes = 3 * 1024 * 768 * 4
+    assert gradient_bytes <= result.peak_extra_bytes < 3 * gradient_bytes, result.peak_extra_bytes
+
+
 def test_time_mode_rejects_bad_repeats():
     workload = get_workload("crepa-cpu-ci")
     z, y = workload.make_inputs("cpu")
