@@ -119,15 +119,89 @@ def test_block_index_past_the_end_names_model_index_and_count():
 
 
 def test_unsupported_family_lists_the_supported_ones():
-    class MyDiT(nn.Module):
+    class NotADiT(nn.Module):
         def __init__(self):
             super().__init__()
-            self.blocks = nn.ModuleList([nn.Linear(4, 4)])
+            self.stages = nn.ModuleList([nn.Linear(4, 4)])   # no transformer_blocks / blocks / layers
+            self.blocks = nn.ModuleList()                      # an empty list is no list of blocks
 
     with pytest.raises(CaptureError) as info:
-        HiddenStateCapture([MyDiT()], 0)
+        HiddenStateCapture([NotADiT()], 0)
+    message = str(info.value)
+    assert "NotADiT is not a supported model family" in message
     for family in FAMILIES:
-        assert family.name in str(info.value)
+        assert family.name in message
+    assert "dit: any other image DiT whose blocks sit in an nn.ModuleList named transformer_blocks / blocks / " \
+           "layers" in message
+
+
+# ---- the generic `dit` family: any other image DiT with a list of blocks (SPEC §7) --------------------
+
+def _square_latents(seed: int = 3) -> torch.Tensor:
+    return torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+
+
+GENERIC_BUILDERS = {"diffusers-dit": tm.tiny_dit, "plain-sit": tm.TinySiT}
+
+
+@pytest.mark.parametrize("builder", list(GENERIC_BUILDERS))
+def test_generic_dit_token_order_perturbing_one_latent_pixel_moves_its_token_most(builder):
+    model = GENERIC_BUILDERS[builder]()
+    hidden_size = None if builder == "diffusers-dit" else 16
+    base = _square_latents()
+
+    def capture_once(latents):
+        capture = HiddenStateCapture([model], 1, hidden_size=hidden_size)
+        try:
+            with torch.no_grad():
+                tm.tiny_forward(model, latents)
+            return capture.consume()
+        finally:
+            capture.detach()
+
+    reference = capture_once(base)
+    assert reference.family.name == "dit" and reference.family.kind == "image"
+    assert reference.grid == (1, 4, 4) == grid_from_latents(reference.family, model, base)
+    for row, col in ((5, 7), (0, 2), (7, 1)):
+        moved = base.clone()
+        moved[0, 1, row, col] += 20.0
+        change = (capture_once(moved).student - reference.student).norm(dim=-1)
+        change = tokens_to_grid(change.unsqueeze(-1), reference.grid)[0, 0, ..., 0]
+        where = (change == change.max()).nonzero()[0].tolist()
+        assert where == [row // 2, col // 2], (builder, row, col)
+
+
+def test_generic_dit_reads_blocks_hidden_size_and_patch_from_the_diffusers_config():
+    model = tm.tiny_dit()
+    family = detect_family(model)
+    assert family.name == "dit" and family.block_lists == ("transformer_blocks",)
+    capture = HiddenStateCapture([model], 2)
+    assert capture.hidden_size == 16 and family.latent_patch_size(model) == (1, 2, 2)
+    capture.detach()
+    with pytest.raises(CaptureError, match="crepa_block_index=3 is out of range for DiTTransformer2DModel, which "
+                                           "has 3 blocks \\(3 transformer_blocks"):
+        HiddenStateCapture([model], 3)
+
+
+def test_generic_dit_without_a_config_asks_for_hidden_size_and_uses_its_patch_size_attribute():
+    model = tm.TinySiT()
+    with pytest.raises(CaptureError) as info:
+        HiddenStateCapture([model], 0)
+    message = str(info.value)
+    assert "cannot read the hidden size of TinySiT" in message and "hidden_size=" in message
+    assert "config.hidden_size" in message
+    assert detect_family(model).latent_patch_size(model) == (1, 2, 2)
+    del model.patch_size
+    with pytest.raises(CaptureError, match="cannot read the patch size of TinySiT .*pass token_grid="):
+        detect_family(model).latent_patch_size(model)
+
+
+def test_generic_dit_blocks_returning_tuples_are_refused_with_what_is_supported():
+    model = tm.TinySiT(block_output="tuple")
+    capture = HiddenStateCapture([model], 0, hidden_size=16)
+    with pytest.raises(CaptureError, match="returned tuple, not a tensor .*TinySiT here.* one \\(B, S, C\\) tensor"):
+        tm.tiny_forward(model, _square_latents())
+    capture.detach()
 
 
 def test_kandinsky5_sparse_attention_token_order_is_unpermuted():

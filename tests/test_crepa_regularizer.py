@@ -101,6 +101,34 @@ def test_every_family_end_to_end(family):
     assert reg.frames_encoded == latents.shape[0] * (latents.shape[2] if latents.dim() == 5 else 1)
 
 
+@pytest.mark.parametrize("builder", ["diffusers-dit", "plain-sit"])
+def test_a_dit_of_no_known_family_end_to_end(builder):
+    """SPEC §7: any image DiT with a list of blocks (here diffusers' DiTTransformer2DModel, and a plain
+    module without a config that needs hidden_size=)."""
+    transformer = (tm.tiny_dit() if builder == "diffusers-dit" else tm.TinySiT()).train()
+    latents = _latents((2, 4, 8, 8))
+    reg = CrepaRegularizer.from_config(BASE, transformer=transformer, vae=tm.tiny_image_vae(),
+                                       encoder=tm.tiny_dinov2(), impl="reference",
+                                       hidden_size=None if builder == "diffusers-dit" else 16)
+    assert reg.family.name == "dit"
+    tm.tiny_forward(transformer, latents)
+    loss, logs = reg(latents=latents, step=0)
+    loss.backward()
+    assert torch.isfinite(loss) and reg.projector.linear.weight.grad.abs().sum() > 0
+    assert _block_grads(transformer.transformer_blocks if builder == "diffusers-dit" else transformer.blocks) == \
+        [True, True, False]
+
+
+def test_a_dit_whose_sequence_holds_more_than_the_image_tokens_is_refused():
+    transformer = tm.TinySiT(block_output="cls").train()   # a class token before the 16 image tokens
+    latents = _latents((1, 4, 8, 8))
+    reg = CrepaRegularizer.from_config(BASE, transformer=transformer, vae=tm.tiny_image_vae(),
+                                       encoder=tm.tiny_dinov2(), impl="reference", hidden_size=16)
+    tm.tiny_forward(transformer, latents)
+    with pytest.raises(ValueError, match="captured hidden states has 17 tokens but the token grid \\(1, 4, 4\\)"):
+        reg(latents=latents, step=0)
+
+
 def test_flux_with_pixels_lays_packed_tokens_on_the_frame_aspect():
     transformer = tm.tiny_flux().train()
     reg = CrepaRegularizer.from_config(BASE, transformer=transformer, encoder=tm.tiny_dinov2(), impl="reference")

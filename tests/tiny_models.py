@@ -102,6 +102,58 @@ def tiny_sana(num_layers: int = 3):
         caption_channels=TEXT_DIM, mlp_ratio=2.0, sample_size=8, patch_size=1))
 
 
+def tiny_dit(num_layers: int = 3):
+    """diffusers' class-conditional DiT: no dedicated family, captured as the generic `dit` (square
+    latents only: its position embedding and unpatchify assume sample_size x sample_size)."""
+    from diffusers import DiTTransformer2DModel
+    return _seeded(lambda: DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        num_layers=num_layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10))
+
+
+class TinySiT(torch.nn.Module):
+    """A plain SiT-style module (no diffusers config): patchify, `blocks`, unpatchify; `forward(x, t)`.
+
+    block_output: "tensor" (B, S, C), "tuple" ((B, S, C), None), or "cls" (a class token prepended)."""
+
+    def __init__(self, width: int = 16, patch_size: int = 2, num_layers: int = 3, block_output: str = "tensor"):
+        super().__init__()
+        torch.manual_seed(SEED)
+        self.patch_size = patch_size
+        self.block_output = block_output
+        self.embed = torch.nn.Conv2d(LATENT_CHANNELS, width, patch_size, stride=patch_size)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, width))
+        self.blocks = torch.nn.ModuleList(_SiTBlock(width, block_output) for _ in range(num_layers))
+        self.head = torch.nn.Linear(width, LATENT_CHANNELS * patch_size * patch_size)
+        self.eval()
+
+    def forward(self, x, t):
+        b, _, h, w = x.shape
+        p = self.patch_size
+        tokens = self.embed(x).flatten(2).transpose(1, 2) + t.view(-1, 1, 1) / 1000.0
+        if self.block_output == "cls":
+            tokens = torch.cat([self.cls.expand(b, -1, -1), tokens], dim=1)
+        for block in self.blocks:
+            tokens = block(tokens)
+            tokens = tokens[0] if isinstance(tokens, tuple) else tokens
+        tokens = tokens[:, 1:] if self.block_output == "cls" else tokens
+        out = self.head(tokens).view(b, h // p, w // p, LATENT_CHANNELS, p, p)
+        return out.permute(0, 3, 1, 4, 2, 5).reshape(b, LATENT_CHANNELS, h, w)
+
+
+class _SiTBlock(torch.nn.Module):
+    def __init__(self, width: int, block_output: str):
+        super().__init__()
+        self.mix = torch.nn.MultiheadAttention(width, 2, batch_first=True)
+        self.mlp = torch.nn.Sequential(torch.nn.LayerNorm(width), torch.nn.Linear(width, width), torch.nn.GELU())
+        self.returns_tuple = block_output == "tuple"
+
+    def forward(self, tokens):
+        tokens = tokens + self.mix(tokens, tokens, tokens, need_weights=False)[0]
+        tokens = tokens + self.mlp(tokens)
+        return (tokens, None) if self.returns_tuple else tokens
+
+
 def tiny_unet():
     from diffusers import UNet2DConditionModel
     return _seeded(lambda: UNet2DConditionModel(
@@ -243,6 +295,11 @@ def tiny_forward(model, latents: torch.Tensor, timestep: float = 500.0):
                      added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
     if name == "SanaTransformer2DModel":
         return model(latents, _text(batch), t, return_dict=False)[0]
+    if name == "DiTTransformer2DModel":
+        return model(latents, timestep=t.long(), class_labels=torch.ones(batch, dtype=torch.long),
+                     return_dict=False)[0]
+    if name == "TinySiT":
+        return model(latents, t)
     if name == "UNet2DConditionModel":
         return model(latents, t, _text(batch), return_dict=False)[0]
     raise ValueError(f"tiny_forward does not know {name}")

@@ -17,6 +17,13 @@ family: classes; blocks in index order; block output; where the token grid (T, H
 - pixart: PixArtTransformer2DModel; `transformer_blocks`; (B, S, C); input (B, C, H, W) / patch.
 - sana: SanaTransformer2DModel; `transformer_blocks`; (B, S, C); input (B, C, H, W) / patch.
 - unet: UNet2DConditionModel, UNet2DModel; `mid_block`; (B, C, h, w) -> (B, h*w, C); (1, h, w).
+- dit (any other image DiT, SPEC §7): a model of no family above whose blocks sit in an nn.ModuleList
+  named `transformer_blocks`, `blocks` or `layers` (the first found), e.g. diffusers' DiTTransformer2DModel
+  or HunyuanDiT2DModel, or a plain SiT-style module; blocks must return the image tokens as one
+  (B, S, C) tensor in row-major patch order; hidden size from config.num_attention_heads*
+  attention_head_dim, hidden_size, inner_dim, model_dim or dim (else `hidden_size=`); patch size from
+  config.patch_size or the model's `patch_size` attribute; input (B, C, H, W) / patch. Sequences with
+  other tokens (class, register or text tokens) do not match the grid and are refused, never guessed.
 
 (*) With sparse attention (`sparse_params["to_fractal"]`) Kandinsky5 orders tokens in 8x8 local windows;
 the capture un-permutes them to frame-major, row-major order.
@@ -94,6 +101,26 @@ def _no_grid(model, bound: dict[str, Any]) -> TokenGrid | None:
     return None
 
 
+def _patch_of(model) -> tuple[int, int, int] | None:
+    """A generic DiT's patch size: config.patch_size, else a `patch_size` attribute; None if neither."""
+    for source in (getattr(model, "config", None), model):
+        patch = getattr(source, "patch_size", None) if source is not None else None
+        if isinstance(patch, int) and not isinstance(patch, bool) and patch > 0:
+            return _patch3(patch)
+        if isinstance(patch, (tuple, list)) and patch and all(isinstance(p, int) and p > 0 for p in patch):
+            return _patch3(patch)
+    return None
+
+
+def _grid_generic(model, bound: dict[str, Any]) -> TokenGrid | None:
+    # diffusers calls the input hidden_states; SiT-style modules take it first, often as x
+    x = bound.get("hidden_states", next(iter(bound.values()), None))
+    patch = _patch_of(model)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or patch is None:
+        return None
+    return TokenGrid(1, x.shape[2] // patch[1], x.shape[3] // patch[2])
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """How to find, read and lay out one family's block hidden states."""
@@ -128,6 +155,13 @@ class ModelFamily:
             return self.latent_patch
         if self.name == "ltx_video":
             return int(model.config.patch_size_t), int(model.config.patch_size), int(model.config.patch_size)
+        if self.name == GENERIC_FAMILY:
+            patch = _patch_of(model)
+            if patch is None:
+                raise CaptureError(f"cannot read the patch size of {type(model).__name__} to lay its tokens on the "
+                                   "latents' grid: tried config.patch_size and the model's patch_size attribute; "
+                                   "pass token_grid=(1, rows, columns) to the regularizer call instead")
+            return patch
         return _patch3(model.config.patch_size)
 
 
@@ -155,8 +189,25 @@ FAMILIES: tuple[ModelFamily, ...] = (
 )
 
 
+GENERIC_FAMILY = "dit"
+GENERIC_BLOCK_LISTS = ("transformer_blocks", "blocks", "layers")
+GENERIC_HIDDEN_SIZE_KEYS = (_HEADS_TIMES_DIM, "hidden_size", "inner_dim", "model_dim", "dim")
+
+
+def generic_family(model: nn.Module) -> ModelFamily | None:
+    """The `dit` family for an image DiT of no known family, found by its list of blocks; else None."""
+    for attr in GENERIC_BLOCK_LISTS:
+        blocks = getattr(model, attr, None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return ModelFamily(GENERIC_FAMILY, (type(model).__name__,), "image", (attr,), GENERIC_HIDDEN_SIZE_KEYS,
+                               grid_from_inputs=_grid_generic)
+    return None
+
+
 def supported_families_text() -> str:
-    return "; ".join(f"{f.name} ({', '.join(f.class_names)})" for f in FAMILIES)
+    return ("; ".join(f"{f.name} ({', '.join(f.class_names)})" for f in FAMILIES)
+            + f"; and {GENERIC_FAMILY}: any other image DiT whose blocks sit in an nn.ModuleList named "
+            + " / ".join(GENERIC_BLOCK_LISTS) + " and return (B, S, C) image tokens")
 
 
 _DATA_PARALLEL = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
@@ -181,6 +232,9 @@ def detect_family(model: nn.Module) -> ModelFamily:
     for family in FAMILIES:
         if names & set(family.class_names):
             return family
+    generic = generic_family(model)
+    if generic is not None:
+        return generic
     raise CaptureError(f"{type(model).__name__} is not a supported model family; supported: "
                        f"{supported_families_text()}")
 
@@ -195,7 +249,7 @@ def _config_value(config, key: str):
         channels = getattr(config, "block_out_channels", None)
         return int(channels[-1]) if channels else None
     value = getattr(config, key, None)
-    return value if isinstance(value, int) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def hidden_size_of(model: nn.Module, family: ModelFamily, argument: str = "hidden_size") -> int:
@@ -358,7 +412,11 @@ class HiddenStateCapture:
                                    f"{type(output).__name__}")
             output = output[family.image_output_index]
         if not isinstance(output, torch.Tensor):
-            raise CaptureError(f"the captured {family.name} block returned {type(output).__name__}, not a tensor")
+            generic = (f" (a model outside the known families ({type(self.models[0]).__name__} here) is supported "
+                       "when its blocks return the image tokens as one (B, S, C) tensor)"
+                       if family.name == GENERIC_FAMILY else "")
+            raise CaptureError(f"the captured {family.name} block returned {type(output).__name__}, not a tensor"
+                               + generic)
         if family.kind == "unet":
             if output.dim() != 4:
                 raise CaptureError(f"UNet mid_block output should be (B, C, h, w), got {tuple(output.shape)}")
