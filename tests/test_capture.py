@@ -141,13 +141,13 @@ def _square_latents(seed: int = 3) -> torch.Tensor:
     return torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
 
 
-GENERIC_BUILDERS = {"diffusers-dit": tm.tiny_dit, "plain-sit": tm.TinySiT}
+GENERIC_BUILDERS = {"diffusers-dit": tm.tiny_dit, "hunyuan-dit": tm.tiny_hunyuan_dit, "plain-sit": tm.TinySiT}
 
 
 @pytest.mark.parametrize("builder", list(GENERIC_BUILDERS))
 def test_generic_dit_token_order_perturbing_one_latent_pixel_moves_its_token_most(builder):
     model = GENERIC_BUILDERS[builder]()
-    hidden_size = None if builder == "diffusers-dit" else 16
+    hidden_size = 16 if builder == "plain-sit" else None
     base = _square_latents()
 
     def capture_once(latents):

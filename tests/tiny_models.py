@@ -111,6 +111,17 @@ def tiny_dit(num_layers: int = 3):
         num_layers=num_layers, sample_size=8, patch_size=2, num_embeds_ada_norm=10))
 
 
+def tiny_hunyuan_dit(num_layers: int = 4):
+    """HunyuanDiT (blocks in `blocks`, long skips between its halves: an even number of layers):
+    captured as the generic `dit`."""
+    from diffusers import HunyuanDiT2DModel
+    return _seeded(lambda: HunyuanDiT2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=LATENT_CHANNELS, patch_size=2, sample_size=8,
+        hidden_size=16, num_layers=num_layers, cross_attention_dim=TEXT_DIM, cross_attention_dim_t5=TEXT_DIM,
+        pooled_projection_dim=8, text_len=TEXT_TOKENS, text_len_t5=TEXT_TOKENS,
+        use_style_cond_and_image_meta_size=False, learn_sigma=False))
+
+
 class TinySiT(torch.nn.Module):
     """A plain SiT-style module (no diffusers config): patchify, `blocks`, unpatchify; `forward(x, t)`.
 
@@ -297,6 +308,14 @@ def tiny_forward(model, latents: torch.Tensor, timestep: float = 500.0):
         return model(latents, _text(batch), t, return_dict=False)[0]
     if name == "DiTTransformer2DModel":
         return model(latents, timestep=t.long(), class_labels=torch.ones(batch, dtype=torch.long),
+                     return_dict=False)[0]
+    if name == "HunyuanDiT2DModel":
+        from diffusers.models.embeddings import get_2d_rotary_pos_embed
+        rows, cols = latents.shape[2] // 2, latents.shape[3] // 2
+        rope = get_2d_rotary_pos_embed(8, ((0, 0), (rows, cols)), (rows, cols))
+        mask = torch.ones(batch, TEXT_TOKENS)
+        return model(latents, t, encoder_hidden_states=_text(batch), text_embedding_mask=mask,
+                     encoder_hidden_states_t5=_text(batch), text_embedding_mask_t5=mask, image_rotary_emb=rope,
                      return_dict=False)[0]
     if name == "TinySiT":
         return model(latents, t)
