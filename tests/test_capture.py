@@ -23,8 +23,8 @@ def _latents(video: bool, seed: int = 3) -> torch.Tensor:
     return torch.randn(shape, generator=generator)
 
 
-def _capture_once(model, latents, block=0):
-    capture = HiddenStateCapture([model], block)
+def _capture_once(model, latents, block=0, hidden_size=None):
+    capture = HiddenStateCapture([model], block, hidden_size=hidden_size)
     try:
         with torch.no_grad():
             tm.tiny_forward(model, latents)
@@ -149,23 +149,14 @@ def test_generic_dit_token_order_perturbing_one_latent_pixel_moves_its_token_mos
     model = GENERIC_BUILDERS[builder]()
     hidden_size = 16 if builder == "plain-sit" else None
     base = _square_latents()
-
-    def capture_once(latents):
-        capture = HiddenStateCapture([model], 1, hidden_size=hidden_size)
-        try:
-            with torch.no_grad():
-                tm.tiny_forward(model, latents)
-            return capture.consume()
-        finally:
-            capture.detach()
-
-    reference = capture_once(base)
+    reference = _capture_once(model, base, block=1, hidden_size=hidden_size)
     assert reference.family.name == "dit" and reference.family.kind == "image"
     assert reference.grid == (1, 4, 4) == grid_from_latents(reference.family, model, base)
     for row, col in ((5, 7), (0, 2), (7, 1)):
         moved = base.clone()
         moved[0, 1, row, col] += 20.0
-        change = (capture_once(moved).student - reference.student).norm(dim=-1)
+        change = (_capture_once(model, moved, block=1, hidden_size=hidden_size).student
+                  - reference.student).norm(dim=-1)
         change = tokens_to_grid(change.unsqueeze(-1), reference.grid)[0, 0, ..., 0]
         where = (change == change.max()).nonzero()[0].tolist()
         assert where == [row // 2, col // 2], (builder, row, col)
