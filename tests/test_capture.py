@@ -187,6 +187,13 @@ def test_generic_dit_without_a_config_asks_for_hidden_size_and_uses_its_patch_si
         detect_family(model).latent_patch_size(model)
 
 
+def test_video_latents_for_a_generic_dit_say_which_video_families_exist():
+    model = tm.tiny_dit()
+    with pytest.raises(ValueError, match="taken for a generic image DiT; video models are supported in the families "
+                                         "wan, ltx_video, sana_video, kandinsky5"):
+        grid_from_latents(detect_family(model), model, torch.zeros(1, 4, 3, 8, 8))
+
+
 def test_generic_dit_blocks_returning_tuples_are_refused_with_what_is_supported():
     model = tm.TinySiT(block_output="tuple")
     capture = HiddenStateCapture([model], 0, hidden_size=16)

@@ -496,7 +496,13 @@ def grid_from_latents(family: ModelFamily, model: nn.Module, latents: torch.Tens
                              f"{tuple(latents.shape)}{hint}")
         return TokenGrid(latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw)
     if latents.dim() != 4:
+        hint = ""
+        if family.name == "flux":
+            hint = " (Flux's packed (B, S, 4C) tokens: pass the latents before packing)"
+        elif family.name == GENERIC_FAMILY and latents.dim() == 5:
+            video = ", ".join(f.name for f in FAMILIES if f.kind == "video")
+            hint = (f" ({type(model).__name__} was taken for a generic image DiT; video models are supported in the "
+                    f"families {video})")
         raise ValueError(f"latents for {family.name} must be unpacked (B, C, H, W), got shape {tuple(latents.shape)}"
-                         + (" (Flux's packed (B, S, 4C) tokens: pass the latents before packing)"
-                            if family.name == "flux" else ""))
+                         + hint)
     return TokenGrid(1, latents.shape[2] // ph, latents.shape[3] // pw)
