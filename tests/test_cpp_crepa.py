@@ -4,6 +4,8 @@ float64 ground truth (tests/tolerance.py), plus the op registration, determinism
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -343,6 +345,38 @@ def test_missing_sources_give_a_reason_and_how_to_build(tmp_path, monkeypatch):
     assert not state.loaded
     assert "were not found in" in state.reason and str(tmp_path) in state.reason
     assert "pip install --no-build-isolation" in state.reason
+
+
+JIT_BUILD_SCRIPT = """
+import sys, torch
+import repa_kernels as rk
+from repa_kernels.ops import cpp
+state = cpp.load_extension(prebuilt=None, build_directory=sys.argv[1], name="repa_kernels_jit_for_test")
+assert state.loaded and state.how == "jit", state.reason
+cpp._state = state
+cpp._register_python_parts()
+z = torch.randn(2, 3, 37, 67, requires_grad=True)
+y = torch.randn(2, 3, 37, 67)
+kernel = rk.crepa_loss(z, y, impl="cpp").loss
+kernel.backward()
+dz = z.grad
+z.grad = None
+rk.crepa_loss(z, y, impl="reference").loss.backward()
+torch.testing.assert_close(kernel, rk.crepa_loss(z, y, impl="reference").loss)
+torch.testing.assert_close(dz, z.grad)
+print("jit ok", torch.ops.repa_kernels.buffer_cache_stats()[0] > 0)
+"""
+
+
+def test_a_just_in_time_build_from_the_sources_loads_and_matches_the_reference(tmp_path):
+    """The path of an install without the prebuilt module: compile csrc/ with cpp_extension.load in a fresh
+    process (the ops cannot be registered twice in this one) and compute a loss and gradient with it."""
+    if cpp.find_sources(cpp.source_dir_candidates()) is None:
+        pytest.skip("csrc/ sources not found")
+    completed = subprocess.run([sys.executable, "-c", JIT_BUILD_SCRIPT, str(tmp_path)], capture_output=True,
+                               text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip().splitlines()[-1] == "jit ok True"
 
 
 def test_failed_jit_build_gives_a_reason(tmp_path, caplog, monkeypatch):
