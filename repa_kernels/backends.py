@@ -51,7 +51,7 @@ def triton_status(device: torch.device) -> tuple[bool, str]:
         ops("triton")
     except Exception as exc:  # an import error in our kernels must say what it is
         return False, f"the Triton kernels failed to import: {type(exc).__name__}: {exc}"
-    return True, "Triton interpreter" if device.type == "cpu" else "compiled Triton kernels"
+    return True, "Triton interpreter" if triton_interpreter_enabled() else "compiled Triton kernels"
 
 
 def cpp_status(device: torch.device) -> tuple[bool, str]:
@@ -75,6 +75,13 @@ def status(name: str, device: torch.device) -> tuple[bool, str]:
     raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
 
 
+def check_impl(impl: str) -> str:
+    """`impl` if it is one of IMPL_CHOICES, else a ValueError naming it and the valid choices."""
+    if impl not in IMPL_CHOICES:
+        raise ValueError(f"impl={impl!r} is not valid; valid: {', '.join(IMPL_CHOICES)}")
+    return impl
+
+
 def requested_impl(impl: str) -> str:
     """`impl`, unless REPA_KERNELS_IMPL overrides it; validated either way."""
     override = os.environ.get(ENV_VAR)
@@ -82,9 +89,7 @@ def requested_impl(impl: str) -> str:
         if override not in IMPL_CHOICES:
             raise ValueError(f"{ENV_VAR}={override!r} is not a valid impl; valid: {', '.join(IMPL_CHOICES)}")
         return override
-    if impl not in IMPL_CHOICES:
-        raise ValueError(f"impl={impl!r} is not valid; valid: {', '.join(IMPL_CHOICES)}")
-    return impl
+    return check_impl(impl)
 
 
 def resolve(impl: str, device: torch.device) -> str:
@@ -104,6 +109,8 @@ def resolve(impl: str, device: torch.device) -> str:
     if preferred is None:
         return "reference"
     ok, reason = status(preferred, device)
+    if ok and preferred == "triton" and triton_interpreter_enabled():  # SPEC §1: never the interpreter
+        ok, reason = False, "TRITON_INTERPRET=1 would run the kernels in the interpreter; ask for impl='triton' for that"
     if ok:
         ops(preferred)
         return preferred

@@ -11,12 +11,6 @@ from .functional import CrepaResult, UrepaResult, crepa_loss_with_options, manif
 from .options import CrepaOptions
 
 
-def _check_impl(impl: str) -> str:
-    if impl not in backends.IMPL_CHOICES:
-        raise ValueError(f"impl={impl!r} is not valid; valid: {', '.join(backends.IMPL_CHOICES)}")
-    return impl
-
-
 class CrepaLoss(nn.Module):
     """Negative neighbour-weighted cosine similarity (SPEC §2.1); REPA when T = 1 or distance = 0.
 
@@ -29,7 +23,7 @@ class CrepaLoss(nn.Module):
                  impl: str = "auto") -> None:
         super().__init__()
         self.options = CrepaOptions(distance, tau, cumulative, normalize_by_frames, normalize_neighbour_sum)
-        self.impl = _check_impl(impl)
+        self.impl = backends.check_impl(impl)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor, return_metrics: bool = False) -> torch.Tensor | CrepaResult:
         result = crepa_loss_with_options(z, y, self.options, impl=self.impl)
@@ -51,7 +45,7 @@ class ManifoldLoss(nn.Module):
     def __init__(self, weight: float = 1.0, impl: str = "auto") -> None:
         super().__init__()
         self.weight = check_nonnegative("weight", weight)
-        self.impl = _check_impl(impl)
+        self.impl = backends.check_impl(impl)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = manifold_loss(z, y, impl=self.impl)
@@ -70,7 +64,7 @@ class UrepaLoss(nn.Module):
     def __init__(self, manifold_weight: float = 3.0, impl: str = "auto") -> None:
         super().__init__()
         self.manifold_weight = check_nonnegative("manifold_weight", manifold_weight)
-        self.impl = _check_impl(impl)
+        self.impl = backends.check_impl(impl)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor, return_metrics: bool = False) -> torch.Tensor | UrepaResult:
         result = urepa_loss(z, y, manifold_weight=self.manifold_weight, impl=self.impl)

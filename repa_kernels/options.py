@@ -69,21 +69,28 @@ class CrepaOptions:
             scales.append(1.0 / total)
         return scales
 
+    def frame_weight_list(self, num_frames: int) -> list[float]:
+        """W of `frame_weights` as a row-major list of T*T Python floats (no tensor: traceable by
+        torch.compile, and what the C++ op takes)."""
+        scales = self.frame_scale(num_frames)
+        offsets = self.offsets(num_frames)
+        weights = [0.0] * (num_frames * num_frames)
+        for f in range(num_frames):
+            weights[f * num_frames + f] = scales[f]
+            for k in offsets:
+                for g in (f - k, f + k):
+                    if 0 <= g < num_frames:
+                        weights[f * num_frames + g] = scales[f] * self.offset_weight(k)
+        return weights
+
     def frame_weights(self, num_frames: int, dtype: torch.dtype = torch.float64,
                       device: torch.device | str | None = None) -> torch.Tensor:
         """(T, T) matrix W with W[f, g] = c(f) * w(f, g) (w(f, f) = 1) and 0 outside {f} u K(f).
 
-        total[b, f] = sum_g W[f, g] * s(f, g)[b]; built on the host from Python numbers (no sync).
+        total[b, f] = sum_g W[f, g] * s(f, g)[b]; built on the host from Python numbers.
         """
-        scales = self.frame_scale(num_frames)
-        rows = [[0.0] * num_frames for _ in range(num_frames)]
-        for f in range(num_frames):
-            rows[f][f] = scales[f]
-            for k in self.offsets(num_frames):
-                for g in (f - k, f + k):
-                    if 0 <= g < num_frames:
-                        rows[f][g] = scales[f] * self.offset_weight(k)
-        return torch.tensor(rows, dtype=dtype, device=device)
+        return torch.tensor(self.frame_weight_list(num_frames), dtype=dtype, device=device).view(num_frames,
+                                                                                                 num_frames)
 
     def loss_divisor(self, batch: int, num_frames: int) -> int:
         """B' of SPEC §2.1: loss = -sum_{b,f} total[b, f] / B'."""

@@ -57,8 +57,11 @@ def crepa_frame_totals(zn: torch.Tensor, yn: torch.Tensor, opts: CrepaOptions) -
     for k in opts.offsets(frames):
         weight = opts.offset_weight(k)
         total = total + weight * (frame_similarities(zn, yn, k) + frame_similarities(zn, yn, -k))
-    scale = torch.tensor(opts.frame_scale(frames), dtype=zn.dtype, device=zn.device)
-    return total * scale, self_sim
+    if not opts.normalize_neighbour_sum:
+        return total, self_sim
+    # c(f) as Python numbers, frame by frame: a host tensor moved to the device would sync every call
+    scales = opts.frame_scale(frames)
+    return torch.stack([total[:, f] * scales[f] for f in range(frames)], dim=1), self_sim
 
 
 def crepa(z: torch.Tensor, y: torch.Tensor, opts: CrepaOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

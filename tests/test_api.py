@@ -89,6 +89,14 @@ def test_auto_never_picks_the_triton_interpreter():
     assert backends.resolve("auto", torch.device("cpu")) in ("cpp", "reference")
 
 
+def test_auto_never_picks_the_triton_interpreter_for_cuda_either(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(backends, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET=1 would run the kernels in the interpreter"):
+        assert backends.resolve("auto", torch.device("cuda")) == "reference"
+    assert backends.triton_status(torch.device("cuda")) == (True, "Triton interpreter")
+
+
 def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     z, y = pair(1, 2, 3, 4)

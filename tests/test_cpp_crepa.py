@@ -67,13 +67,6 @@ def check_against_reference(z, y, opts, grad_y=True):
         assert kernel_dy is None
 
 
-@pytest.mark.parametrize("frames", [1, 2, 3, 7])
-@pytest.mark.parametrize("mode", MODES, ids=str)
-def test_frame_weights_passed_to_the_op_are_the_options_weights(mode, frames):
-    expected = MODES[mode].frame_weights(frames).flatten().tolist()
-    assert cpp.frame_weights_flat(MODES[mode], frames) == expected
-
-
 @needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", MODES, ids=str)
@@ -180,7 +173,7 @@ def test_backward_twice_through_a_retained_graph_and_scaled_upstream():
 @needs_extension
 def test_no_gradient_work_without_grad():
     z, y = make_pair((1, 2, 4, 8), torch.float32)
-    outputs = torch.ops.repa_kernels.crepa(z, y, cpp.frame_weights_flat(rk.CrepaOptions(), 2), -0.5, False, False)
+    outputs = torch.ops.repa_kernels.crepa(z, y, rk.CrepaOptions().frame_weight_list(2), -0.5, False, False)
     assert outputs[3].shape == (0,) and outputs[4].shape == (0,)
     with torch.no_grad():
         result = rk.crepa_loss(z.requires_grad_(), y, impl="cpp")
@@ -190,7 +183,7 @@ def test_no_gradient_work_without_grad():
 @needs_extension
 def test_op_errors_name_the_problem():
     z = torch.randn(1, 2, 3, 4)
-    weights = cpp.frame_weights_flat(rk.CrepaOptions(), 2)
+    weights = rk.CrepaOptions().frame_weight_list(2)
     with pytest.raises(RuntimeError, match="frame_weights must hold 4 values"):
         torch.ops.repa_kernels.crepa(z, z, weights[:3], -1.0, False, False)
     with pytest.raises(RuntimeError, match="same shape"):
@@ -202,7 +195,7 @@ def test_op_errors_name_the_problem():
 @needs_extension
 def test_opcheck():
     z, y = make_pair((2, 3, 5, 8), torch.float32, seed=7)
-    weights = cpp.frame_weights_flat(rk.CrepaOptions(distance=1), 3)
+    weights = rk.CrepaOptions(distance=1).frame_weight_list(3)
     torch.library.opcheck(torch.ops.repa_kernels.crepa.default,
                           (z.requires_grad_(), y.requires_grad_(), weights, -1.0 / 6, True, True))
     torch.library.opcheck(torch.ops.repa_kernels.crepa.default, (z.detach(), y.detach(), weights, -1.0 / 6, False, False))
@@ -298,7 +291,7 @@ def test_power_of_two_scaling_gives_the_same_bits(dtype, z_shift, y_shift):
     below 2^-32) take the ordinary rows' arithmetic shifted by an exact power of two, so the cosines are
     the same bit for bit and the gradient is 2^-k times (the shifts keep every gradient entry normal)."""
     z, y = make_pair((2, 3, 20, 40), dtype, seed=21)
-    weights = cpp.frame_weights_flat(rk.CrepaOptions(distance=2, cumulative=True), 3)
+    weights = rk.CrepaOptions(distance=2, cumulative=True).frame_weight_list(3)
     plain = torch.ops.repa_kernels.crepa(z, y, weights, -0.2, True, True)
     shifted = torch.ops.repa_kernels.crepa(z * 2.0**z_shift, y * 2.0**y_shift, weights, -0.2, True, True)
     for field in range(3):

@@ -176,6 +176,15 @@ def test_golden_value(device):
     assert normalised.loss.item() == pytest.approx(-1.0, abs=1e-6)
 
 
+def test_a_distance_beyond_any_int_is_the_clamped_distance(device):
+    """distance >= T - 1 means every other frame: the op gets the clamped value, so a distance past what a
+    SymInt can hold still runs (it raised an opaque pybind error before)."""
+    z, y = make_inputs((1, 3, 5, 8), torch.float32, device, seed=3)
+    clamped = rk.crepa_loss(z, y, distance=2, impl="triton")
+    huge = rk.crepa_loss(z, y, distance=2**70, impl="triton")
+    assert torch.equal(clamped.loss, huge.loss)
+
+
 def test_bitwise_deterministic(device):
     z, y = make_inputs(SHAPE, torch.bfloat16, device, seed=7)
     first = run(z, y, "triton", grad_y=True, upstream=1.3, distance=2, cumulative=True)

@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..backends import BackendUnavailableError
 from ..options import CrepaOptions
+from ..reference import compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -182,26 +183,8 @@ def _require() -> None:
         raise BackendUnavailableError(f"impl='cpp' is not available: {reason}")
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _needs_grad(t: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and t.requires_grad
-
-
-def frame_weights_flat(opts: CrepaOptions, frames: int) -> list[float]:
-    """CrepaOptions.frame_weights(frames) as a row-major list of Python floats (no tensor: stays
-    traceable by torch.compile)."""
-    scales = opts.frame_scale(frames)
-    weights = [0.0] * (frames * frames)
-    for f in range(frames):
-        weights[f * frames + f] = scales[f]
-        for k in opts.offsets(frames):
-            for g in (f - k, f + k):
-                if 0 <= g < frames:
-                    weights[f * frames + g] = scales[f] * opts.offset_weight(k)
-    return weights
 
 
 def _plain_eager(*tensors: torch.Tensor) -> bool:
@@ -262,7 +245,7 @@ def crepa(z4: torch.Tensor, y4: torch.Tensor, opts: CrepaOptions) -> tuple[torch
     _require()
     batch, frames = z4.shape[:2]
     loss, alignment, self_similarity = _run(
-        torch.ops.repa_kernels.crepa.default, z4, y4, frame_weights_flat(opts, frames),
+        torch.ops.repa_kernels.crepa.default, z4, y4, opts.frame_weight_list(frames),
         -1.0 / opts.loss_divisor(batch, frames), _needs_grad(z4), _needs_grad(y4))
     return loss, alignment.detach(), self_similarity.detach()
 
@@ -281,13 +264,13 @@ def _gradient_fake(x: torch.Tensor, needed: bool) -> torch.Tensor:
 
 
 def _crepa_fake(z, y, frame_weights, loss_scale, need_dz, need_dy):
-    dtype = _compute_dtype(z.dtype)
+    dtype = compute_dtype(z.dtype)
     return (z.new_empty((), dtype=dtype), z.new_empty((), dtype=dtype), z.new_empty((), dtype=dtype),
             _gradient_fake(z, need_dz), _gradient_fake(y, need_dy))
 
 
 def _manifold_fake(z, y, need_dz, need_dy, path=0):
-    return z.new_empty((), dtype=_compute_dtype(z.dtype)), _gradient_fake(z, need_dz), _gradient_fake(y, need_dy)
+    return z.new_empty((), dtype=compute_dtype(z.dtype)), _gradient_fake(z, need_dz), _gradient_fake(y, need_dy)
 
 
 def _check_formed(op, name: str, gradient: torch.Tensor) -> None:

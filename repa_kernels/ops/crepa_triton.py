@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ..options import CrepaOptions
+from ..reference import compute_dtype
 from . import utils
 from .utils import inverse_norm, lowest_exponent, power_of_two, running_exponent, store_cast
 
@@ -264,7 +265,7 @@ def crepa_forward(z: torch.Tensor, y: torch.Tensor, opts: CrepaOptions, need_dz:
     batch, frames, tokens, dim = z.shape
     offsets = opts.offsets(frames)
     blocks = utils.token_blocks(tokens, dim, z.dtype)
-    acc_torch = utils.torch_accumulator_dtype(z.dtype)
+    acc_torch = compute_dtype(z.dtype)
     token_blocks = triton.cdiv(tokens, blocks.block_n)
     num_programs = batch * frames * token_blocks
     partials = torch.empty(2 * num_programs, dtype=acc_torch, device=z.device)
@@ -308,7 +309,7 @@ def crepa_triton_forward(z: torch.Tensor, y: torch.Tensor, distance: int, tau: f
 @crepa_triton_forward.register_fake
 def _crepa_triton_forward_fake(z, y, distance, tau, cumulative, normalize_by_frames, normalize_neighbour_sum,
                                need_dz, need_dy):
-    acc_torch = utils.torch_accumulator_dtype(z.dtype)
+    acc_torch = compute_dtype(z.dtype)
     scalars = tuple(z.new_empty((), dtype=acc_torch) for _ in range(3))
     dz = z.new_empty(z.shape) if need_dz else z.new_empty((0,))
     dy = y.new_empty(y.shape) if need_dy else y.new_empty((0,))
@@ -342,8 +343,9 @@ def crepa(z: torch.Tensor, y: torch.Tensor, opts: CrepaOptions
     grad_enabled = torch.is_grad_enabled()
     need_dz = grad_enabled and z.requires_grad
     need_dy = grad_enabled and y.requires_grad
+    distance = min(opts.distance, z.shape[1] - 1)  # what offsets() clamps to anyway; keeps SymInt in range
     loss, alignment, similarity, _, _ = crepa_triton_forward(
-        z, y, opts.distance, opts.tau, opts.cumulative, opts.normalize_by_frames,
+        z, y, distance, opts.tau, opts.cumulative, opts.normalize_by_frames,
         opts.normalize_neighbour_sum, need_dz, need_dy)
     return loss, alignment.detach(), similarity.detach()
 

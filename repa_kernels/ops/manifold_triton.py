@@ -51,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import compute_dtype
 from . import utils
 from .utils import inverse_norm, lowest_exponent, power_of_two, running_exponent, store_cast
 
@@ -413,7 +414,7 @@ def manifold_forward(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, to
     num_blocks = triton.cdiv(tokens, blocks.block_m)
     num_programs = batch * frames * num_blocks * num_blocks
     partials = torch.empty(num_programs, dtype=_gram_dtype(z.dtype), device=z.device)
-    loss = torch.empty((), dtype=utils.torch_accumulator_dtype(z.dtype), device=z.device)
+    loss = torch.empty((), dtype=compute_dtype(z.dtype), device=z.device)
     switches = _gram_switches(z.dtype)
     with utils.device_guard(z):
         _manifold_forward_kernel[(num_programs,)](
@@ -462,7 +463,7 @@ def manifold_triton_forward(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Ten
 @manifold_triton_forward.register_fake
 def _manifold_triton_forward_fake(z, y):
     rows = z.shape[0] * z.shape[1] * z.shape[2]
-    return z.new_empty((), dtype=utils.torch_accumulator_dtype(z.dtype)), \
+    return z.new_empty((), dtype=compute_dtype(z.dtype)), \
         z.new_empty((3, rows), dtype=_gram_dtype(z.dtype)), y.new_empty((3, rows), dtype=_gram_dtype(y.dtype))
 
 

@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import triton_interpreter_enabled
 from ..options import EPS
+from ..reference import compute_dtype
 
 # Above this product of block sides the interpreter's numpy temporaries get large for little gain.
 _INTERPRETER_MAX_TILE = 1 << 14
@@ -29,9 +31,14 @@ _force_small_blocks = False
 ZERO_TOKEN_NORM = tl.constexpr(EPS)
 
 
+# triton.jit decides interpreted or compiled when the kernel modules are imported, so the flag is read
+# once, here, and stays true to the kernels even if the environment changes later.
+_INTERPRETER = triton_interpreter_enabled()
+
+
 def is_interpreter() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when the imported kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETER
 
 
 @contextlib.contextmanager
@@ -47,11 +54,7 @@ def small_blocks() -> Iterator[None]:
 
 def accumulator_dtype(dtype: torch.dtype) -> tl.dtype:
     """Triton compute dtype for inputs of `dtype`: float64 for float64, float32 otherwise."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def torch_accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return triton_dtype(compute_dtype(dtype))
 
 
 def triton_dtype(dtype: torch.dtype) -> tl.dtype:
