@@ -27,7 +27,6 @@
 #include <cstdlib>
 #include <mutex>
 #include <new>
-#include <string>
 #include <vector>
 
 #if defined(__linux__)

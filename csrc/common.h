@@ -57,6 +57,13 @@ inline void check_supported_dtype(const char* op, at::ScalarType dtype) {
               ": dtype must be float16, bfloat16, float32 or float64, got ", dtype);
 }
 
+// Every dimension of z and y at least 1: an empty token set has no mean similarity (the Python layer
+// refuses it too; the dispatcher ops are public, so they check again).
+inline void check_not_empty(const char* op, const at::Tensor& z, const at::Tensor& y) {
+  TORCH_CHECK(z.numel() > 0 && y.numel() > 0, op, ": every dimension of z and y must be >= 1, got shapes ", z.sizes(),
+              " and ", y.sizes());
+}
+
 inline at::ScalarType compute_scalar_type(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -150,13 +157,6 @@ template <typename T>
 inline void add_scaled(T* out, const T* x, T alpha, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] += alpha * x[i];
-}
-
-// out = alpha * x + beta * y
-template <typename T>
-inline void combine_into(T* out, const T* x, T alpha, const T* y, T beta, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = alpha * x[i] + beta * y[i];
 }
 
 // The rare rescaling path of a row x of n values whose squared norm needs_rescaling: writes x 2^-e

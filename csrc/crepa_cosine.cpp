@@ -24,8 +24,7 @@
 // Rows of ordinary size are computed exactly as without rescaling. Each task writes its per-frame partial
 // sums into its own slot and the slots are added serially afterwards, so the result has the same
 // bits for any thread count.
-#include "module.h"  // first (it includes Python.h): PyInit__C and build_info, once for the extension
-#include "common.h"
+#include "module.h"  // first (it includes Python.h, then common.h): PyInit__C and build_info, once
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/scalar_tensor.h>
@@ -36,29 +35,30 @@
 namespace repa {
 
 // The (student frame, teacher frame, weight) pairs with W[f, g] != 0, self pairs included, in
-// order of the student frame; `by_teacher[g]` lists the pairs that pull teacher frame g.
+// order of the student frame; `by_student[f]` lists the pairs of student frame f, `by_teacher[g]`
+// the pairs that pull teacher frame g.
 struct FramePairs {
   std::vector<int64_t> student, teacher;
   std::vector<double> weight;
-  std::vector<int64_t> first_of_student;  // pairs of student frame f: [first[f], first[f + 1])
-  std::vector<std::vector<int64_t>> by_teacher;
+  std::vector<std::vector<int64_t>> by_student, by_teacher;
 };
 
 static FramePairs frame_pairs(c10::ArrayRef<double> weights, int64_t frames) {
   FramePairs pairs;
+  pairs.by_student.resize(frames);
   pairs.by_teacher.resize(frames);
   for (int64_t f = 0; f < frames; ++f) {
-    pairs.first_of_student.push_back(static_cast<int64_t>(pairs.student.size()));
     for (int64_t g = 0; g < frames; ++g) {
       const double w = weights[f * frames + g];
       if (w == 0.0 && g != f) continue;
-      pairs.by_teacher[g].push_back(static_cast<int64_t>(pairs.student.size()));
+      const int64_t q = static_cast<int64_t>(pairs.student.size());
+      pairs.by_student[f].push_back(q);
+      pairs.by_teacher[g].push_back(q);
       pairs.student.push_back(f);
       pairs.teacher.push_back(g);
       pairs.weight.push_back(w);
     }
   }
-  pairs.first_of_student.push_back(static_cast<int64_t>(pairs.student.size()));
   return pairs;
 }
 
@@ -81,13 +81,35 @@ struct CrepaScratch {
   std::vector<acc_t> out_row;         // fp16 / bf16 only: the gradient row before narrowing
   std::vector<const acc_t*> z_row, y_row;  // the rows the token uses: input rows or copies
   std::vector<int> z_exponent, y_exponent;  // row used = input row * 2^-exponent (0: as it is)
-  std::vector<double> inv_z, inv_y, self_dot, cosine, pull_z, pull_y;  // inv_*: 1 / ||row used||
+  std::vector<double> inv_z, inv_y, self_dot, pull_z, pull_y;  // inv_*: 1 / ||row used||
 
-  CrepaScratch(int64_t frames, int64_t width, int64_t num_pairs, bool widen)
+  CrepaScratch(int64_t frames, int64_t width, bool widen)
       : z_rows(frames * width), y_rows(frames * width), out_row(widen ? width : 0), z_row(frames), y_row(frames),
-        z_exponent(frames), y_exponent(frames), inv_z(frames), inv_y(frames), self_dot(frames), cosine(num_pairs),
-        pull_z(frames), pull_y(frames) {}
+        z_exponent(frames), y_exponent(frames), inv_z(frames), inv_y(frames), self_dot(frames), pull_z(frames),
+        pull_y(frames) {}
 };
+
+// One gradient row, for z_f (dz) or y_g (dy) alike: with x the row used, i = 1 / ||x||, the partners
+// p_q of the pairs q of x (the teacher rows of z_f's pairs, the student rows of y_g's), i_q = 1 / ||p_q||,
+//   d loss / d x = s (sum_q W_q i i_q p_q - pull i^2 x),     pull = sum_q W_q cos_q,
+// then times 2^-e for a rescaled row (x = input 2^-e), narrowed into dst for fp16 / bf16.
+template <typename scalar_t, typename acc_t>
+REPA_ALWAYS_INLINE void write_gradient_row(scalar_t* dst, acc_t* widened, const acc_t* row, double inv, double pull,
+                                           int exponent, const std::vector<int64_t>& pair_list,
+                                           const std::vector<int64_t>& partner_of_pair,
+                                           const std::vector<const acc_t*>& partner_rows,
+                                           const std::vector<double>& partner_inv, const std::vector<double>& weight,
+                                           double grad_scale, int64_t D) {
+  constexpr bool widen = !std::is_same_v<scalar_t, acc_t>;
+  acc_t* out = widen ? widened : reinterpret_cast<acc_t*>(dst);
+  scale_into(out, row, static_cast<acc_t>(-grad_scale * pull * inv * inv), D);
+  for (int64_t q : pair_list) {
+    const int64_t partner = partner_of_pair[q];
+    add_scaled(out, partner_rows[partner], static_cast<acc_t>(grad_scale * weight[q] * inv * partner_inv[partner]), D);
+  }
+  if (exponent != 0) scale_into(out, out, power_of_two_scale<acc_t>(exponent), D);
+  if constexpr (widen) convert_row(dst, out, D);
+}
 
 // Tokens [n0, n1) of sample b: adds sum_n sum_g W[f,g] cos_fg to total[f] and sum_n cos_ff to
 // self_sum[f], and writes the gradient rows when asked.
@@ -148,41 +170,21 @@ REPA_SIMD_CLONES void crepa_token_block(const CrepaProblem<scalar_t>& p, int64_t
       const int64_t f = pairs.student[q], g = pairs.teacher[q];
       const double d = f == g ? s.self_dot[f] : static_cast<double>(dot(s.z_row[f], s.y_row[g], D));
       const double c = d * s.inv_z[f] * s.inv_y[g];
-      s.cosine[q] = c;
       s.pull_z[f] += pairs.weight[q] * c;
       s.pull_y[g] += pairs.weight[q] * c;
       if (f == g) self_sum[f] += c;
     }
     for (int64_t f = 0; f < T; ++f) total[f] += s.pull_z[f];
 
-    if (p.dz != nullptr) {
-      for (int64_t f = 0; f < T; ++f) {
-        scalar_t* dst = p.dz + ((b * T + f) * p.tokens + n) * D;
-        acc_t* out = widen ? s.out_row.data() : reinterpret_cast<acc_t*>(dst);
-        const double iz = s.inv_z[f];
-        scale_into(out, s.z_row[f], static_cast<acc_t>(-p.grad_scale * s.pull_z[f] * iz * iz), D);
-        for (int64_t q = pairs.first_of_student[f]; q < pairs.first_of_student[f + 1]; ++q) {
-          const int64_t g = pairs.teacher[q];
-          add_scaled(out, s.y_row[g], static_cast<acc_t>(p.grad_scale * pairs.weight[q] * iz * s.inv_y[g]), D);
-        }
-        // out is d loss / d z' for the row used, z' = z 2^-e: d loss / d z = 2^-e d loss / d z'.
-        if (s.z_exponent[f] != 0) scale_into(out, out, power_of_two_scale<acc_t>(s.z_exponent[f]), D);
-        if constexpr (widen) convert_row(dst, out, D);
-      }
+    for (int64_t f = 0; p.dz != nullptr && f < T; ++f) {
+      write_gradient_row(p.dz + ((b * T + f) * p.tokens + n) * D, s.out_row.data(), s.z_row[f], s.inv_z[f],
+                         s.pull_z[f], s.z_exponent[f], pairs.by_student[f], pairs.teacher, s.y_row, s.inv_y,
+                         pairs.weight, p.grad_scale, D);
     }
-    if (p.dy != nullptr) {
-      for (int64_t g = 0; g < T; ++g) {
-        scalar_t* dst = p.dy + ((b * T + g) * p.tokens + n) * D;
-        acc_t* out = widen ? s.out_row.data() : reinterpret_cast<acc_t*>(dst);
-        const double iy = s.inv_y[g];
-        scale_into(out, s.y_row[g], static_cast<acc_t>(-p.grad_scale * s.pull_y[g] * iy * iy), D);
-        for (int64_t q : pairs.by_teacher[g]) {
-          const int64_t f = pairs.student[q];
-          add_scaled(out, s.z_row[f], static_cast<acc_t>(p.grad_scale * pairs.weight[q] * s.inv_z[f] * iy), D);
-        }
-        if (s.y_exponent[g] != 0) scale_into(out, out, power_of_two_scale<acc_t>(s.y_exponent[g]), D);
-        if constexpr (widen) convert_row(dst, out, D);
-      }
+    for (int64_t g = 0; p.dy != nullptr && g < T; ++g) {
+      write_gradient_row(p.dy + ((b * T + g) * p.tokens + n) * D, s.out_row.data(), s.y_row[g], s.inv_y[g],
+                         s.pull_y[g], s.y_exponent[g], pairs.by_teacher[g], pairs.student, s.z_row, s.inv_z,
+                         pairs.weight, p.grad_scale, D);
     }
   }
 }
@@ -199,9 +201,14 @@ static void check_inputs(const at::Tensor& z, const at::Tensor& y, c10::ArrayRef
   TORCH_CHECK(z.scalar_type() == y.scalar_type(), "repa_kernels::crepa: z and y must have the same dtype, got ",
               z.scalar_type(), " and ", y.scalar_type());
   check_supported_dtype("repa_kernels::crepa", z.scalar_type());
+  check_not_empty("repa_kernels::crepa", z, y);
   const int64_t T = z.size(1);
   TORCH_CHECK(static_cast<int64_t>(frame_weights.size()) == T * T, "repa_kernels::crepa: frame_weights must hold ",
               T * T, " values (a T x T matrix for T = ", T, "), got ", frame_weights.size());
+  for (size_t i = 0; i < frame_weights.size(); ++i) {
+    TORCH_CHECK(std::isfinite(frame_weights[i]), "repa_kernels::crepa: frame_weights must be finite, got ",
+                frame_weights[i], " at index ", i);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crepa_cpu(
@@ -228,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> crepa_cpu
                                    need_dy ? dy.mutable_data_ptr<scalar_t>() : nullptr,
                                    T, N, D, &pairs, loss_scale / static_cast<double>(N)};
     at::parallel_for(0, tasks, 1, [&](int64_t first, int64_t last) {
-      CrepaScratch<acc_t> scratch(T, D, static_cast<int64_t>(pairs.weight.size()), !std::is_same_v<scalar_t, acc_t>);
+      CrepaScratch<acc_t> scratch(T, D, !std::is_same_v<scalar_t, acc_t>);
       for (int64_t task = first; task < last; ++task) {
         const int64_t b = task / blocks, n0 = (task % blocks) * kTokensPerTask;
         double* slot = partial.data() + task * 2 * T;

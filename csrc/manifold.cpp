@@ -111,33 +111,29 @@ REPA_SIMD_CLONES void normalization_backward_rows(const acc_t* xhat, int64_t ld_
   }
 }
 
-// sum over rows [r0, r1) of ||row||² (split_col < 0) or of the signed sum s_i s_j M_ij² with s = +1
-// below split_col and -1 from it, one double per row into partial.
+// Sum over the rows of ||row||² (split_col < 0) or of the signed sum s_i s_j M_ij² with s = +1 below
+// split_col and -1 from it, one row after the other (a fixed order). Serial on purpose: a tile is small
+// next to its GEMM, and a barrier per tile costs more than the sum when the cores are shared.
 template <typename acc_t>
-REPA_SIMD_CLONES void row_sums_of_squares(const acc_t* data, int64_t r0, int64_t r1, int64_t cols, int64_t ld,
-                                          int64_t split_col, double* partial) {
-  for (int64_t r = r0; r < r1; ++r) {
+REPA_SIMD_CLONES double rows_sum_of_squares(const acc_t* data, int64_t rows, int64_t cols, int64_t ld,
+                                            int64_t split_col) {
+  double total = 0.0;
+  for (int64_t r = 0; r < rows; ++r) {
     const acc_t* row = data + r * ld;
     if (split_col < 0) {
-      partial[r] = squared_norm(row, cols);
+      total += static_cast<double>(squared_norm(row, cols));
     } else {
       const double left = squared_norm(row, split_col), right = squared_norm(row + split_col, cols - split_col);
-      partial[r] = (r < split_col ? 1.0 : -1.0) * (left - right);
+      total += (r < split_col ? 1.0 : -1.0) * (left - right);
     }
   }
+  return total;
 }
 
-// Serial on purpose: a tile is small next to its GEMM, and a barrier per tile costs more than the sum
-// when the cores are shared.
 template <typename acc_t>
 static double sum_of_squares(const at::Tensor& matrix, int64_t split_col = -1) {
-  const int64_t rows = matrix.size(0);
-  std::vector<double> partial(rows);
-  row_sums_of_squares(matrix.const_data_ptr<acc_t>(), 0, rows, matrix.size(1), matrix.stride(0), split_col,
-                      partial.data());
-  double total = 0.0;
-  for (double v : partial) total += v;
-  return total;
+  return rows_sum_of_squares(matrix.const_data_ptr<acc_t>(), matrix.size(0), matrix.size(1), matrix.stride(0),
+                             split_col);
 }
 
 // One slice in the tiled form; returns ||E||².
@@ -264,6 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> manifold_cpu(const at::Tensor& z_
   TORCH_CHECK(z_in.scalar_type() == y_in.scalar_type(), "repa_kernels::manifold: z and y must have the same dtype, got ",
               z_in.scalar_type(), " and ", y_in.scalar_type());
   check_supported_dtype("repa_kernels::manifold", z_in.scalar_type());
+  check_not_empty("repa_kernels::manifold", z_in, y_in);
   TORCH_CHECK(path >= 0 && path <= 2, "repa_kernels::manifold: path must be 0 (auto), 1 (tiled) or 2 (identity), got ",
               path);
   const at::Tensor z = z_in.stride(3) == 1 ? z_in : z_in.contiguous();

@@ -54,10 +54,6 @@ static std::string build_info() {
   return info;
 }
 
-}  // namespace repa
-
-namespace repa {
-
 static int64_t buffer_cache_release() { return BufferCache::instance().release_cached(); }
 
 // [limit_bytes, cached_bytes, cached_blocks, hits, misses]

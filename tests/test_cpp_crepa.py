@@ -190,6 +190,12 @@ def test_op_errors_name_the_problem():
         torch.ops.repa_kernels.crepa(z, torch.randn(1, 2, 3, 5), weights, -1.0, False, False)
     with pytest.raises(RuntimeError, match="dtype must be float16, bfloat16, float32 or float64"):
         torch.ops.repa_kernels.crepa(z.int(), z.int(), weights, -1.0, False, False)
+    with pytest.raises(RuntimeError, match="frame_weights must be finite, got nan at index 1"):
+        torch.ops.repa_kernels.crepa(z, z, [weights[0], float("nan"), *weights[2:]], -1.0, False, False)
+    for shape in ((1, 2, 0, 4), (1, 2, 3, 0), (0, 2, 3, 4)):
+        empty = torch.zeros(shape)
+        with pytest.raises(RuntimeError, match="every dimension of z and y must be >= 1, got shapes"):
+            torch.ops.repa_kernels.crepa(empty, empty, weights, -1.0, True, False)
 
 
 @needs_extension

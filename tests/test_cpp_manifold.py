@@ -244,6 +244,10 @@ def test_op_errors_name_the_problem():
         torch.ops.repa_kernels.manifold(z, z, False, False, 3)
     with pytest.raises(RuntimeError, match="same dtype"):
         torch.ops.repa_kernels.manifold(z, z.double(), False, False)
+    with pytest.raises(RuntimeError, match="every dimension of z and y must be >= 1, got shapes \\[1, 1, 3, 0\\]"):
+        torch.ops.repa_kernels.manifold(torch.zeros(1, 1, 3, 0), z, True, False)
+    with pytest.raises(RuntimeError, match="every dimension of z and y must be >= 1"):
+        torch.ops.repa_kernels.manifold(torch.zeros(1, 1, 0, 4), torch.zeros(1, 1, 0, 4), False, False)
 
 
 def test_opcheck():
