@@ -346,6 +346,13 @@ def test_a_wrapper_that_calls_forward_directly_still_captures():
         wrapper(latents, tm._text(1), torch.tensor([500.0]), return_dict=False)
     got = capture.consume()
     assert got.grid is None and got.student.shape == (1, 96, 16)   # grid then comes from the latents
+    assert got.captured_without_grad_mode
+    # a later training forward through the same wrapper is not taken for a no-grad one (no model-level
+    # hook runs to reset the state between the two)
+    wrapper(latents, tm._text(1), torch.tensor([500.0]), return_dict=False)
+    got = capture.consume()
+    assert got.student.requires_grad and not got.captured_without_grad_mode
+    capture.detach()
 
 
 def test_unwrap_and_detect_through_torch_compile():

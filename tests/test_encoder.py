@@ -80,6 +80,16 @@ def test_frames_batch_size_gives_the_same_tokens_in_several_calls():
     assert len(calls) == 3 and batched.frames_encoded == 5
 
 
+def test_a_frozen_encoder_passed_in_takes_the_settings_asked_for():
+    """The config's tokens / batching / dtype win over those the passed FrozenEncoder was built with
+    (they were silently ignored: a 'cls' encoder under crepa_encoder_tokens='patch' squeezed the grid)."""
+    built = FrozenEncoder.load(tm.tiny_dinov2(), tokens="cls", frames_batch_size=1)
+    encoder = FrozenEncoder.load(built, tokens="patch", frames_batch_size=2, dtype="bfloat16")
+    assert (encoder.tokens, encoder.frames_batch_size, encoder.dtype) == ("patch", 2, torch.bfloat16)
+    assert encoder.model is built.model
+    assert encoder.encode(torch.rand(1, 3, 8, 8)).shape == (1, 4, 16)
+
+
 def test_encoder_dtype_bfloat16():
     encoder = FrozenEncoder.load(tm.tiny_dinov2(), dtype="bfloat16")
     assert next(encoder.model.parameters()).dtype == torch.bfloat16

@@ -390,7 +390,8 @@ class HiddenStateCapture:
             tokens, grid = self._image_tokens(output, args, kwargs, state.grid)
             if state.grid is None and grid is not None:
                 state.grid = grid
-            if slot == "student" and not tokens.requires_grad and not torch.is_grad_enabled():
+            without_grad = slot == "student" and not tokens.requires_grad and not torch.is_grad_enabled()
+            if without_grad:
                 if state.open and state.grad_enabled:
                     raise CaptureError(
                         f"the output of block {self.block_index} of {type(model).__name__} carries no gradient "
@@ -398,7 +399,8 @@ class HiddenStateCapture:
                         "checkpointing (use_reentrant=True) hides it. Use non-reentrant checkpointing (diffusers' "
                         "default: model.enable_gradient_checkpointing(), or torch.utils.checkpoint.checkpoint(..., "
                         "use_reentrant=False))")
-                state.no_grad_mode = True
+            if slot == "student":  # set for every capture: a wrapper's forwards never reset the state
+                state.no_grad_mode = without_grad
             state.slots[slot] = tokens.detach() if slot == "teacher" else tokens
             state.filled.add(slot)
             return None

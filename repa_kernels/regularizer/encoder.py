@@ -111,13 +111,14 @@ class FrozenEncoder(nn.Module):
     @classmethod
     def load(cls, encoder: str | nn.Module, *, dtype: str | torch.dtype = "float32", frames_batch_size: int = -1,
              tokens: str = "patch") -> "FrozenEncoder":
-        """From a name / hub id / local path, or an already built Dinov2 module."""
+        """From a name / hub id / local path, or an already built Dinov2 module or FrozenEncoder (whose
+        model is wrapped again with these settings: the caller's dtype, batching and tokens win)."""
         if isinstance(dtype, str):
             if dtype not in ENCODER_DTYPES:
                 raise ValueError(f"encoder dtype must be one of {', '.join(ENCODER_DTYPES)}, got {dtype!r}")
             dtype = ENCODER_DTYPES[dtype]
         if isinstance(encoder, FrozenEncoder):
-            return encoder
+            encoder = encoder.model
         model = encoder if isinstance(encoder, nn.Module) else _load_pretrained(encoder, dtype)
         return cls(model, dtype=dtype, frames_batch_size=frames_batch_size, tokens=tokens)
 

@@ -162,7 +162,7 @@ class LatentDecoder:
         z = latents.detach().to(device=device or latents.device, dtype=dtype)
         z = self.denormalize(z)
         decode = getattr(self.decoder, "decode", self.decoder)
-        if type(self.decoder).__name__ == "AutoencoderKLLTXVideo":
+        if _class_name(self.decoder) == "AutoencoderKLLTXVideo":  # subclasses too, as denormalizer_for
             temb = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype) \
                 if self.decoder.config.timestep_conditioning else None
             out = decode(z, temb)
