@@ -41,11 +41,19 @@ POOLED_DIM = 8
 IMAGE_SIZE = 32
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("pixart", "sd3", "flux"), default="pixart", help="image DiT family")
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps (the schedule's max_train_steps)")
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=positive_int, default=20,
+                        help="optimizer steps (the schedule's max_train_steps)")
+    parser.add_argument("--batch-size", type=positive_int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3, help="1e-3 suits the tiny model; ~1e-5 for a real one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--teacher-input", choices=("latents", "pixels"), default="latents",
@@ -172,6 +180,9 @@ def main(argv=None) -> int:
     images = moving_shapes(32, 1, IMAGE_SIZE, IMAGE_SIZE, seed=args.seed)[:, 0]
     loader = DataLoader(TensorDataset(images), batch_size=args.batch_size, shuffle=True, drop_last=True)
     transformer, optimizer, loader = accelerator.prepare(transformer, optimizer, loader)
+    if len(loader) == 0:  # drop_last with fewer samples than a batch: the loop below would never end
+        raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(loader.dataset)} samples per "
+                         "process; use a smaller batch")
     generator = torch.Generator().manual_seed(args.seed)
     caption = torch.randn(1, 4, TEXT_DIM, generator=generator).to(accelerator.device)
     pooled = torch.randn(1, POOLED_DIM, generator=generator).to(accelerator.device)

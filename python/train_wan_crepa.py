@@ -38,11 +38,19 @@ LATENT_CHANNELS = 8
 TEXT_DIM = 16
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=("wan", "ltx"), default="wan", help="video transformer family")
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps (the schedule's max_train_steps)")
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=positive_int, default=20,
+                        help="optimizer steps (the schedule's max_train_steps)")
+    parser.add_argument("--batch-size", type=positive_int, default=2)
     parser.add_argument("--lr", type=float, default=1e-3, help="1e-3 suits the tiny model; ~1e-5 for a real one")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--teacher-input", choices=("latents", "pixels"), default="latents",
@@ -158,6 +166,9 @@ def main(argv=None) -> int:
     clips = moving_shapes(16, 9, 48, 48, seed=args.seed)
     loader = DataLoader(TensorDataset(clips), batch_size=args.batch_size, shuffle=True, drop_last=True)
     transformer, optimizer, loader = accelerator.prepare(transformer, optimizer, loader)
+    if len(loader) == 0:  # drop_last with fewer samples than a batch: the loop below would never end
+        raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(loader.dataset)} samples per "
+                         "process; use a smaller batch")
     caption = torch.randn(1, 4, TEXT_DIM, generator=torch.Generator().manual_seed(args.seed)).to(accelerator.device)
 
     step = 0

@@ -110,7 +110,8 @@ def resolve(impl: str, device: torch.device) -> str:
         return "reference"
     ok, reason = status(preferred, device)
     if ok and preferred == "triton" and triton_interpreter_enabled():  # SPEC §1: never the interpreter
-        ok, reason = False, "TRITON_INTERPRET=1 would run the kernels in the interpreter; ask for impl='triton' for that"
+        ok, reason = False, ("TRITON_INTERPRET=1 would run the kernels in the interpreter; ask for "
+                             "impl='triton' for that")
     if ok:
         ops(preferred)
         return preferred

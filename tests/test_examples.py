@@ -88,3 +88,13 @@ def test_examples_document_real_models():
         text = (EXAMPLES / f"{name}.py").read_text()
         for needle in needles + ("from_pretrained", "BEFORE the optimizer"):
             assert needle in text, (name, needle)
+
+
+@pytest.mark.parametrize("name", ["train_wan_crepa", "train_dit_repa", "train_unet_urepa"])
+def test_a_batch_larger_than_the_data_is_an_error_not_an_endless_loop(name, capsys):
+    module = _load(name)
+    with pytest.raises(SystemExit, match="--batch-size 64 is larger than the .* samples per process"):
+        module.main(["--steps", "1", "--batch-size", "64"])
+    with pytest.raises(SystemExit) as info:
+        module.main(["--steps", "0"])
+    assert info.value.code == 2 and "--steps: must be an integer >= 1, got 0" in capsys.readouterr().err
