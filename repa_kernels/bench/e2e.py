@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -198,18 +196,10 @@ def run_isolated_configuration(preset: E2EPreset, configuration: str, impl: str,
     """run_configuration on CPU in its own subprocess (peak RSS belongs to that configuration)."""
     request = {"preset": preset.name, "configuration": configuration, "impl": impl, "steps": steps,
                "warmup": warmup}
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(measure.MALLOC_MMAP_THRESHOLD))
-    env.pop("TRITON_INTERPRET", None)
-    try:
-        completed = subprocess.run([sys.executable, "-m", "repa_kernels.bench.e2e", json.dumps(request)],
-                                   capture_output=True, text=True, env=env, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return E2EResult(configuration, impl, status="failed", reason=f"timed out after {timeout_s:.0f} s")
-    lines = completed.stdout.strip().splitlines()
-    if completed.returncode != 0 or not lines:
-        tail = (completed.stderr.strip().splitlines() or ["no output"])[-1][:300]
-        return E2EResult(configuration, impl, status="failed", reason=f"worker exited {completed.returncode}: {tail}")
-    return E2EResult(**json.loads(lines[-1]))
+    item, failure = measure.run_worker("repa_kernels.bench.e2e", request, timeout_s)
+    if item is None:
+        return E2EResult(configuration, impl, status="failed", reason=failure)
+    return E2EResult(**item)
 
 
 def cases(device: torch.device) -> list[tuple[str, str]]:

@@ -235,6 +235,26 @@ def run_modes(workload: Workload, provider: str, device: torch.device, modes: li
 
 
 # --- CPU isolation: one subprocess per (workload, provider) ---------------------------------------
+def run_worker(module: str, request: dict, timeout_s: float):
+    """`python -m <module> <request as JSON>` in a fresh process set up for honest CPU figures; returns
+    (the JSON of its last stdout line, "") or (None, why it failed)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MALLOC_MMAP_THRESHOLD))
+    env.pop("TRITON_INTERPRET", None)
+    # inductor's pool of compile workers would keep importing torch in the background right after the
+    # compile, stealing CPU from the first timed calls
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    try:
+        completed = subprocess.run([sys.executable, "-m", module, json.dumps(request)], capture_output=True,
+                                   text=True, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None, f"worker timed out after {timeout_s:.0f} s"
+    lines = completed.stdout.strip().splitlines()
+    if completed.returncode != 0 or not lines:
+        tail = (completed.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        return None, f"worker exited {completed.returncode}: {tail}"
+    return json.loads(lines[-1]), ""
+
+
 def run_isolated(workload: Workload, provider: str, modes: list[str], *, repeats: int, warmup: int,
                  seed: int = 0, timeout_s: float = 3600.0) -> list[ModeResult]:
     """run_modes on CPU in a fresh subprocess, so its peak RSS belongs to this provider alone.
@@ -246,25 +266,11 @@ def run_isolated(workload: Workload, provider: str, modes: list[str], *, repeats
     for batch in batches:
         request = {"workload": workload.to_dict(), "provider": provider, "modes": batch,
                    "repeats": repeats, "warmup": warmup, "seed": seed}
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MALLOC_MMAP_THRESHOLD))
-        env.pop("TRITON_INTERPRET", None)
-        # inductor's pool of compile workers would keep importing torch in the background right
-        # after the compile, stealing CPU from the first timed calls
-        env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-        try:
-            completed = subprocess.run([sys.executable, "-m", "repa_kernels.bench.measure", json.dumps(request)],
-                                       capture_output=True, text=True, env=env, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            results += [ModeResult(m, status="failed", reason=f"worker timed out after {timeout_s:.0f} s")
-                        for m in batch]
-            continue
-        lines = completed.stdout.strip().splitlines()
-        if completed.returncode != 0 or not lines:
-            tail = (completed.stderr.strip().splitlines() or ["no output"])[-1][:300]
-            results += [ModeResult(m, status="failed", reason=f"worker exited {completed.returncode}: {tail}")
-                        for m in batch]
-            continue
-        results += [ModeResult(**item) for item in json.loads(lines[-1])]
+        items, failure = run_worker("repa_kernels.bench.measure", request, timeout_s)
+        if items is None:
+            results += [ModeResult(m, status="failed", reason=failure) for m in batch]
+        else:
+            results += [ModeResult(**item) for item in items]
     return results
 
 

@@ -241,7 +241,7 @@ def _schedule_keys_help(prefix: str) -> dict[str, str]:
     return {
         "scheduler": f"decay of {prefix}_lambda after warmup: constant / linear / cosine / polynomial",
         "warmup_steps": f"steps of linear ramp from 0 to {prefix}_lambda (all scheduler types)",
-        "decay_steps": f"length of the decay after warmup; 0 = decay until max_train_steps",
+        "decay_steps": "length of the decay after warmup; 0 = decay until max_train_steps",
         "lambda_end": "weight at the end of the decay",
         "power": "power of the polynomial decay",
         "cutoff_step": "weight 0 from this step on; 0 = no step cutoff",
