@@ -33,12 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    parser.add_argument("--repeats", type=_positive_int, default=10, help="timed calls per mode (default 10)")
-    parser.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed calls per mode (default 2)")
+    parser.add_argument("--repeats", type=positive_int, default=10, help="timed calls per mode (default 10)")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed calls per mode (default 2)")
     parser.add_argument("--name", default=None,
                         help="file name prefix (default: <device>-<model>, e.g. cpu-amd-epyc)")
     parser.add_argument("--notes", default="", help="free text added to the CSV's notes column")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for torch (and OMP_NUM_THREADS of the worker processes); default: "
                              "torch's. On a small shared machine --threads 1 steadies tiny models")
     parser.add_argument("--list", action="store_true", help="list the workloads and exit")
@@ -49,14 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model sizes for --e2e (default: tiny on CPU, wan-1.3b on CUDA)")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
     return value
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
