@@ -155,8 +155,9 @@ def test_bench_cli_lists_workloads_and_names_files_by_device(capsys):
     listed = capsys.readouterr().out
     assert all(name in listed for name in WORKLOADS)
     assert file_prefix(torch.device("cpu"), "AMD EPYC 7B13 64-Core Processor") == "cpu-amd-epyc-7b13-64-core-processor"
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         main(["bench", "--repeats", "0"])
+    assert info.value.code == 2 and "--repeats: must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import torch
 import repa_kernels as rk
 from repa_kernels import backends, reference
 from repa_kernels.ops import cpp
+from magnitudes import check_each_scale_group, scale_tokens, token_count
 from tolerance import assert_within_reference_error
 
 AVAILABLE, REASON = cpp.status()
@@ -231,46 +232,11 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=0)
 
 
-# ---- huge and tiny magnitudes (SPEC §2: norms must not overflow) -----------------------------------
-# A row whose squared norm leaves [2^-64, 2^64] (fp32; [2^-400, 2^400] fp64) is used as its exact
-# power-of-two rescaled copy (csrc/common.h): 1e30^2 would overflow fp32, 1e-30^2 underflow it.
-
-# Token scales: huge (squares overflow fp32), beyond 2^32 (rescaled), just below it (not), ordinary,
-# tiny but a real direction (||x|| ~ 4e-11 > 1e-12, rescaled), and zero tokens (||x|| < 1e-12).
-TOKEN_SCALES = {
-    torch.float32: [1e30, 3e37, 1e10, 1e9, 1.0, 1e-3, 1e-11, 1e-14, 1e-30],
-    torch.float64: [1e300, 1e200, 1e130, 1.0, 1e-100, 1e-200],
-}
-# Gradient entries this small are fp32 subnormals (1 / ||x|| for |x| ~ 3e37): compared only through the
-# whole-tensor rule, not per scale group.
-NORMAL_GRADIENT = 1e-35
-
+# ---- huge and tiny magnitudes (SPEC §2: norms must not overflow; tests/magnitudes.py) ---------------
 
 def magnitude_pair(dtype, frames=3, seed=20):
-    """(2, frames, S², 12): token n has z scale S[n % |S|] and y scale S[n // |S|] (every pairing of
-    magnitudes, in every frame), and one token of ordinary size has a single 1e35 channel (fp32)."""
-    scales = torch.tensor(TOKEN_SCALES[torch.float64 if dtype == torch.float64 else torch.float32],
-                          dtype=torch.float64)
-    count = len(scales)
-    z, y = make_pair((2, frames, count * count, 12), torch.float64, seed)
-    index = torch.arange(count * count)
-    z_scale, y_scale = scales[index % count], scales[index // count]
-    z, y = z * z_scale[:, None], y * y_scale[:, None]
-    if dtype != torch.float64:
-        z[0, 0, 4, 3] = 1e35  # token 4: z scale 1, one dominant channel
-    return z.to(dtype), y.to(dtype), z_scale, y_scale
-
-
-def check_each_scale_group(kernel, ref, truth, token_scale, dtype, what):
-    """tests/tolerance.py's rule on the gradient rows of each token scale separately (relative to that
-    group's largest true entry), so that the tiny gradients of huge tokens are checked too."""
-    for scale in token_scale.unique():
-        rows = token_scale == scale
-        group_truth = truth[:, :, rows]
-        if group_truth.abs().max() < NORMAL_GRADIENT:
-            continue
-        assert_within_reference_error(kernel[:, :, rows], ref[:, :, rows], group_truth, dtype,
-                                      f"{what} of tokens at scale {scale.item():g}", relative=True)
+    """(2, frames, S², 12) pairs with every pairing of token magnitudes (tests/magnitudes.py)."""
+    return scale_tokens(*make_pair((2, frames, token_count(dtype), 12), torch.float64, seed), dtype)
 
 
 @needs_extension

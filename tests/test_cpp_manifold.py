@@ -10,6 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 import repa_kernels as rk
 from repa_kernels import reference
 from repa_kernels.ops import cpp
+from magnitudes import check_each_scale_group, scale_tokens, token_count
 from tolerance import assert_within_reference_error
 
 AVAILABLE, REASON = cpp.status()
@@ -161,41 +162,13 @@ def test_float64_gradcheck(path):
         assert torch.autograd.gradcheck(lambda z, y: rk.manifold_loss(z, y, impl="cpp"), (z, y))
 
 
-# ---- huge and tiny magnitudes (SPEC §2: norms must not overflow) -----------------------------------
-# Rows whose squared norm leaves [2^-64, 2^64] in the form's accumulation type (fp32 for the tiled form
-# of fp32 / fp16 / bf16 inputs; fp64 for the identity form, which holds every fp32 square, and for fp64
-# inputs: [2^-400, 2^400]) are normalised through an exact power-of-two rescaled copy (csrc/common.h).
-
-TOKEN_SCALES = {
-    torch.float32: [1e30, 3e37, 1e10, 1e9, 1.0, 1e-3, 1e-11, 1e-14, 1e-30],
-    torch.float64: [1e300, 1e200, 1e130, 1.0, 1e-100, 1e-200],
-}
-NORMAL_GRADIENT = 1e-35  # smaller gradient entries are fp32 subnormals: whole-tensor rule only
-
+# ---- huge and tiny magnitudes (SPEC §2: norms must not overflow; tests/magnitudes.py) ---------------
+# The identity form accumulates in fp64, which holds every fp32 square; the tiled form rescales rows
+# whose squared norm leaves the fp32 range, as the cosine kernel does.
 
 def magnitude_pair(dtype, width_y=10, seed=20):
-    """(2, 1, S², 12) and (2, 1, S², width_y): token n has z scale S[n % |S|] and y scale S[n // |S|]
-    (every pairing of magnitudes), and one token of ordinary size a single 1e35 channel (fp32)."""
-    scales = torch.tensor(TOKEN_SCALES[torch.float64 if dtype == torch.float64 else torch.float32],
-                          dtype=torch.float64)
-    count = len(scales)
-    z, y = make_pair((2, 1, count * count, 12), width_y, torch.float64, seed)
-    index = torch.arange(count * count)
-    z_scale, y_scale = scales[index % count], scales[index // count]
-    z, y = z * z_scale[:, None], y * y_scale[:, None]
-    if dtype != torch.float64:
-        z[0, 0, 4, 3] = 1e35  # token 4: z scale 1, one dominant channel
-    return z.to(dtype), y.to(dtype), z_scale, y_scale
-
-
-def check_each_scale_group(kernel, ref, truth, token_scale, dtype, what):
-    """tests/tolerance.py's rule on the gradient rows of each token scale separately."""
-    for scale in token_scale.unique():
-        rows = token_scale == scale
-        if truth[:, :, rows].abs().max() < NORMAL_GRADIENT:
-            continue
-        assert_within_reference_error(kernel[:, :, rows], ref[:, :, rows], truth[:, :, rows], dtype,
-                                      f"{what} of tokens at scale {scale.item():g}", relative=True)
+    """(2, 1, S², 12) and (2, 1, S², width_y) with every pairing of token magnitudes."""
+    return scale_tokens(*make_pair((2, 1, token_count(dtype), 12), width_y, torch.float64, seed), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)

@@ -67,10 +67,10 @@ def test_resample_grid_never_mixes_rows():
 
 
 def test_resample_grid_downsampling_is_area_weighted_and_differentiable():
-    x = torch.randn(2, 3, 8, 8, 5, requires_grad=True)
+    x = torch.randn(2, 3, 8, 8, 5, generator=torch.Generator().manual_seed(0)).requires_grad_()
     out = resample_grid(x, (4, 4))
-    # antialiased: the mean is preserved and a constant stays constant
-    assert torch.allclose(out.mean(dim=(2, 3)), x.mean(dim=(2, 3)), atol=0.15)
+    # antialiased: the mean is kept (to 0.047 for this seed, the most over 20 seeds) and a constant stays
+    assert torch.allclose(out.mean(dim=(2, 3)), x.mean(dim=(2, 3)), atol=0.06)
     const = resample_grid(torch.full((1, 1, 9, 6, 2), 3.0), (3, 2))
     assert torch.allclose(const, torch.full_like(const, 3.0))
     out.sum().backward()

@@ -15,15 +15,7 @@ import pytest
 import torch
 
 import repa_kernels as rk
-from repa_kernels import backends
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def impl_param(name: str, device: str):
-    ok, reason = backends.status(name, torch.device(device))
-    return pytest.param(name, device, id=f"{name}-{device}",
-                        marks=pytest.mark.skipif(not ok, reason=f"impl={name} unavailable on {device}: {reason}"))
+from backend_params import impl_param
 
 
 CASES = [impl_param(name, "cpu") for name in ("reference", "cpp", "triton")]

@@ -19,15 +19,10 @@ import pytest
 import torch
 
 import repa_kernels as rk
-from repa_kernels import backends
 from repa_kernels.options import CrepaOptions
+from backend_params import impl_param
 
 CPU = torch.device("cpu")
-
-
-def impl_param(name: str):
-    ok, reason = backends.status(name, CPU)
-    return pytest.param(name, id=name, marks=pytest.mark.skipif(not ok, reason=f"impl={name} unavailable: {reason}"))
 
 
 IMPLS = [impl_param(name) for name in ("reference", "cpp", "triton")]

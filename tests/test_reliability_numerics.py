@@ -21,18 +21,13 @@ import pytest
 import torch
 
 import repa_kernels as rk
-from repa_kernels import backends
 from repa_kernels.options import CrepaOptions
 
 from tolerance import assert_within_reference_error
+from backend_params import impl_param
 
 CPU = torch.device("cpu")
 HALF_DTYPES = [torch.float16, torch.bfloat16]
-
-
-def impl_param(name: str):
-    ok, reason = backends.status(name, CPU)
-    return pytest.param(name, id=name, marks=pytest.mark.skipif(not ok, reason=f"impl={name} unavailable: {reason}"))
 
 
 IMPLS = [impl_param(name) for name in ("reference", "cpp", "triton")]

@@ -13,6 +13,7 @@ import torch
 
 import repa_kernels as rk
 from repa_kernels.ops import crepa_triton, utils
+from hopper_compile import compile_reports, needs_cuda_toolchain
 from tolerance import assert_within_reference_error
 
 SHAPE = (2, 5, 37, 67)  # odd sizes: no block multiple anywhere
@@ -278,30 +279,10 @@ def test_int64_offsets_beyond_2_31_elements():
                                                       impl="reference").similarity_self.item()) / 2, abs=1e-5)
 
 
-def _cuda_toolchain_available() -> bool:
-    import os
-    import triton
-    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
-
-
-@pytest.mark.skipif(not _cuda_toolchain_available(), reason="Triton's NVIDIA backend tools are not installed")
+@needs_cuda_toolchain
 def test_gpu_code_path_compiles_for_hopper():
-    # The interpreter never compiles the GPU path: compile it for sm_90 in a clean process (no
-    # TRITON_INTERPRET) so that compile errors and register spills show up on a CPU-only machine.
-    import json
-    import os
-    import subprocess
-    import sys
-
-    code = ("import dataclasses, json, torch\n"
-            "from repa_kernels.ops import crepa_triton\n"
-            "for dtype in (torch.bfloat16, torch.float32):\n"
-            "    print(json.dumps([dataclasses.asdict(r) for r in crepa_triton.cuda_compile_reports(dtype)]))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    bf16, fp32 = (json.loads(line) for line in done.stdout.strip().splitlines())
+    # compile errors and register spills of the GPU path show up on a CPU-only machine
+    bf16, fp32 = compile_reports("crepa_triton")
     assert [r["name"] for r in bf16] == ["_crepa_fused_kernel"] * 3 + ["_crepa_finalize_kernel"]
     # Forward and forward + dz (the training path) keep everything in registers.
     for report in bf16[:2] + fp32[:2]:

@@ -10,6 +10,7 @@ import torch
 
 import repa_kernels as rk
 from repa_kernels.ops import manifold_triton, utils
+from hopper_compile import compile_reports, needs_cuda_toolchain
 from tolerance import assert_within_reference_error
 
 
@@ -231,30 +232,10 @@ def test_int64_offsets_beyond_2_31_elements():
     assert ((z.grad[-1].float() - last_z.grad[0] / slices).abs().max() / scale).item() < 2e-2
 
 
-def _cuda_toolchain_available() -> bool:
-    import os
-    import triton
-    return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
-
-
-@pytest.mark.skipif(not _cuda_toolchain_available(), reason="Triton's NVIDIA backend tools are not installed")
+@needs_cuda_toolchain
 def test_gpu_code_path_compiles_for_hopper():
-    # The interpreter never compiles the GPU path: compile it for sm_90 in a clean process (no
-    # TRITON_INTERPRET); the bf16 Gram kernels must use the Hopper tensor cores (wgmma).
-    import json
-    import os
-    import subprocess
-    import sys
-
-    code = ("import dataclasses, json, torch\n"
-            "from repa_kernels.ops import manifold_triton\n"
-            "for dtype in (torch.bfloat16, torch.float32):\n"
-            "    print(json.dumps([dataclasses.asdict(r) for r in manifold_triton.cuda_compile_reports(dtype)]))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    bf16, fp32 = (json.loads(line) for line in done.stdout.strip().splitlines())
+    # the bf16 Gram kernels must use the Hopper tensor cores (wgmma)
+    bf16, fp32 = compile_reports("manifold_triton")
     by_name = {r["name"]: r for r in bf16}
     assert by_name["_manifold_forward_kernel"]["uses_wgmma"] and by_name["_manifold_backward_kernel"]["uses_wgmma"]
     assert all(r["stack_bytes"] == 0 for r in bf16), bf16
