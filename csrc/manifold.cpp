@@ -240,13 +240,12 @@ static double identity_slice(SliceRows<scalar_t> z, SliceRows<scalar_t> y, int64
   return total;
 }
 
-// Multiply-adds of each form per slice, weighted by the measured GEMM rates (fp64 at half the fp32
-// rate): the identity wins roughly when N > 2.7 K with gradients and N > 4 K without.
-static bool identity_is_cheaper(int64_t N, int64_t K, bool gradients) {
+// Multiply-adds of one slice in the identity or the tiled form, weighted by the measured GEMM rates
+// (fp64 at half the fp32 rate): the identity wins roughly when N > 2.7 K with gradients and N > 4 K
+// without.
+static double slice_work(int64_t N, int64_t K, bool gradients, bool identity) {
   const double n = static_cast<double>(N), k = static_cast<double>(K);
-  const double identity = 2.0 * (gradients ? 2.0 : 1.0) * n * k * k;
-  const double tiled = (gradients ? 1.5 : 0.5) * n * n * k;
-  return identity < tiled;
+  return identity ? 2.0 * (gradients ? 2.0 : 1.0) * n * k * k : (gradients ? 1.5 : 0.5) * n * n * k;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> manifold_cpu(const at::Tensor& z_in, const at::Tensor& y_in,
@@ -267,7 +266,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> manifold_cpu(const at::Tensor& z_
   const at::Tensor y = y_in.stride(3) == 1 ? y_in : y_in.contiguous();
   const int64_t B = z.size(0), T = z.size(1), N = z.size(2), Dz = z.size(3), Dy = y.size(3), slices = B * T;
   const bool gradients = need_dz || need_dy;
-  const bool identity = path == 2 || (path == 0 && identity_is_cheaper(N, Dz + Dy, gradients));
+  const bool identity =
+      path == 2 || (path == 0 && slice_work(N, Dz + Dy, gradients, true) < slice_work(N, Dz + Dy, gradients, false));
   const double grad_coef = 4.0 / (static_cast<double>(slices) * static_cast<double>(N) * static_cast<double>(N));
 
   at::Tensor dz = need_dz ? cached_empty(z.sizes(), z.options()) : at::empty({0}, z.options());
@@ -287,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> manifold_cpu(const at::Tensor& z_
     };
     // Whole slices per thread (single-threaded BLAS inside, no barrier per GEMM) when there are
     // enough of them or they are small; otherwise one slice at a time with threaded BLAS.
-    const double work = identity ? 2.0 * N * (Dz + Dy) * (Dz + Dy) : 1.5 * N * N * (Dz + Dy);
+    const double work = slice_work(N, Dz + Dy, gradients, identity);
     if (slices > 1 && (slices >= at::get_num_threads() || work < kSmallSliceWork)) {
       at::parallel_for(0, slices, 1, [&](int64_t s0, int64_t s1) {
         for (int64_t s = s0; s < s1; ++s) run_slice(s);

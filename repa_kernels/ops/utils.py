@@ -158,7 +158,7 @@ def token_blocks(num_tokens: int, dim: int, dtype: torch.dtype) -> TokenBlocks:
     if is_interpreter():
         block_d = min(triton.next_power_of_2(dim), _INTERPRETER_MAX_TILE)
         block_n = min(triton.next_power_of_2(num_tokens), max(1, _INTERPRETER_MAX_TILE // block_d))
-        return TokenBlocks(block_n=max(block_n, 1), block_d=block_d, num_warps=1)
+        return TokenBlocks(block_n=block_n, block_d=block_d, num_warps=1)
     # Memory-bound: a tile of 2048 (half), 1024 (fp32) or 512 (fp64) elements keeps z, y and one
     # neighbour tile in registers with no spills at 4 warps (ptxas for sm_90, CREPA in bf16 at
     # 8 x 256: 102 registers forward, 96 with dz, 165 with dz and dy), so several programs share each SM.
@@ -190,8 +190,7 @@ def manifold_blocks(num_tokens: int, dim_z: int, dim_y: int, dtype: torch.dtype,
         rows = min(max(triton.next_power_of_2(num_tokens), 16), 64)
         half = dtype in (torch.float16, torch.bfloat16)
         depth = min(max(triton.next_power_of_2(widest), 16), 128 if half else 32)
-        return ManifoldBlocks(rows, rows, depth, min(max(triton.next_power_of_2(widest), 16), 128 if half else 32),
-                              num_warps=1, num_stages=1)
+        return ManifoldBlocks(rows, rows, depth, depth, num_warps=1, num_stages=1)
     if dtype in (torch.float32, torch.float64):
         # float64 accumulation with explicit products (no tensor cores): small tiles.
         return ManifoldBlocks(16, 16, 16, 32, num_warps=4, num_stages=1)

@@ -72,9 +72,17 @@ class AlignmentRegularizerBase(nn.Module):
 
     projector_name = ""
     prefix = ""
+    config_class: type = type(None)   # CrepaConfig / UrepaConfig
 
-    def _init_settings(self, config, config_class: type, impl: str, check_finite: bool) -> None:
+    @classmethod
+    def from_config(cls, cfg, **arguments):
+        """cfg: a config object, a dict (a whole trainer config is fine) or a JSON file path; the other
+        keyword arguments are the constructor's."""
+        return cls(load_config(cfg, cls.config_class), **arguments)
+
+    def _init_settings(self, config, impl: str, check_finite: bool) -> None:
         """Validate and keep the settings both regularizers share."""
+        config_class = self.config_class
         name, prefix = type(self).__name__, config_class.PREFIX
         if not isinstance(config, config_class):
             raise TypeError(f"config must be a {config_class.__name__} (use {name}.from_config for dicts and JSON "

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..functional import crepa_loss_with_options
-from .base import AlignmentRegularizerBase, load_config, model_device, model_list, scalar
+from .base import AlignmentRegularizerBase, model_device, model_list, scalar
 from .capture import HiddenStateCapture, detect_family, grid_from_latents, unwrap_model
 from .config import CrepaConfig
 from .encoder import FrozenEncoder
@@ -44,12 +44,24 @@ class CrepaRegularizer(AlignmentRegularizerBase):
 
     projector_name = PROJECTOR_NAME
     prefix = "crepa"
+    config_class = CrepaConfig
 
     def __init__(self, config: CrepaConfig, *, transformer, vae=None, encoder: str | nn.Module | None = None,
                  tae=None, denormalize: Denormalize | None = None, max_train_steps: int | None = None,
                  hidden_size: int | None = None, impl: str = "auto", check_finite: bool = False) -> None:
+        """config: a CrepaConfig (`from_config` also takes a dict or a JSON path).
+
+        transformer: the diffusers transformer, or a list of transformers sharing one projector.
+        vae: the trainer's VAE, needed for `latents=` calls; encoder: overrides `crepa_encoder` (a name,
+        hub id, local path or a Dinov2 module); tae: tiny decoder for `crepa_use_tae`; denormalize: latent
+        denormalisation for VAE classes without a known rule; max_train_steps: total steps (wins over the
+        config's); hidden_size: width of the block outputs when the model config does not give it;
+        impl: kernel backend ("auto", "triton", "cpp", "reference"); check_finite: raise FloatingPointError
+        on NaN/Inf in the inputs, the captured hidden states or the teacher tokens (one host sync each;
+        off by default, when non-finite values propagate to the loss and stay out of the EMA).
+        """
         super().__init__()
-        self._init_settings(config, CrepaConfig, impl, check_finite)
+        self._init_settings(config, impl, check_finite)
         models = model_list(transformer, "transformer")
         self.backbone = bool(config.crepa_use_backbone_features)
         self.options = config.crepa_options()
@@ -87,26 +99,6 @@ class CrepaRegularizer(AlignmentRegularizerBase):
             capture.detach()
             raise
         self._init_parts(capture, projector, schedule, teacher)
-
-    @classmethod
-    def from_config(cls, cfg, *, transformer, vae=None, encoder: str | nn.Module | None = None, tae=None,
-                    denormalize: Denormalize | None = None, max_train_steps: int | None = None,
-                    hidden_size: int | None = None, impl: str = "auto",
-                    check_finite: bool = False) -> "CrepaRegularizer":
-        """cfg: a CrepaConfig, a dict (a whole trainer config is fine) or a JSON file path.
-
-        transformer: the diffusers transformer, or a list of transformers sharing one projector.
-        vae: the trainer's VAE, needed for `latents=` calls; encoder: overrides `crepa_encoder` (a name,
-        hub id, local path or a Dinov2 module); tae: tiny decoder for `crepa_use_tae`; denormalize: latent
-        denormalisation for VAE classes without a known rule; max_train_steps: total steps (wins over the
-        config's); hidden_size: width of the block outputs when the model config does not give it;
-        impl: kernel backend ("auto", "triton", "cpp", "reference"); check_finite: raise FloatingPointError
-        on NaN/Inf in the inputs, the captured hidden states or the teacher tokens (one host sync each;
-        off by default, when non-finite values propagate to the loss and stay out of the EMA).
-        """
-        return cls(load_config(cfg, CrepaConfig), transformer=transformer, vae=vae, encoder=encoder, tae=tae,
-                   denormalize=denormalize, max_train_steps=max_train_steps, hidden_size=hidden_size, impl=impl,
-                   check_finite=check_finite)
 
     # ------------------------------------------------------------------ forward
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..functional import urepa_loss
-from .base import AlignmentRegularizerBase, load_config, model_device, model_list, scalar
+from .base import AlignmentRegularizerBase, model_device, model_list, scalar
 from .capture import HiddenStateCapture, detect_family, unwrap_model
 from .config import UrepaConfig
 from .encoder import FrozenEncoder
@@ -42,13 +42,17 @@ class UrepaRegularizer(AlignmentRegularizerBase):
 
     projector_name = PROJECTOR_NAME
     prefix = "urepa"
+    config_class = UrepaConfig
 
     def __init__(self, config: UrepaConfig, *, unet, vae=None, encoder: str | nn.Module | None = None, tae=None,
                  denormalize: Denormalize | None = None, max_train_steps: int | None = None,
                  hidden_size: int | None = None, encoder_dtype: str = "float32", impl: str = "auto",
                  check_finite: bool = False) -> None:
+        """config: a UrepaConfig (`from_config` also takes a dict or a JSON path); unet: the UNet or a
+        list of UNets sharing one projector; encoder overrides `urepa_model`; encoder_dtype: its compute
+        dtype; the other arguments as in `CrepaRegularizer`."""
         super().__init__()
-        self._init_settings(config, UrepaConfig, impl, check_finite)
+        self._init_settings(config, impl, check_finite)
         models = model_list(unet, "unet")
         schedule = CoefficientSchedule.from_config(config, max_train_steps=max_train_steps)
         if detect_family(unwrap_model(models[0])).kind != "unet":
@@ -69,17 +73,6 @@ class UrepaRegularizer(AlignmentRegularizerBase):
             capture.detach()
             raise
         self._init_parts(capture, projector, schedule, teacher)
-
-    @classmethod
-    def from_config(cls, cfg, *, unet, vae=None, encoder: str | nn.Module | None = None, tae=None,
-                    denormalize: Denormalize | None = None, max_train_steps: int | None = None,
-                    hidden_size: int | None = None, encoder_dtype: str = "float32",
-                    impl: str = "auto", check_finite: bool = False) -> "UrepaRegularizer":
-        """cfg: a UrepaConfig, a dict (a whole trainer config is fine) or a JSON file path; the other
-        arguments as in `CrepaRegularizer.from_config` (encoder overrides `urepa_model`)."""
-        return cls(load_config(cfg, UrepaConfig), unet=unet, vae=vae, encoder=encoder, tae=tae,
-                   denormalize=denormalize, max_train_steps=max_train_steps, hidden_size=hidden_size,
-                   encoder_dtype=encoder_dtype, impl=impl, check_finite=check_finite)
 
     def forward(self, latents: torch.Tensor | None = None, *, step: int, pixels: torch.Tensor | None = None,
                 teacher_features: torch.Tensor | None = None,
