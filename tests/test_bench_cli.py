@@ -115,6 +115,18 @@ def test_isolated_cpu_peak_memory_counts_the_gradient_the_cpp_cache_keeps():
     assert gradient_bytes <= result.peak_extra_bytes < 3 * gradient_bytes, result.peak_extra_bytes
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--e2e", "--workload", "crepa-cpu"], "--workload select kernel workloads; --e2e times training steps"),
+    (["--e2e", "--modes", "forward", "--providers", "cpp"], "--modes, --providers select kernel workloads"),
+    (["--e2e-preset", "tiny"], "--e2e-preset tiny needs --e2e"),
+    (["--e2e", "--e2e-preset", "wan-1.3b", "--device", "cpu"], "--e2e-preset wan-1.3b is sized for a gpu, not cpu"),
+])
+def test_bench_options_that_would_be_ignored_are_refused(argv, message, capsys, tmp_path):
+    assert main(["bench", "--out", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_time_mode_rejects_bad_repeats():
     workload = get_workload("crepa-cpu-ci")
     z, y = workload.make_inputs("cpu")

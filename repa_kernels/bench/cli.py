@@ -21,7 +21,7 @@ import torch
 from .. import __version__
 from . import measure, report
 from .providers import PROVIDERS, availability
-from .workloads import MODES, WORKLOADS, default_workloads, get_workload
+from .workloads import DTYPES, MODES, WORKLOADS, default_workloads, get_workload
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where to run (default: cuda when available, else cpu)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=None, help="default: all")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None, help="default: all")
     parser.add_argument("--repeats", type=positive_int, default=10, help="timed calls per mode (default 10)")
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="untimed calls per mode (default 2)")
     parser.add_argument("--name", default=None,
@@ -63,7 +63,25 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def check_combination(args: argparse.Namespace) -> str | None:
+    """Why the options do not go together, or None. --e2e times whole training steps of its preset, so
+    the kernel-workload options would be silently ignored there."""
+    if args.e2e:
+        ignored = [f"--{name}" for name in ("workload", "modes", "providers") if getattr(args, name) is not None]
+        if ignored:
+            return f"{', '.join(ignored)} select kernel workloads; --e2e times training steps of its preset instead"
+    elif args.e2e_preset is not None:
+        return f"--e2e-preset {args.e2e_preset} needs --e2e"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    problem = check_combination(args)
+    if problem is not None:
+        print(f"repa-kernels bench: {problem}", file=sys.stderr)
+        return 2
+    args.modes = args.modes or list(MODES)
+    args.providers = args.providers or list(PROVIDERS)
     if args.list:
         for workload in WORKLOADS.values():
             tag = " (CI size)" if workload.ci else ""
@@ -86,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     print(f"measuring the peaks of {context['device_name']} ...", file=sys.stderr)
-    peaks = {dtype: measure.device_peaks(device, get_dtype(dtype))
+    peaks = {dtype: measure.device_peaks(device, DTYPES[dtype])
              for dtype in dict.fromkeys(w.dtype for w in workloads)}
     measured = []
     tasks = [(w, p) for w in workloads for p in args.providers]
@@ -98,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
             if any(r.status == "ok" for r in results):
                 # a busy moment depresses a measurement of the peaks: the bounds use the best of all,
                 # sampled between cases so they see the machine in the same states as the cases
-                peaks = {dtype: measure.best_peaks(peak, measure.device_peaks(device, get_dtype(dtype)))
+                peaks = {dtype: measure.best_peaks(peak, measure.device_peaks(device, DTYPES[dtype]))
                          for dtype, peak in peaks.items()}
     rows = [report.make_row(workload, provider, result, peaks[workload.dtype], context)
             for workload, provider, result in measured]
@@ -119,6 +137,10 @@ def run_e2e(args, device: torch.device, context: dict, prefix: Path) -> int:
     from . import e2e
 
     preset = e2e.PRESETS[args.e2e_preset or ("wan-1.3b" if device.type == "cuda" else "tiny")]
+    if preset.device_class != ("gpu" if device.type == "cuda" else "cpu"):
+        print(f"repa-kernels bench: --e2e-preset {preset.name} is sized for a {preset.device_class}, not "
+              f"{device.type}", file=sys.stderr)
+        return 2
     with tqdm(total=len(e2e.cases(device)), desc=f"e2e {preset.name}", unit="config", file=sys.stderr) as progress:
         results = e2e.run_all(preset, device, steps=args.repeats, warmup=args.warmup, progress=progress)
     rows = e2e.result_rows(preset, results, context)
@@ -140,10 +162,6 @@ def measure_case(workload, provider: str, device: torch.device, args) -> list[me
     if device.type == "cpu":
         return measure.run_isolated(workload, provider, args.modes, repeats=args.repeats, warmup=args.warmup)
     return measure.run_modes(workload, provider, device, args.modes, repeats=args.repeats, warmup=args.warmup)
-
-
-def get_dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
 
 
 def device_name(device: torch.device) -> str:

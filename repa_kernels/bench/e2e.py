@@ -32,6 +32,7 @@ import torch
 
 from .. import backends
 from . import measure
+from .workloads import DTYPES
 
 CONFIGURATIONS = ("baseline", "encoder", "backbone")
 
@@ -115,7 +116,7 @@ def build_models(preset: E2EPreset, device: torch.device, with_encoder: bool):
         return transformer, None, None
     from transformers import Dinov2Config, Dinov2Model
 
-    frozen_dtype = getattr(torch, preset.autocast_dtype) if preset.autocast_dtype else torch.float32
+    frozen_dtype = DTYPES[preset.autocast_dtype] if preset.autocast_dtype else torch.float32
     vae = AutoencoderKLWan(**preset.vae).to(device).eval().requires_grad_(False)
     if frozen_dtype != torch.float32:
         vae = vae.to(frozen_dtype)
@@ -146,7 +147,7 @@ def run_configuration(preset: E2EPreset, configuration: str, impl: str, device: 
     generator = torch.Generator(device="cpu").manual_seed(1)
     latents = torch.randn(preset.latent_shape, generator=generator).to(device)
     text = torch.randn((preset.latent_shape[0],) + preset.text_shape, generator=generator).to(device)
-    autocast_dtype = getattr(torch, preset.autocast_dtype) if preset.autocast_dtype else None
+    autocast_dtype = DTYPES[preset.autocast_dtype] if preset.autocast_dtype else None
     last_loss = [None]
 
     def step(index: int) -> None:
