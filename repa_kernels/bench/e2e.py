@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import backends
-from . import measure
+from . import measure, report
 from .workloads import DTYPES
 
 CONFIGURATIONS = ("baseline", "encoder", "backbone")
@@ -287,11 +287,7 @@ def format_rows(rows: list[dict]) -> str:
         lines.append([row["configuration"], row["impl"], f"{row['median_ms']:.1f}",
                       f"{row['p20_ms']:.1f}-{row['p80_ms']:.1f}", ratio, cpu, cpu_ratio, extra, total,
                       f"{row['frames_encoded_per_step']:g} (expect {row['latent_frames_per_step']})"])
-    widths = [max(len(str(item)) for item in column) for column in zip(header, *lines)]
-    out = ["  ".join(str(item).ljust(width) for item, width in zip(header, widths)),
-           "  ".join("-" * width for width in widths)]
-    out += ["  ".join(str(item).ljust(width) for item, width in zip(line, widths)) for line in lines]
-    return "\n".join(out)
+    return report.fixed_width(header, lines)
 
 
 def write_plot(rows: list[dict], path) -> None:

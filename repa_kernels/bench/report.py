@@ -100,6 +100,11 @@ def format_table(rows: list[dict]) -> str:
         peak = "" if row["peak_extra_mb"] is None else f"{row['peak_extra_mb']:.1f}"
         lines.append([row["workload"], row["provider"], row["mode"], f"{row['median_ms']:.2f}",
                       f"{row['p20_ms']:.2f}-{row['p80_ms']:.2f}", peak, achieved, fraction])
+    return fixed_width(header, lines)
+
+
+def fixed_width(header: list[str], lines: list[list]) -> str:
+    """A plain-text table: columns padded to their widest cell, a dashed rule under the header."""
     widths = [max(len(str(item)) for item in column) for column in zip(header, *lines)]
     out = ["  ".join(str(item).ljust(width) for item, width in zip(header, widths))]
     out.append("  ".join("-" * width for width in widths))
