@@ -43,7 +43,7 @@ def test_loads_a_saved_tiny_dinov2_from_a_local_directory_offline(saved_dinov2, 
     encoder = FrozenEncoder.load(str(saved_dinov2))
     assert type(encoder.model).__name__ == "Dinov2Model"
     assert not encoder.model.training and not any(p.requires_grad for p in encoder.parameters())
-    assert (encoder.patch_size, encoder.width, encoder.num_prefix_tokens) == (4, 16, 1)
+    assert (encoder.patch_size, encoder.hidden_size, encoder.num_prefix_tokens) == (4, 16, 1)
     frames = torch.rand(3, 3, 16, 12, generator=torch.Generator().manual_seed(0))
     tokens = encoder.encode(frames)
     assert tokens.shape == (3, 4 * 3, 16) and tokens.dtype == torch.float32 and not tokens.requires_grad

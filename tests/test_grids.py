@@ -121,5 +121,5 @@ def test_unpermute_local_blocks_inverts_kandinsky5_fractal_order():
 
 def test_token_grid_counts():
     grid = TokenGrid(3, 4, 5)
-    assert grid.tokens == 60 and grid.tokens_per_frame == 20
+    assert grid.tokens == 60
     assert math.prod(grid) == 60

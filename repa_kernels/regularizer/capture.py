@@ -252,7 +252,7 @@ def _config_value(config, key: str):
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def hidden_size_of(model: nn.Module, family: ModelFamily, argument: str = "hidden_size") -> int:
+def hidden_size_of(model: nn.Module, family: ModelFamily) -> int:
     """Width C of the captured hidden states, read from the model config (SPEC §7)."""
     config = getattr(model, "config", None)
     for key in family.hidden_size_keys:
@@ -261,7 +261,7 @@ def hidden_size_of(model: nn.Module, family: ModelFamily, argument: str = "hidde
             return value
     tried = ", ".join(f"config.{k}" for k in family.hidden_size_keys)
     raise CaptureError(f"cannot read the hidden size of {type(model).__name__}: tried {tried}; pass "
-                       f"{argument}=<width of block outputs> to the regularizer explicitly")
+                       "hidden_size=<width of block outputs> to the regularizer explicitly")
 
 
 def check_block_index(model: nn.Module, family: ModelFamily, index: int, key: str) -> None:

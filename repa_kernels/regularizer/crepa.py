@@ -92,7 +92,7 @@ class CrepaRegularizer(AlignmentRegularizerBase):
                 if config.crepa_drop_vae_encoder and vae is not None:
                     drop_vae_encoder(vae)
                 teacher = PixelTeacher(frozen, decoder, config.crepa_encoder_image_size)
-                width = frozen.width
+                width = frozen.hidden_size
                 self.teacher_description = f"encoder {source if isinstance(source, str) else type(source).__name__}"
             projector = attach_projector(capture.models, capture.hidden_size, width, PROJECTOR_NAME).to(device)
         except BaseException:

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import ENCODER_DTYPES as ENCODER_DTYPE_NAMES, ENCODER_TOKENS
+
 ENCODER_HUB_IDS = {
     "dinov2_vits14": "facebook/dinov2-small",
     "dinov2_vitb14": "facebook/dinov2-base",
@@ -29,7 +31,7 @@ ENCODER_HUB_IDS = {
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-ENCODER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ENCODER_DTYPES = {name: getattr(torch, name) for name in ENCODER_DTYPE_NAMES}
 _DINOV2_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 
 
@@ -94,8 +96,8 @@ class FrozenEncoder(nn.Module):
         if config is None or getattr(config, "model_type", None) not in _DINOV2_MODEL_TYPES:
             raise TypeError(f"the encoder must be a transformers Dinov2Model or Dinov2WithRegistersModel, got "
                             f"{type(model).__name__}")
-        if tokens not in ("patch", "cls"):
-            raise ValueError(f"tokens must be 'patch' or 'cls', got {tokens!r}")
+        if tokens not in ENCODER_TOKENS:
+            raise ValueError(f"tokens must be {' or '.join(map(repr, ENCODER_TOKENS))}, got {tokens!r}")
         self.model = model.to(dtype).eval().requires_grad_(False)
         self.dtype = dtype
         self.frames_batch_size = int(frames_batch_size)
@@ -126,10 +128,6 @@ class FrozenEncoder(nn.Module):
         super().train(mode)
         self.model.eval()        # frozen: dropout / drop-path stay off whatever the trainer does
         return self
-
-    @property
-    def width(self) -> int:
-        return self.hidden_size
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:

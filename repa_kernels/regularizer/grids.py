@@ -23,10 +23,6 @@ class TokenGrid(NamedTuple):
     def tokens(self) -> int:
         return self.frames * self.height * self.width
 
-    @property
-    def tokens_per_frame(self) -> int:
-        return self.height * self.width
-
 
 def parse_token_grid(value) -> TokenGrid:
     """A user-given (frames, rows, columns): exactly 3 positive integers."""

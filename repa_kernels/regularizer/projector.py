@@ -57,9 +57,3 @@ def attach_projector(models: list[nn.Module], in_features: int, out_features: in
     for model in models:
         model.add_module(name, projector)
     return projector
-
-
-def remove_projector(models: list[nn.Module], projector: AlignmentProjector, name: str) -> None:
-    for model in models:
-        if getattr(model, name, None) is projector:
-            delattr(model, name)

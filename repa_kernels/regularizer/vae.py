@@ -137,10 +137,6 @@ class LatentDecoder:
                                      "as the pipeline gives them to vae.decode>")
         self.denormalize = rule
 
-    @property
-    def available(self) -> bool:
-        return self.decoder is not None
-
     def _dtype_device(self) -> tuple[torch.dtype, torch.device | None]:
         if isinstance(self.decoder, nn.Module):
             param = next(self.decoder.parameters(), None)
