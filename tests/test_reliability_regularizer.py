@@ -293,6 +293,14 @@ def test_opt_in_finite_check_names_the_tensor_and_the_step(where):
         reg(**call, step=3)
 
 
+def test_a_finished_schedule_skips_the_finite_check_with_everything_else():
+    """After crepa_cutoff_step nothing reads the inputs, so the opt-in check adds no host sync there."""
+    reg, model = crepa({"crepa_cutoff_step": 2}, check_finite=True)
+    tm.tiny_forward(model, latents())
+    loss, logs = reg(latents=_nan_at(latents()), step=5)
+    assert loss.item() == 0.0 and logs["crepa_weight"].item() == 0.0
+
+
 def test_finite_check_flag_is_validated_and_off_by_default():
     with pytest.raises(TypeError, match="check_finite"):
         crepa(check_finite="yes")

@@ -161,11 +161,12 @@ class AlignmentRegularizerBase(nn.Module):
             raise ValueError(f"pass exactly one of latents=, pixels=, teacher_features= (got "
                              f"{', '.join(given) or 'none'})")
         check_latents(latents)
-        self._require_finite(step, latents=latents, pixels=pixels, teacher_features=teacher_features)
         weight = self.schedule.weight(step)
         cutoff = self.schedule.cutoff_active(step)
-        skipped = self._skipped(cutoff) if self.schedule.finished(step) else None
-        return weight, cutoff, skipped
+        if self.schedule.finished(step):
+            return weight, cutoff, self._skipped(cutoff)   # inputs unused: no finite check (no host sync)
+        self._require_finite(step, latents=latents, pixels=pixels, teacher_features=teacher_features)
+        return weight, cutoff, None
 
     def _require_finite(self, step: int, **tensors: torch.Tensor | None) -> None:
         """With check_finite=True, raise on NaN/Inf in any given tensor (one host sync per tensor);
