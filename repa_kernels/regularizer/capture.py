@@ -101,6 +101,10 @@ def _no_grid(model, bound: dict[str, Any]) -> TokenGrid | None:
     return None
 
 
+def _config_patch(model) -> tuple[int, int, int]:
+    return _patch3(model.config.patch_size)
+
+
 def _patch_of(model) -> tuple[int, int, int] | None:
     """A generic DiT's patch size: config.patch_size, else a `patch_size` attribute; None if neither."""
     for source in (getattr(model, "config", None), model):
@@ -132,8 +136,9 @@ class ModelFamily:
     hidden_size_keys: tuple[str, ...]           # config attributes tried, in order
     image_output_index: int | None = None       # tuple outputs: position of the image tokens
     grid_from_inputs: Callable[[Any, dict], TokenGrid | None] = _no_grid
-    latent_patch: tuple[int, int, int] | None = None   # fixed packing (Flux 2x2) instead of config.patch_size
+    patch_size: Callable[[nn.Module], tuple[int, int, int]] = _config_patch   # latents per token (T, H, W)
     local_block_tokens: bool = False            # Kandinsky5 sparse attention token order
+    reference_tokens_after_image: bool = False  # Flux Kontext: a reference image's tokens follow the target's
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         if self.kind == "unet":
@@ -151,18 +156,25 @@ class ModelFamily:
         return found
 
     def latent_patch_size(self, model: nn.Module) -> tuple[int, int, int]:
-        if self.latent_patch is not None:
-            return self.latent_patch
-        if self.name == "ltx_video":
-            return int(model.config.patch_size_t), int(model.config.patch_size), int(model.config.patch_size)
-        if self.name == GENERIC_FAMILY:
-            patch = _patch_of(model)
-            if patch is None:
-                raise CaptureError(f"cannot read the patch size of {type(model).__name__} to lay its tokens on the "
-                                   "latents' grid: tried config.patch_size and the model's patch_size attribute; "
-                                   "pass token_grid=(1, rows, columns) to the regularizer call instead")
-            return patch
-        return _patch3(model.config.patch_size)
+        """(frames, rows, columns) of latents per token."""
+        return self.patch_size(model)
+
+
+def _ltx_patch(model) -> tuple[int, int, int]:
+    return int(model.config.patch_size_t), int(model.config.patch_size), int(model.config.patch_size)
+
+
+def _flux_patch(model) -> tuple[int, int, int]:
+    return 1, 2, 2   # config.patch_size is 1, but FluxPipeline packs 2x2 latent patches into a token
+
+
+def _generic_patch(model) -> tuple[int, int, int]:
+    patch = _patch_of(model)
+    if patch is None:
+        raise CaptureError(f"cannot read the patch size of {type(model).__name__} to lay its tokens on the latents' "
+                           "grid: tried config.patch_size and the model's patch_size attribute; pass "
+                           "token_grid=(1, rows, columns) to the regularizer call instead")
+    return patch
 
 
 _HEADS_TIMES_DIM = "num_attention_heads*attention_head_dim"
@@ -171,13 +183,14 @@ FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily("wan", ("WanTransformer3DModel",), "video", ("blocks",), (_HEADS_TIMES_DIM,),
                 grid_from_inputs=_grid_5d_channels_first),
     ModelFamily("ltx_video", ("LTXVideoTransformer3DModel",), "video", ("transformer_blocks",), (_HEADS_TIMES_DIM,),
-                grid_from_inputs=_grid_ltx),
+                grid_from_inputs=_grid_ltx, patch_size=_ltx_patch),
     ModelFamily("sana_video", ("SanaVideoTransformer3DModel",), "video", ("transformer_blocks",),
                 (_HEADS_TIMES_DIM,), grid_from_inputs=_grid_5d_channels_first),
     ModelFamily("kandinsky5", ("Kandinsky5Transformer3DModel",), "video", ("visual_transformer_blocks",),
                 ("model_dim",), grid_from_inputs=_grid_5d_channels_last, local_block_tokens=True),
     ModelFamily("flux", ("FluxTransformer2DModel",), "image", ("transformer_blocks", "single_transformer_blocks"),
-                (_HEADS_TIMES_DIM,), image_output_index=1, latent_patch=(1, 2, 2)),
+                (_HEADS_TIMES_DIM,), image_output_index=1, patch_size=_flux_patch,
+                reference_tokens_after_image=True),
     ModelFamily("sd3", ("SD3Transformer2DModel",), "image", ("transformer_blocks",), (_HEADS_TIMES_DIM,),
                 image_output_index=1, grid_from_inputs=_grid_4d),
     ModelFamily("pixart", ("PixArtTransformer2DModel",), "image", ("transformer_blocks",), (_HEADS_TIMES_DIM,),
@@ -200,7 +213,7 @@ def generic_family(model: nn.Module) -> ModelFamily | None:
         blocks = getattr(model, attr, None)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
             return ModelFamily(GENERIC_FAMILY, (type(model).__name__,), "image", (attr,), GENERIC_HIDDEN_SIZE_KEYS,
-                               grid_from_inputs=_grid_generic)
+                               grid_from_inputs=_grid_generic, patch_size=_generic_patch)
     return None
 
 

@@ -124,8 +124,8 @@ class CrepaRegularizer(AlignmentRegularizerBase):
         captured = self._consume()
         grid = self._student_grid(captured, latents, pixels, token_grid)
         student = captured.student
-        if student.shape[1] > grid.tokens and self.family.name == "flux":
-            student = student[:, :grid.tokens]   # Flux Kontext appends reference-image tokens after the target's
+        if student.shape[1] > grid.tokens and self.family.reference_tokens_after_image:
+            student = student[:, :grid.tokens]   # the target's tokens come first
         z = self.live_projector(captured.model)(tokens_to_grid(student, grid, "captured hidden states"))
         y = self._teacher_tokens(captured, grid, latents, pixels, teacher_features)
         self._require_finite(step, **{"the captured hidden states": student, "the teacher tokens": y})
