@@ -15,23 +15,22 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="repa-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    modules = {}
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text)
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            sub_parser.set_defaults(_import_error=exc)
-            continue
-        module.add_arguments(sub_parser)
-        modules[name] = module
-    args = parser.parse_args(argv)
-    if args.command not in modules:
-        parser.error(f"`{args.command}` is unavailable: {args._import_error}")
-    return int(modules[args.command].run(args) or 0)
-
+    sub_parsers = {name: sub.add_parser(name, help=help_text, add_help=False)
+                   for name, (_, help_text) in SUBCOMMANDS.items()}
+    # Only the chosen subcommand's module is imported; if that fails, the import error is the message
+    # (not an "unrecognized arguments" from a sub-parser that never got its options).
+    chosen, _ = parser.parse_known_args(argv)
+    try:
+        module = importlib.import_module(SUBCOMMANDS[chosen.command][0])
+    except ImportError as exc:
+        parser.error(f"`{chosen.command}` is unavailable: {exc}")
+    sub_parser = sub_parsers[chosen.command]
+    sub_parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
+    module.add_arguments(sub_parser)
+    return int(module.run(parser.parse_args(argv)) or 0)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from repa_kernels import __version__, backends, cli, info
@@ -67,3 +68,13 @@ def info_args(json_output: bool):
     parser = argparse.ArgumentParser()
     info.add_arguments(parser)
     return parser.parse_args(["--json"] if json_output else [])
+
+
+def test_a_subcommand_whose_module_fails_to_import_says_so(monkeypatch, capsys):
+    """Only the chosen subcommand is imported; its import error is the message, whatever options follow."""
+    monkeypatch.setitem(cli.SUBCOMMANDS, "bench", ("repa_kernels.no_such_module", "broken for the test"))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--list"])
+    assert info.value.code == 2
+    assert "`bench` is unavailable: No module named 'repa_kernels.no_such_module'" in capsys.readouterr().err
+    assert cli.main(["info"]) == 0   # the other subcommands are untouched
