@@ -251,8 +251,24 @@ def _schedule_keys_help(prefix: str) -> dict[str, str]:
     }
 
 
-_CREPA_SCHEDULE_HELP = _schedule_keys_help("crepa")
-_UREPA_SCHEDULE_HELP = _schedule_keys_help("urepa")
+# The schedule keys of both prefixes (SPEC §4), once: `<prefix>_<suffix>` -> (default, rule). The config
+# classes declare their fields from it and CoefficientSchedule checks its arguments with the same rules.
+SCHEDULE_KEYS: dict[str, tuple[Any, _Rule]] = {
+    "scheduler": ("constant", _Choice(SCHEDULERS)),
+    "warmup_steps": (0, _Int(0)),
+    "decay_steps": (0, _Int(0)),
+    "lambda_end": (0.0, _Float(0.0)),
+    "power": (1.0, _Float(0.0, minimum_inclusive=False)),
+    "cutoff_step": (0, _Int(0)),
+    "similarity_threshold": (None, _Float(nullable=True)),
+    "similarity_ema_decay": (0.99, _Float(0.0, maximum=1.0, maximum_inclusive=False)),
+    "threshold_mode": ("permanent", _Choice(THRESHOLD_MODES)),
+}
+
+
+def _schedule_key(prefix: str, suffix: str) -> Any:
+    default, rule = SCHEDULE_KEYS[suffix]
+    return _key(default, rule, _schedule_keys_help(prefix)[suffix])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -493,17 +509,15 @@ class CrepaConfig(_ConfigSources):
         "(alias: crepa_feature_source backbone)")
     crepa_teacher_block_index: int | None = _key(
         None, _Int(0, nullable=True), "teacher block in backbone mode (required there, != crepa_block_index)")
-    crepa_scheduler: str = _key("constant", _Choice(SCHEDULERS), _CREPA_SCHEDULE_HELP["scheduler"])
-    crepa_warmup_steps: int = _key(0, _Int(0), _CREPA_SCHEDULE_HELP["warmup_steps"])
-    crepa_decay_steps: int = _key(0, _Int(0), _CREPA_SCHEDULE_HELP["decay_steps"])
-    crepa_lambda_end: float = _key(0.0, _Float(0.0), _CREPA_SCHEDULE_HELP["lambda_end"])
-    crepa_power: float = _key(1.0, _Float(0.0, minimum_inclusive=False), _CREPA_SCHEDULE_HELP["power"])
-    crepa_cutoff_step: int = _key(0, _Int(0), _CREPA_SCHEDULE_HELP["cutoff_step"])
-    crepa_similarity_threshold: float | None = _key(None, _Float(nullable=True),
-                                                    _CREPA_SCHEDULE_HELP["similarity_threshold"])
-    crepa_similarity_ema_decay: float = _key(0.99, _Float(0.0, maximum=1.0, maximum_inclusive=False),
-                                             _CREPA_SCHEDULE_HELP["similarity_ema_decay"])
-    crepa_threshold_mode: str = _key("permanent", _Choice(THRESHOLD_MODES), _CREPA_SCHEDULE_HELP["threshold_mode"])
+    crepa_scheduler: str = _schedule_key("crepa", "scheduler")
+    crepa_warmup_steps: int = _schedule_key("crepa", "warmup_steps")
+    crepa_decay_steps: int = _schedule_key("crepa", "decay_steps")
+    crepa_lambda_end: float = _schedule_key("crepa", "lambda_end")
+    crepa_power: float = _schedule_key("crepa", "power")
+    crepa_cutoff_step: int = _schedule_key("crepa", "cutoff_step")
+    crepa_similarity_threshold: float | None = _schedule_key("crepa", "similarity_threshold")
+    crepa_similarity_ema_decay: float = _schedule_key("crepa", "similarity_ema_decay")
+    crepa_threshold_mode: str = _schedule_key("crepa", "threshold_mode")
     max_train_steps: int | None = _key(None, _Int(0, nullable=True), _MAX_TRAIN_STEPS_HELP)
 
     _ALIASES: ClassVar[tuple[str, ...]] = ("crepa_model", "crepa_feature_source")
@@ -575,17 +589,15 @@ class UrepaConfig(_ConfigSources):
     urepa_encoder_image_size: int = _key(518, _Int(DINOV2_PATCH_SIZE),
                                          "encoder input size S: each image is fed at about S x S pixels of area")
     urepa_use_tae: bool = _key(False, _Bool(), "decode with a tiny autoencoder instead of the full VAE")
-    urepa_scheduler: str = _key("constant", _Choice(SCHEDULERS), _UREPA_SCHEDULE_HELP["scheduler"])
-    urepa_warmup_steps: int = _key(0, _Int(0), _UREPA_SCHEDULE_HELP["warmup_steps"])
-    urepa_decay_steps: int = _key(0, _Int(0), _UREPA_SCHEDULE_HELP["decay_steps"])
-    urepa_lambda_end: float = _key(0.0, _Float(0.0), _UREPA_SCHEDULE_HELP["lambda_end"])
-    urepa_power: float = _key(1.0, _Float(0.0, minimum_inclusive=False), _UREPA_SCHEDULE_HELP["power"])
-    urepa_cutoff_step: int = _key(0, _Int(0), _UREPA_SCHEDULE_HELP["cutoff_step"])
-    urepa_similarity_threshold: float | None = _key(None, _Float(nullable=True),
-                                                    _UREPA_SCHEDULE_HELP["similarity_threshold"])
-    urepa_similarity_ema_decay: float = _key(0.99, _Float(0.0, maximum=1.0, maximum_inclusive=False),
-                                             _UREPA_SCHEDULE_HELP["similarity_ema_decay"])
-    urepa_threshold_mode: str = _key("permanent", _Choice(THRESHOLD_MODES), _UREPA_SCHEDULE_HELP["threshold_mode"])
+    urepa_scheduler: str = _schedule_key("urepa", "scheduler")
+    urepa_warmup_steps: int = _schedule_key("urepa", "warmup_steps")
+    urepa_decay_steps: int = _schedule_key("urepa", "decay_steps")
+    urepa_lambda_end: float = _schedule_key("urepa", "lambda_end")
+    urepa_power: float = _schedule_key("urepa", "power")
+    urepa_cutoff_step: int = _schedule_key("urepa", "cutoff_step")
+    urepa_similarity_threshold: float | None = _schedule_key("urepa", "similarity_threshold")
+    urepa_similarity_ema_decay: float = _schedule_key("urepa", "similarity_ema_decay")
+    urepa_threshold_mode: str = _schedule_key("urepa", "threshold_mode")
     max_train_steps: int | None = _key(None, _Int(0, nullable=True), _MAX_TRAIN_STEPS_HELP)
 
     _ALIASES: ClassVar[tuple[str, ...]] = ()

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .config import SCHEDULERS, THRESHOLD_MODES, CrepaConfig, UrepaConfig, _Choice, _Float, _Int
+from .config import SCHEDULE_KEYS, CrepaConfig, UrepaConfig, _Float, _Int
 
 __all__ = ["CoefficientSchedule"]
 
@@ -50,17 +50,19 @@ class CoefficientSchedule:
             raise TypeError(f"name must be a non-empty string, got {name!r}")
         self.name = name
         self.lambda_ = _Float(0.0).coerce(f"{name}_lambda", lambda_)
-        self.scheduler = _Choice(SCHEDULERS).coerce(f"{name}_scheduler", scheduler)
-        self.warmup_steps = _Int(0).coerce(f"{name}_warmup_steps", warmup_steps)
-        self.decay_steps = _Int(0).coerce(f"{name}_decay_steps", decay_steps)
-        self.lambda_end = _Float(0.0).coerce(f"{name}_lambda_end", lambda_end)
-        self.power = _Float(0.0, minimum_inclusive=False).coerce(f"{name}_power", power)
-        self.cutoff_step = _Int(0).coerce(f"{name}_cutoff_step", cutoff_step)
-        self.similarity_threshold = _Float(nullable=True).coerce(f"{name}_similarity_threshold",
-                                                                 similarity_threshold)
-        self.ema_decay = _Float(0.0, maximum=1.0, maximum_inclusive=False).coerce(
-            f"{name}_similarity_ema_decay", ema_decay)
-        self.threshold_mode = _Choice(THRESHOLD_MODES).coerce(f"{name}_threshold_mode", threshold_mode)
+
+        def checked(suffix: str, value: Any) -> Any:   # the config keys' own rules (config.SCHEDULE_KEYS)
+            return SCHEDULE_KEYS[suffix][1].coerce(f"{name}_{suffix}", value)
+
+        self.scheduler = checked("scheduler", scheduler)
+        self.warmup_steps = checked("warmup_steps", warmup_steps)
+        self.decay_steps = checked("decay_steps", decay_steps)
+        self.lambda_end = checked("lambda_end", lambda_end)
+        self.power = checked("power", power)
+        self.cutoff_step = checked("cutoff_step", cutoff_step)
+        self.similarity_threshold = checked("similarity_threshold", similarity_threshold)
+        self.ema_decay = checked("similarity_ema_decay", ema_decay)
+        self.threshold_mode = checked("threshold_mode", threshold_mode)
         self.max_train_steps = _Int(0, nullable=True).coerce("max_train_steps", max_train_steps)
 
         if self.scheduler != "constant" and self.decay_steps == 0:
@@ -92,17 +94,10 @@ class CoefficientSchedule:
         if not isinstance(cfg, (CrepaConfig, UrepaConfig)):
             raise TypeError(f"cfg must be a CrepaConfig or UrepaConfig, got {type(cfg).__name__}")
         p = cfg.PREFIX
-        schedule = cls(
-            lambda_=getattr(cfg, f"{p}_lambda"), scheduler=getattr(cfg, f"{p}_scheduler"),
-            warmup_steps=getattr(cfg, f"{p}_warmup_steps"), decay_steps=getattr(cfg, f"{p}_decay_steps"),
-            lambda_end=getattr(cfg, f"{p}_lambda_end"), power=getattr(cfg, f"{p}_power"),
-            cutoff_step=getattr(cfg, f"{p}_cutoff_step"),
-            similarity_threshold=getattr(cfg, f"{p}_similarity_threshold"),
-            ema_decay=getattr(cfg, f"{p}_similarity_ema_decay"),
-            threshold_mode=getattr(cfg, f"{p}_threshold_mode"),
-            max_train_steps=cfg.max_train_steps if max_train_steps is None else max_train_steps,
-            name=p)
-        return schedule
+        keys = {("ema_decay" if suffix == "similarity_ema_decay" else suffix): getattr(cfg, f"{p}_{suffix}")
+                for suffix in SCHEDULE_KEYS}
+        return cls(lambda_=getattr(cfg, f"{p}_lambda"), **keys, name=p,
+                   max_train_steps=cfg.max_train_steps if max_train_steps is None else max_train_steps)
 
     # ------------------------------------------------------------------ weights
 
