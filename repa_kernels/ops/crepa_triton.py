@@ -82,6 +82,18 @@ def _neighbour_frame(frame, slot, offset_start):
 
 
 @triton.jit
+def _neighbour_slot(frame, slot, offset_start, num_frames, dim, token_mask, chans, slots):
+    """Neighbour `slot` of `frame`, for both passes: its frame clamped into the clip, the load mask of
+    channels `chans` (out-of-clip neighbours load nothing: a zero channel range, since the interpreter
+    rejects masks built from a scalar condition) and the slot's column selector (1, NUM_SLOTS)."""
+    other = _neighbour_frame(frame, slot, offset_start)
+    channel_limit = tl.where((other >= 0) & (other < num_frames), dim, 0)
+    mask_other = token_mask[:, None] & (chans < channel_limit)[None, :]
+    other = tl.minimum(tl.maximum(other, 0), num_frames - 1)
+    return other, mask_other, slots[None, :] == slot
+
+
+@triton.jit
 def _crepa_fused_kernel(
     z_ptr, y_ptr, dz_ptr, dy_ptr, partial_ptr,
     num_frames, num_tokens, dim, num_token_blocks, num_programs, loss_divisor,
@@ -140,13 +152,8 @@ def _crepa_fused_kernel(
         exp_z = new_z
         exp_y = new_y
         for slot in range(0, num_neighbours):
-            other = _neighbour_frame(frame, slot, offset_start)
-            # Out-of-clip neighbours load nothing (a zero channel range; the interpreter rejects
-            # masks built from a scalar condition).
-            channel_limit = tl.where((other >= 0) & (other < num_frames), dim, 0)
-            mask_other = token_mask[:, None] & (chans < channel_limit)[None, :]
-            other = tl.minimum(tl.maximum(other, 0), num_frames - 1)
-            column = slots[None, :] == slot
+            other, mask_other, column = _neighbour_slot(frame, slot, offset_start, num_frames, dim, token_mask,
+                                                        chans, slots)
             y_other = tl.load(y_rows[:, None] + other * stride_yt + chans[None, :] * stride_yd,
                               mask=mask_other, other=0.0).to(ACC)
             nb_yy, nb_zy, nb_exp_y = _accumulate_neighbour(y_other, z_tile, column, nb_yy, nb_zy, nb_exp_y, ACC)
@@ -214,11 +221,8 @@ def _crepa_fused_kernel(
             if NEED_DY:
                 dy_acc = dy_self[:, None] * z_tile - dy_own[:, None] * y_tile
             for slot in range(0, num_neighbours):
-                other = _neighbour_frame(frame, slot, offset_start)
-                channel_limit = tl.where((other >= 0) & (other < num_frames), dim, 0)
-                mask_other = token_mask[:, None] & (chans < channel_limit)[None, :]
-                other = tl.minimum(tl.maximum(other, 0), num_frames - 1)
-                column = slots[None, :] == slot
+                other, mask_other, column = _neighbour_slot(frame, slot, offset_start, num_frames, dim,
+                                                            token_mask, chans, slots)
                 if NEED_DZ:
                     y_other = tl.load(y_rows[:, None] + other * stride_yt + chans[None, :] * stride_yd,
                                       mask=mask_other, other=0.0).to(ACC)
