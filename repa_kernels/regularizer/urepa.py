@@ -68,7 +68,8 @@ class UrepaRegularizer(AlignmentRegularizerBase):
             decoder = LatentDecoder(vae=vae, tae=tae, denormalize=denormalize, use_tae=config.urepa_use_tae,
                                     video=False, use_tae_key="urepa_use_tae")
             teacher = PixelTeacher(frozen, decoder, config.urepa_encoder_image_size)
-            projector = attach_projector(capture.models, capture.hidden_size, frozen.hidden_size, PROJECTOR_NAME).to(device)
+            projector = attach_projector(capture.models, capture.hidden_size, frozen.hidden_size,
+                                         PROJECTOR_NAME).to(device)
         except BaseException:
             capture.detach()
             raise
