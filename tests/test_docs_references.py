@@ -208,7 +208,7 @@ def test_former_contract_rule_leaves_other_words_alone():
 
 
 @pytest.mark.parametrize("path, line", [
-    ("tests/test_x.py", "the tolerance rule of " + "issue 3"),
+    ("tests/test_x.py", "the tolerance rule of issue" + " 3"),
     ("tests/test_x.py", "(Issue" + " 7, item 2)"),
     ("benchmarks/cpu_kernels_issue" + "4.py", "nothing in the text"),
 ])
