@@ -1,4 +1,4 @@
-"""`repa-kernels info | bench | demo`: each subcommand lives in its own module and is imported lazily."""
+"""`repa-kernels info | bench | demo | cache`: each subcommand lives in its own module and is imported lazily."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "info": ("repa_kernels.info", "versions and which backend runs on CPU and CUDA, and why"),
     "bench": ("repa_kernels.bench.cli", "run the SPEC §8 benchmark workloads and write CSV and plots"),
     "demo": ("repa_kernels.demo", "a short CREPA fine-tune of a tiny Wan transformer on CPU"),
+    "cache": ("repa_kernels.cache_info", "what a teacher-feature cache holds: identity, entries, size"),
 }
 
 
