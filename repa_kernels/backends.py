@@ -15,6 +15,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .ops.availability import BackendUnavailableError, triton_interpreter_enabled
+
 ENV_VAR = "REPA_KERNELS_IMPL"
 BACKENDS = ("triton", "cpp", "reference")
 IMPL_CHOICES = ("auto",) + BACKENDS
@@ -22,18 +24,10 @@ IMPL_CHOICES = ("auto",) + BACKENDS
 _warned: set[str] = set()
 
 
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run on the given device."""
-
-
 def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_status(device: torch.device) -> tuple[bool, str]:
@@ -75,21 +69,28 @@ def status(name: str, device: torch.device) -> tuple[bool, str]:
     raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
 
 
+def _override() -> str | None:
+    """REPA_KERNELS_IMPL when set (validated), else None."""
+    override = os.environ.get(ENV_VAR)
+    if override and override not in IMPL_CHOICES:
+        raise ValueError(f"{ENV_VAR}={override!r} is not a valid impl; valid: {', '.join(IMPL_CHOICES)}")
+    return override or None
+
+
 def check_impl(impl: str) -> str:
-    """`impl` if it is one of IMPL_CHOICES, else a ValueError naming it and the valid choices."""
-    if impl not in IMPL_CHOICES:
+    """`impl` as given, once it and any REPA_KERNELS_IMPL override are valid (a ValueError naming the value
+    and the valid choices otherwise). Modules and regularizers call it when they are built, so a bad value
+    fails there and not at the first call; the override still applies at call time (`requested_impl`)."""
+    if not isinstance(impl, str) or impl not in IMPL_CHOICES:
         raise ValueError(f"impl={impl!r} is not valid; valid: {', '.join(IMPL_CHOICES)}")
+    _override()
     return impl
 
 
 def requested_impl(impl: str) -> str:
-    """`impl`, unless REPA_KERNELS_IMPL overrides it; validated either way."""
-    override = os.environ.get(ENV_VAR)
-    if override:
-        if override not in IMPL_CHOICES:
-            raise ValueError(f"{ENV_VAR}={override!r} is not a valid impl; valid: {', '.join(IMPL_CHOICES)}")
-        return override
-    return check_impl(impl)
+    """The impl that applies: REPA_KERNELS_IMPL when set, else `impl`; both validated."""
+    check_impl(impl)
+    return _override() or impl
 
 
 def resolve(impl: str, device: torch.device) -> str:

@@ -1,4 +1,9 @@
-"""Hyper-parameters of the CREPA/REPA cosine term (SPEC §2.1) and the frame weights they imply."""
+"""Hyper-parameters of the CREPA/REPA cosine term (SPEC §2.1) and the frame weights they imply, and the
+numeric rules every backend shares (the zero-token threshold EPS, the compute dtype).
+
+The bottom of the kernel half: the reference path, the kernel ops and the functional API all import
+it, and it imports nothing of the package.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,12 @@ from dataclasses import dataclass
 import torch
 
 EPS = 1e-12  # a token with ||z|| < EPS carries no direction: normalised to 0 with zero gradient
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every backend does its math and returns its losses in: float64 for float64 inputs,
+    float32 for float32, float16 and bfloat16 (never lower, also under torch.autocast)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)

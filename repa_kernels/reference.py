@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from .options import EPS, CrepaOptions
+from .options import EPS, CrepaOptions, compute_dtype
 
 # The manifold reference builds Gram matrices for this many (sample, frame) slices' worth of
 # elements at a time, so its transient memory stays near the Grams autograd must keep anyway.
 _GRAM_CHUNK_ELEMENTS = 1 << 26
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def safe_normalize(x: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,9 @@ The kernels live in csrc/ and register the dispatcher ops `repa_kernels::crepa` 
 If both fail, `status()` says why and how to build it; `impl="auto"` then falls back to the reference.
 
 The loss is a scalar, so the kernels form d loss / d z (and d y) in the forward pass when a gradient is
-needed, and the backward only scales them by the upstream gradient: in eager mode without a copy
-(`_AdoptedGradients`), under tracing through the ops' registered autograd. Fake (meta) kernels make
-both ops opaque single nodes under `torch.compile(fullgraph=True)`. Double backward is not supported
-(the gradient does not depend on z and y differentiably).
+needed, and the backward only scales them by the upstream gradient (`saved_gradients`: the fake kernels
+that make both ops opaque single nodes under `torch.compile(fullgraph=True)`, the autograd, and the
+errors for second-order and forward-mode derivatives, which the saved gradient cannot give).
 
 Large gradients and scratch buffers come from a small cache in the extension (csrc/buffer_cache.h):
 freed ones are kept for the next call of the same shapes, which then skips the page faults of fresh
@@ -29,11 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from ..backends import BackendUnavailableError
 from ..options import CrepaOptions
-from ..reference import compute_dtype
+from . import saved_gradients
+from .availability import BackendUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -187,65 +185,13 @@ def _needs_grad(t: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and t.requires_grad
 
 
-def _plain_eager(*tensors: torch.Tensor) -> bool:
-    """Real tensors outside any tracing (torch.compile, make_fx, fake or functional modes)."""
-    return (all(type(t) is torch.Tensor for t in tensors) and not torch.compiler.is_compiling()
-            and not is_in_torch_dispatch_mode())
-
-
-class _AdoptedGradients(torch.autograd.Function):
-    """Eager path: runs an op returning (*outputs, dz, dy) and keeps dz / dy private to its backward.
-
-    Nobody else can reach them, so the first backward hands them to autograd as they are when the
-    upstream gradient is 1 (the usual `loss.backward()`: autograd adopts them as .grad, no copy) or
-    scaled in place, and no second gradient-sized tensor is ever allocated. A further backward through
-    a retained graph recomputes them from the saved inputs. Under tracing the op's registered
-    (out-of-place) autograd is used instead.
-    """
-
-    @staticmethod
-    def forward(ctx, op, z, y, *arguments):
-        *outputs, dz, dy = op(z, y, *arguments)
-        ctx.op, ctx.arguments, ctx.gradients = op, arguments, (dz, dy)
-        ctx.save_for_backward(z, y)
-        ctx.mark_non_differentiable(*outputs[1:])
-        ctx.set_materialize_grads(False)
-        return tuple(outputs)
-
-    @staticmethod
-    def backward(ctx, grad_loss, *_metric_grads):
-        wanted = ctx.needs_input_grad[1:3]
-        if grad_loss is None or not any(wanted):
-            return (None,) * (3 + len(ctx.arguments))
-        gradients, ctx.gradients = ctx.gradients, None
-        if gradients is None:
-            z, y = ctx.saved_tensors
-            gradients = ctx.op(z, y, *ctx.arguments)[-2:]
-        result = []
-        for name, needed, gradient in zip(("z", "y"), wanted, gradients):
-            if needed:
-                _check_formed(ctx.op, name, gradient)
-                if grad_loss.requires_grad:
-                    gradient = gradient * grad_loss
-                elif float(grad_loss) != 1.0:
-                    gradient.mul_(grad_loss)  # a 0-d fp32 factor keeps the gradient's dtype
-            result.append(gradient if needed else None)
-        return (None, *result, *(None,) * len(ctx.arguments))
-
-
-def _run(op, z: torch.Tensor, y: torch.Tensor, *arguments) -> tuple[torch.Tensor, ...]:
-    """The op's outputs without the gradient buffers."""
-    if (torch.is_grad_enabled() and (z.requires_grad or y.requires_grad) and _plain_eager(z, y)):
-        return _AdoptedGradients.apply(op, z, y, *arguments)
-    return tuple(op(z, y, *arguments)[:-2])
-
-
 def crepa(z4: torch.Tensor, y4: torch.Tensor, opts: CrepaOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CREPA/REPA term on validated (B, T, N, D) CPU tensors: (loss, alignment_score, similarity_self)."""
     _require()
+    saved_gradients.check_derivative_mode("cpp", z4, y4)
     batch, frames = z4.shape[:2]
-    loss, alignment, self_similarity = _run(
-        torch.ops.repa_kernels.crepa.default, z4, y4, opts.frame_weight_list(frames),
+    loss, alignment, self_similarity = saved_gradients.run(
+        torch.ops.repa_kernels.crepa.default, "cpp", z4, y4, opts.frame_weight_list(frames),
         -1.0 / opts.loss_divisor(batch, frames), _needs_grad(z4), _needs_grad(y4))
     return loss, alignment.detach(), self_similarity.detach()
 
@@ -253,64 +199,10 @@ def crepa(z4: torch.Tensor, y4: torch.Tensor, opts: CrepaOptions) -> tuple[torch
 def manifold(z4: torch.Tensor, y4: torch.Tensor) -> torch.Tensor:
     """Gram-difference manifold loss on validated (B, T, N, Dz) / (B, T, N, Dy) CPU tensors."""
     _require()
-    (loss,) = _run(torch.ops.repa_kernels.manifold.default, z4, y4, _needs_grad(z4), _needs_grad(y4))
+    saved_gradients.check_derivative_mode("cpp", z4, y4)
+    (loss,) = saved_gradients.run(torch.ops.repa_kernels.manifold.default, "cpp", z4, y4, _needs_grad(z4),
+                                  _needs_grad(y4))
     return loss
-
-
-# ---- fake kernels and autograd of the ops (registered once, after the library has defined them) ----
-
-def _gradient_fake(x: torch.Tensor, needed: bool) -> torch.Tensor:
-    return x.new_empty(x.shape) if needed else x.new_empty((0,))
-
-
-def _crepa_fake(z, y, frame_weights, loss_scale, need_dz, need_dy):
-    dtype = compute_dtype(z.dtype)
-    return (z.new_empty((), dtype=dtype), z.new_empty((), dtype=dtype), z.new_empty((), dtype=dtype),
-            _gradient_fake(z, need_dz), _gradient_fake(y, need_dy))
-
-
-def _manifold_fake(z, y, need_dz, need_dy, path=0):
-    return z.new_empty((), dtype=compute_dtype(z.dtype)), _gradient_fake(z, need_dz), _gradient_fake(y, need_dy)
-
-
-def _check_formed(op, name: str, gradient: torch.Tensor) -> None:
-    if gradient.numel() == 0:  # inputs are never empty, so an empty gradient was not asked for
-        raise RuntimeError(f"{op} was called with need_d{name}=False, but {name} needs a gradient: pass "
-                           f"need_d{name}=True when {name}.requires_grad (repa_kernels.ops.cpp does)")
-
-
-def _setup_context(ctx, output, metric_slots: tuple[int, ...]) -> None:
-    ctx.save_for_backward(output[-2], output[-1])
-    ctx.mark_non_differentiable(*(output[i] for i in metric_slots), output[-2], output[-1])
-    ctx.set_materialize_grads(False)
-
-
-def _scaled(op, ctx, grad_loss) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The registered (pure) backward: the saved forward gradients times the upstream gradient."""
-    result = []
-    for index, (name, gradient) in enumerate(zip(("z", "y"), ctx.saved_tensors)):
-        if grad_loss is None or not ctx.needs_input_grad[index]:
-            result.append(None)
-            continue
-        _check_formed(op, name, gradient)
-        result.append(gradient * grad_loss)
-    return result[0], result[1]
-
-
-def _crepa_setup_context(ctx, inputs, output):
-    _setup_context(ctx, output, (1, 2))
-
-
-def _crepa_backward(ctx, grad_loss, _grad_alignment, _grad_self, _grad_dz, _grad_dy):
-    return (*_scaled("repa_kernels::crepa", ctx, grad_loss), None, None, None, None)
-
-
-def _manifold_setup_context(ctx, inputs, output):
-    _setup_context(ctx, output, ())
-
-
-def _manifold_backward(ctx, grad_loss, _grad_dz, _grad_dy):
-    return (*_scaled("repa_kernels::manifold", ctx, grad_loss), None, None, None)
 
 
 _registered = False
@@ -320,9 +212,6 @@ def _register_python_parts() -> None:
     global _registered
     if _registered:
         return
-    torch.library.register_fake("repa_kernels::crepa")(_crepa_fake)
-    torch.library.register_fake("repa_kernels::manifold")(_manifold_fake)
-    torch.library.register_autograd("repa_kernels::crepa", _crepa_backward, setup_context=_crepa_setup_context)
-    torch.library.register_autograd("repa_kernels::manifold", _manifold_backward,
-                                    setup_context=_manifold_setup_context)
+    saved_gradients.register("repa_kernels::crepa", "cpp")
+    saved_gradients.register("repa_kernels::manifold", "cpp")
     _registered = True

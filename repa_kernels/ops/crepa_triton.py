@@ -22,9 +22,9 @@ Design (memory-bound: the goal is to move each tensor once):
 - The loss is linear in ŷ, so ∂loss/∂ẑ_f = -ỹ_f / (N·B') with ỹ_f = Σ_g W[f,g] ŷ_g needs only what
   pass 1 produced. When z (or y) requires grad, pass 2 re-reads the program's tiles (L2-resident) and
   writes dz = (dẑ − ẑ(ẑ·dẑ)) / ||z|| (and dy, gathered per teacher frame), for an upstream gradient of
-  1. The backward only scales the saved gradient by the upstream gradient.
-  HBM traffic: forward+gradient reads Z and Y once and writes dZ (three tensor passes); the scale in
-  the backward reads and writes dZ once more.
+  1. The backward only scales the saved gradient by the upstream gradient, in place in eager mode
+  (`saved_gradients`). HBM traffic: forward+gradient reads Z and Y once and writes dZ (three tensor
+  passes); the scale in the backward reads and writes dZ once more, and allocates nothing.
 - Bitwise reproducible: every output element is written by exactly one program and every sum has a
   fixed order.
 
@@ -37,9 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..options import CrepaOptions
-from ..reference import compute_dtype
-from . import utils
+from ..options import CrepaOptions, compute_dtype
+from . import saved_gradients, utils
 from .utils import inverse_norm, lowest_exponent, power_of_two, running_exponent, store_cast
 
 _FINALIZE_BLOCK = 1024
@@ -298,7 +297,8 @@ def crepa_forward(z: torch.Tensor, y: torch.Tensor, opts: CrepaOptions, need_dz:
 
 
 # ---------------------------------------------------------------------------------------------------
-# torch.library registration: one opaque node for torch.compile, autograd through the saved gradient.
+# torch.library registration: one opaque node for torch.compile, autograd through the saved gradient
+# (`saved_gradients`: scaled in place in eager mode, out of place under tracing).
 
 @torch.library.custom_op("repa_kernels::crepa_triton_forward", mutates_args=())
 def crepa_triton_forward(z: torch.Tensor, y: torch.Tensor, distance: int, tau: float, cumulative: bool,
@@ -310,31 +310,7 @@ def crepa_triton_forward(z: torch.Tensor, y: torch.Tensor, distance: int, tau: f
     return crepa_forward(z, y, opts, need_dz, need_dy)
 
 
-@crepa_triton_forward.register_fake
-def _crepa_triton_forward_fake(z, y, distance, tau, cumulative, normalize_by_frames, normalize_neighbour_sum,
-                               need_dz, need_dy):
-    acc_torch = compute_dtype(z.dtype)
-    scalars = tuple(z.new_empty((), dtype=acc_torch) for _ in range(3))
-    dz = z.new_empty(z.shape) if need_dz else z.new_empty((0,))
-    dy = y.new_empty(y.shape) if need_dy else y.new_empty((0,))
-    return (*scalars, dz, dy)
-
-
-def _crepa_setup_context(ctx, inputs, output):
-    ctx.need_dz, ctx.need_dy = inputs[7], inputs[8]
-    ctx.save_for_backward(output[3], output[4])
-
-
-def _crepa_backward(ctx, grad_loss, grad_alignment, grad_similarity, grad_dz, grad_dy):
-    dz, dy = ctx.saved_tensors
-    # Only the loss is differentiable (the metrics are returned detached); the gradients saved by the
-    # forward are for an upstream gradient of 1.
-    grad_z = dz * grad_loss if ctx.need_dz else None
-    grad_y = dy * grad_loss if ctx.need_dy else None
-    return grad_z, grad_y, None, None, None, None, None, None, None
-
-
-crepa_triton_forward.register_autograd(_crepa_backward, setup_context=_crepa_setup_context)
+saved_gradients.register("repa_kernels::crepa_triton_forward", "triton")
 
 
 def crepa(z: torch.Tensor, y: torch.Tensor, opts: CrepaOptions
@@ -344,12 +320,13 @@ def crepa(z: torch.Tensor, y: torch.Tensor, opts: CrepaOptions
     z, y: validated (B, T, N, D) tensors of one dtype and device. The metrics are detached.
     """
     utils.check_triton_device(z)
+    saved_gradients.check_derivative_mode("triton", z, y)
     grad_enabled = torch.is_grad_enabled()
     need_dz = grad_enabled and z.requires_grad
     need_dy = grad_enabled and y.requires_grad
     distance = min(opts.distance, z.shape[1] - 1)  # what offsets() clamps to anyway; keeps SymInt in range
-    loss, alignment, similarity, _, _ = crepa_triton_forward(
-        z, y, distance, opts.tau, opts.cumulative, opts.normalize_by_frames,
+    loss, alignment, similarity = saved_gradients.run(
+        crepa_triton_forward, "triton", z, y, distance, opts.tau, opts.cumulative, opts.normalize_by_frames,
         opts.normalize_neighbour_sum, need_dz, need_dy)
     return loss, alignment.detach(), similarity.detach()
 

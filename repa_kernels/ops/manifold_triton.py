@@ -51,8 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import compute_dtype
-from . import utils
+from ..options import compute_dtype
+from . import saved_gradients, utils
 from .utils import inverse_norm, lowest_exponent, power_of_two, running_exponent, store_cast
 
 _FINALIZE_BLOCK = 1024
@@ -486,11 +486,15 @@ def _manifold_triton_backward_fake(grad, z, y, norms_z, norms_y, need_dz, need_d
 def _manifold_setup_context(ctx, inputs, output):
     z, y = inputs
     _, norms_z, norms_y = output
-    ctx.save_for_backward(z, y, norms_z, norms_y)
+    # save_for_backward refuses inference tensors (a teacher made under torch.inference_mode()); they
+    # are kept by reference, which is safe: they cannot be modified outside inference mode.
+    ctx.inference_inputs = tuple(t if t.is_inference() else None for t in (z, y))
+    ctx.save_for_backward(*(None if t.is_inference() else t for t in (z, y)), norms_z, norms_y)
 
 
 def _manifold_backward(ctx, grad_loss, grad_norms_z, grad_norms_y):
-    z, y, norms_z, norms_y = ctx.saved_tensors
+    saved_z, saved_y, norms_z, norms_y = ctx.saved_tensors
+    z, y = (kept if saved is None else saved for saved, kept in zip((saved_z, saved_y), ctx.inference_inputs))
     need_dz, need_dy = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_dz or need_dy):
         return None, None
@@ -498,7 +502,14 @@ def _manifold_backward(ctx, grad_loss, grad_norms_z, grad_norms_y):
     return (dz if need_dz else None), (dy if need_dy else None)
 
 
+def _second_order_backward(ctx, grad_dz, grad_dy):
+    raise RuntimeError(saved_gradients.second_order_message("triton"))
+
+
 manifold_triton_forward.register_autograd(_manifold_backward, setup_context=_manifold_setup_context)
+# The gradient kernel forms the first derivative only: a backward through it (create_graph=True, then
+# hessian, hvp or a gradient penalty) is an error naming the way out, not torch's generic one.
+manifold_triton_backward.register_autograd(_second_order_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 def manifold(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -507,6 +518,7 @@ def manifold(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     z: (B, T, N, Dz), y: (B, T, N, Dy), one dtype and device, validated.
     """
     utils.check_triton_device(z)
+    saved_gradients.check_derivative_mode("triton", z, y)
     loss, _, _ = manifold_triton_forward(z, y)
     return loss
 

@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpreter_enabled
-from ..options import EPS
-from ..reference import compute_dtype
+from ..options import EPS, compute_dtype
+from .availability import triton_interpreter_enabled
 
 # Above this product of block sides the interpreter's numpy temporaries get large for little gain.
 _INTERPRETER_MAX_TILE = 1 << 14
