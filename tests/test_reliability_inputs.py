@@ -340,3 +340,23 @@ def test_nothing_requires_grad(impl):
     for loss in (rk.crepa_loss(z, y, impl=impl).loss, rk.manifold_loss(z, y, impl=impl),
                  rk.urepa_loss(z, y, impl=impl).loss):
         assert not loss.requires_grad and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_teacher_made_under_inference_mode_with_a_trainable_student(impl):
+    """A frozen teacher's features computed under torch.inference_mode() (as trainers do) and a trainable
+    student: every backend gives the reference gradient, also on a second backward through a retained
+    graph (which recomputes the kernels' gradient from the inputs the first backward kept)."""
+    z = randn(2, 3, 4, 6, seed=21).requires_grad_()
+    with torch.inference_mode():
+        y = randn(2, 3, 4, 6, seed=22)
+    assert y.is_inference()
+    z_ref = z.detach().clone().requires_grad_()
+    total = rk.crepa_loss(z, y, distance=1, impl=impl).loss + rk.urepa_loss(z, y, impl=impl).loss
+    want = rk.crepa_loss(z_ref, y.clone(), distance=1, impl="reference").loss \
+        + rk.urepa_loss(z_ref, y.clone(), impl="reference").loss
+    total.backward(retain_graph=True)
+    want.backward()
+    assert torch.allclose(z.grad, z_ref.grad, rtol=1e-4, atol=1e-7)
+    (2 * total).backward()
+    assert torch.allclose(z.grad, 3 * z_ref.grad, rtol=1e-4, atol=1e-7)
