@@ -232,6 +232,57 @@ def test_result_and_gradient_dtypes(impl, dtype):
     assert z.grad.dtype == dtype and y.grad.dtype == dtype
 
 
+# ---- derivatives the kernels do not form: an error naming the way out, never a silent zero ------------
+
+LOSSES = {
+    "crepa": lambda z, y, impl: rk.crepa_loss(z, y, distance=1, impl=impl).loss,
+    "manifold": lambda z, y, impl: rk.manifold_loss(z, y, impl=impl),
+}
+
+
+def way_out(impl):
+    return rf"impl='{impl}'.*impl='reference'"
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("impl", KERNELS)
+def test_second_order_derivatives_raise_naming_the_backend(impl, loss):
+    """create_graph=True still gives the first derivative; a backward through it (hvp, hessian, a
+    gradient penalty) raises, where the gradient saved by the kernels would make it silently zero."""
+    fn = LOSSES[loss]
+    z, y = randn(1, 3, 4, 6, seed=30), randn(1, 3, 4, 6, seed=31)
+    z_grad = z.clone().requires_grad_()
+    first, = torch.autograd.grad(fn(z_grad, y, impl), z_grad, create_graph=True)
+    plain, = torch.autograd.grad(fn(z_grad, y, impl), z_grad)
+    assert torch.equal(first.detach(), plain)
+    with pytest.raises(RuntimeError, match="second-order derivatives through " + way_out(impl)):
+        first.square().sum().backward()  # a gradient penalty
+    with pytest.raises(RuntimeError, match="second-order derivatives through " + way_out(impl)):
+        torch.autograd.functional.hvp(lambda z: fn(z, y, impl), z, torch.ones_like(z))
+    reference = torch.autograd.functional.hvp(lambda z: fn(z, y, "reference"), z, torch.ones_like(z))[1]
+    assert reference.abs().max() > 1e-3  # what the silent zero replaced
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("impl", KERNELS)
+def test_forward_mode_and_torch_func_raise_naming_the_backend(impl, loss):
+    fn = LOSSES[loss]
+    z, y = randn(1, 3, 4, 6, seed=32), randn(1, 3, 4, 6, seed=33)
+    tangent = torch.ones_like(z)
+    with pytest.raises(RuntimeError, match="torch.func transforms .*" + way_out(impl)):
+        torch.func.jvp(lambda z: fn(z, y, impl), (z,), (tangent,))
+    with pytest.raises(RuntimeError, match="torch.func transforms .*" + way_out(impl)):
+        torch.func.grad(lambda z: fn(z, y, impl))(z)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(z, tangent)
+        with pytest.raises(RuntimeError, match="forward-mode derivatives .*" + way_out(impl)):
+            fn(dual, y, impl)
+    # The reference handles all of them: the way out works.
+    _, directional = torch.func.jvp(lambda z: fn(z, y, "reference"), (z,), (tangent,))
+    gradient = torch.func.grad(lambda z: fn(z, y, "reference"))(z)
+    assert torch.allclose(directional, (gradient * tangent).sum(), rtol=1e-4, atol=1e-7)
+
+
 # ---- 64-bit offsets ----------------------------------------------------------------------------------
 
 def check_far_tokens(device, impl, tokens, width, flip_from):
