@@ -228,7 +228,10 @@ def test_kandinsky5_sparse_attention_token_order_is_unpermuted():
 
     dense, dense_out = run(latents, None)
     sparse, sparse_out = run(latents, {"to_fractal": True})
-    assert torch.allclose(dense_out, sparse_out, atol=1e-5)        # same model output either way
+    # Same model output either way. The two token orders sum attention in different orders: in float32 that
+    # alone measured 2.0e-5 at an output magnitude of 2.5 on one CPU (and < 1e-5 on another), while a
+    # token-order error moves outputs by O(1); 1e-4 separates the two.
+    assert torch.allclose(dense_out, sparse_out, atol=1e-4)
     assert torch.allclose(sparse.student, dense.student, atol=1e-5)  # and the capture is in raster order
 
 
