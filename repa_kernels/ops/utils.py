@@ -5,6 +5,9 @@ that few programs run (each program is interpreted op by op); on a GPU they are 
 from each kernel's register budget (not yet timed on a GPU: no device was available when they were
 written). `small_blocks()` forces tiny blocks so that tests make the loops over tokens and channels
 iterate several times. There is no autotuning: the defaults are fixed, so runs are reproducible.
+Two ways past the defaults, neither used unless asked for: `forced_launch` (a region, e.g. the GPU
+check's sweep of launch configurations) and `tuned_launch.TUNED` (per kernel and dtype, written back
+from a GPU sweep; empty until one found a faster configuration).
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import triton
 import triton.language as tl
 
 from ..options import EPS, compute_dtype
+from . import tuned_launch
 from .availability import triton_interpreter_enabled
 
 # Above this product of block sides the interpreter's numpy temporaries get large for little gain.
 _INTERPRETER_MAX_TILE = 1 << 14
 
 _force_small_blocks = False
+_forced_launch: dict[str, object] = {}
 
 # A token with ||x|| < EPS is normalised to 0 (SPEC §2).
 ZERO_TOKEN_NORM = tl.constexpr(EPS)
@@ -49,6 +54,30 @@ def small_blocks() -> Iterator[None]:
         yield
     finally:
         _force_small_blocks = previous
+
+
+@contextlib.contextmanager
+def forced_launch(**configs) -> Iterator[None]:
+    """Launch with these configurations inside the region, also under the interpreter: token=TokenBlocks
+    (CREPA and inverse norms), manifold_forward= / manifold_backward=ManifoldBlocks. Used by the GPU
+    check's sweep; the kernels' defaults are untouched outside the region."""
+    kinds = {"token": TokenBlocks, "manifold_forward": ManifoldBlocks, "manifold_backward": ManifoldBlocks}
+    for kind, config in configs.items():
+        if kind not in kinds:
+            raise ValueError(f"forced_launch: unknown kernel {kind!r}; valid: {', '.join(kinds)}")
+        if not isinstance(config, kinds[kind]):
+            raise TypeError(f"forced_launch: {kind}={config!r} is not a {kinds[kind].__name__}")
+    previous = dict(_forced_launch)
+    _forced_launch.update(configs)
+    try:
+        yield
+    finally:
+        _forced_launch.clear()
+        _forced_launch.update(previous)
+
+
+def _tuned(kind: str, dtype: torch.dtype) -> dict | None:
+    return tuned_launch.TUNED.get((kind, str(dtype).removeprefix("torch.")))
 
 
 def accumulator_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -154,6 +183,8 @@ class TokenBlocks:
 def token_blocks(num_tokens: int, dim: int, dtype: torch.dtype) -> TokenBlocks:
     if _force_small_blocks:
         return TokenBlocks(block_n=16, block_d=16, num_warps=4)
+    if "token" in _forced_launch:
+        return _forced_launch["token"]
     if is_interpreter():
         block_d = min(triton.next_power_of_2(dim), _INTERPRETER_MAX_TILE)
         block_n = min(triton.next_power_of_2(num_tokens), max(1, _INTERPRETER_MAX_TILE // block_d))
@@ -161,6 +192,10 @@ def token_blocks(num_tokens: int, dim: int, dtype: torch.dtype) -> TokenBlocks:
     # Memory-bound: a tile of 2048 (half), 1024 (fp32) or 512 (fp64) elements keeps z, y and one
     # neighbour tile in registers with no spills at 4 warps (ptxas for sm_90, CREPA in bf16 at
     # 8 x 256: 102 registers forward, 96 with dz, 165 with dz and dy), so several programs share each SM.
+    tuned = _tuned("token", dtype)
+    if tuned is not None:  # measured on a GPU; channel chunks no wider than the (padded) width
+        return TokenBlocks(tuned["block_n"], max(16, min(triton.next_power_of_2(dim), tuned["block_d"])),
+                           tuned["num_warps"])
     tile = {torch.float64: 512, torch.float32: 1024}.get(dtype, 2048)
     block_d = max(16, min(triton.next_power_of_2(dim), tile // 8))
     block_n = min(32, tile // block_d)
@@ -184,12 +219,18 @@ def manifold_blocks(num_tokens: int, dim_z: int, dim_y: int, dtype: torch.dtype,
                     backward: bool) -> ManifoldBlocks:
     if _force_small_blocks:
         return ManifoldBlocks(16, 16, 16, 16, num_warps=4, num_stages=1)
+    kind = "manifold_backward" if backward else "manifold_forward"
+    if kind in _forced_launch:
+        return _forced_launch[kind]
     widest = max(dim_z, dim_y)
     if is_interpreter():
         rows = min(max(triton.next_power_of_2(num_tokens), 16), 64)
         half = dtype in (torch.float16, torch.bfloat16)
         depth = min(max(triton.next_power_of_2(widest), 16), 128 if half else 32)
         return ManifoldBlocks(rows, rows, depth, depth, num_warps=1, num_stages=1)
+    tuned = _tuned(kind, dtype)
+    if tuned is not None:  # measured on a GPU
+        return ManifoldBlocks(**tuned)
     if dtype in (torch.float32, torch.float64):
         # float64 accumulation with explicit products (no tensor cores): small tiles.
         return ManifoldBlocks(16, 16, 16, 32, num_warps=4, num_stages=1)
