@@ -11,7 +11,7 @@ CONSTRAINTS := constraints/test.txt
 BUILD_TOOLS := numpy "triton>=3.6" "setuptools>=64" wheel ninja
 EXTRAS := test,bench,diffusers,triton,demo
 
-.PHONY: install test demo bench check-wheel update-constraints python-version clean
+.PHONY: install test demo bench check-wheel update-constraints python-version clean gpu-check gpu-check-dry
 
 # The pinned set (numpy 2.4, diffusers, transformers, triton) needs Python 3.11 or newer.
 python-version:
@@ -62,6 +62,15 @@ update-constraints: python-version
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 	rm -rf /tmp/repa-constraints-venv
 	@echo "rewrote $(CONSTRAINTS); now run 'make test' and commit it"
+
+# On a lent GPU machine (benchmarks/GPU_CHECK.md): its own python3, no venv, no registry, the package from
+# the source tree. GPU_CHECK_ARGS passes options, e.g. GPU_CHECK_ARGS="--phases tests --e2e".
+gpu-check:
+	PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PYTHON) -m repa_kernels.bench.gpu_check $(GPU_CHECK_ARGS)
+
+# The same command at tiny shapes on CPU under the Triton interpreter (tests/test_gpu_check.py runs it in `make test`).
+gpu-check-dry: $(STAMP)
+	$(PY) -m repa_kernels.bench.gpu_check --dry --e2e --out out/gpu-check-dry $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

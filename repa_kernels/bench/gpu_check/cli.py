@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return write_defaults(args)
     if args.dry:
         os.environ["TRITON_INTERPRET"] = "1"
-    elif args.phases is None or set(args.phases) - {"install"}:
-        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)  # the compiled kernels on the GPU, never the interpreter
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.pop("REPA_KERNELS_IMPL", None)  # the phases choose backends explicitly
     phases = args.phases or list(DEFAULT_PHASES) + (["e2e"] if args.e2e else [])
