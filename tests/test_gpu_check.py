@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from repa_kernels.bench.gpu_check import cli, correctness, install, sweep
+from repa_kernels.bench.gpu_check import cli, correctness, device_tests, install, sweep
 from repa_kernels.bench.gpu_check.phases import PHASES, Budget, PhaseResult, run_phase
 from repa_kernels.ops import tuned_launch, utils
 
@@ -65,6 +65,29 @@ def test_dry_run_runs_every_phase(tmp_path):
     assert {(r["provider"], r["status"]) for r in timed} == {("triton", "ok"), ("reference", "ok")}
     e2e = read_csv(out / f"{prefix}-e2e.csv")
     assert [r["status"] for r in e2e] == ["ok"] * 2
+
+
+def test_the_tests_phase_selects_the_device_tests_when_cuda_is_there(tmp_path):
+    # A GPU machine, as far as collection can tell: conftest then parametrises every device test with
+    # "cuda" too. Nothing runs (--collect-only).
+    (tmp_path / "pretend_cuda.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join((str(REPOSITORY), str(tmp_path))))
+    command = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "pretend_cuda", "-p", device_tests.PLUGIN,
+               "-p", "no:cacheprovider", "--gpu-check-device", "cuda", *device_tests.test_files()]
+    done = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    selected = [line for line in done.stdout.splitlines() if "::" in line]
+    device_only = {"test_more_than_2_31_elements[triton]", "test_int64_offsets_beyond_2_31_elements",
+                   "test_never_materialises_n_by_n"}
+    for nodeid in selected:
+        name = nodeid.split("::")[-1]
+        assert "cuda" in name or name in device_only, nodeid
+    names = {nodeid.split("::")[-1] for nodeid in selected}
+    assert device_only <= names
+    assert {"test_opcheck[cuda]", "test_torch_compile_fullgraph[cuda]",
+            "test_fullgraph_compile_matches_eager[triton-cuda]"} <= names
+    assert not any("compiles_for_hopper" in nodeid for nodeid in selected)
+    assert len(selected) > 50
 
 
 def test_poisoned_empty_shows_an_element_a_kernel_never_writes():

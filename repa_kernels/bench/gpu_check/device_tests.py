@@ -60,7 +60,7 @@ def run(budget: Budget, result: PhaseResult, *, device: str, keyword: str, worke
         log, rows: list) -> None:
     results_path = out_dir / ".tests.jsonl"  # a dot file: not one of the files that come back
     results_path.unlink(missing_ok=True)
-    command = pytest_command(device, results_path, keyword, workers, per_test_timeout_s=int(max(60, budget.left() / 2)))
+    command = pytest_command(device, results_path, keyword, workers, per_test_timeout_s=int(max(60, 0.8 * budget.left())))
     env = dict(os.environ)
     if device == "cuda":
         env.pop("TRITON_INTERPRET", None)  # the compiled kernels, never the interpreter
