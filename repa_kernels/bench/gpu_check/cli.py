@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="first seed of the random inputs (default: from the clock)")
     parser.add_argument("--write-defaults", type=Path, default=None, metavar="SWEEP_CSV",
                         help="run nothing: write the configurations chosen in a sweep.csv into the tuned defaults")
+    parser.add_argument("--compile-grid", action="store_true",
+                        help="run nothing: compile every configuration of the GPU sweep for sm_90 with the local "
+                             "Triton (no GPU needed) and report registers, spills and shared memory")
     parser.add_argument("--defaults-file", type=Path, default=None,
                         help="with --write-defaults: the file to write (default repa_kernels/ops/tuned_launch.py)")
     return parser
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.write_defaults is not None:
         return write_defaults(args)
+    if args.compile_grid:
+        os.environ.pop("TRITON_INTERPRET", None)
+        return compile_grid()
     if args.dry:
         os.environ["TRITON_INTERPRET"] = "1"
     else:
@@ -103,6 +109,26 @@ def write_defaults(args) -> int:
     entries = write(args.write_defaults, target)
     print(f"wrote {target}: " + ("; ".join(entries) if entries else "no chosen configuration (defaults kept)"))
     return 0
+
+
+def compile_grid() -> int:
+    """Exit 1 when a configuration fails to compile or spills (its stack frame is register spills)."""
+    import triton
+
+    from .settings import GPU_SWEEP
+    from .sweep import compile_grid as compile_all
+
+    print(f"triton {triton.__version__}, sm_90")
+    bad = 0
+    for kernel, dtype, config, report in compile_all(GPU_SWEEP):
+        if isinstance(report, Exception):
+            bad += 1
+            print(f"{kernel:17s} {dtype:9s} {config}: FAILED {type(report).__name__}: {str(report)[:200]}")
+            continue
+        bad += report.stack_bytes > 0
+        print(f"{kernel:17s} {dtype:9s} {config}: {report.registers} registers, {report.stack_bytes} B stack, "
+              f"{report.shared_bytes} B shared{' SPILLS' if report.stack_bytes else ''}")
+    return 1 if bad else 0
 
 
 def run_check(args, phases: list[str], out: Path, log: Log) -> int:

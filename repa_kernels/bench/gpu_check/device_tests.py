@@ -1,6 +1,6 @@
 """Phase tests: the repository's tests on one device, in a pytest subprocess under the phase budget.
 
-Which tests: those of the test files that mention `cuda`, filtered by the `test_selection` plugin to
+Which tests: those of the test files that mention `cuda`, filtered by the `selection_plugin` plugin to
 the ones that exercise the device (device-parametrised tests, the Triton kernels compiled rather than
 interpreted, torch.compile(fullgraph=True) parity, the > 2^31-element tests, opcheck). On the GPU,
 pytest-xdist (on the image) runs them in a few processes so that the Triton compiles overlap, and
@@ -22,7 +22,7 @@ from pathlib import Path
 from .phases import Budget, PhaseResult
 
 REPOSITORY = Path(__file__).resolve().parents[3]
-PLUGIN = "repa_kernels.bench.gpu_check.test_selection"
+PLUGIN = "repa_kernels.bench.gpu_check.selection_plugin"
 
 
 def test_files() -> list[str]:

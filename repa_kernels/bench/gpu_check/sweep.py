@@ -234,3 +234,32 @@ def write_defaults(sweep_csv: Path, target: Path) -> list[str]:
               "Empty: no GPU sweep has found a configuration faster than the defaults yet.")
     target.write_text(TUNED_HEADER.format(status=status, entries="".join(lines)))
     return entries
+
+
+# --- the grid, compiled here ------------------------------------------------------------------------
+def compile_grid(sweep_classes, arch: int = 90) -> list[tuple[str, str, object, object]]:
+    """Compile each configuration's kernel for sm_`arch` with the local Triton, without a GPU (the
+    kernels' cuda_compile_reports under forced_launch): [(kernel, dtype, config, report or exception)].
+    Needs TRITON_INTERPRET unset."""
+    from ...ops import crepa_triton, manifold_triton
+
+    found = []
+    for sweep_class in sweep_classes:
+        workload = sweep_class.workload
+        for config in sweep_class.grid:
+            try:
+                with utils.forced_launch(**{sweep_class.kernel: config}):
+                    if sweep_class.kernel == "token":  # the training path: forward + dz
+                        report = crepa_triton.cuda_compile_reports(workload.torch_dtype, workload.z_shape,
+                                                                   workload.options.distance, arch)[1]
+                    else:
+                        name = {"manifold_forward": "_manifold_forward_kernel",
+                                "manifold_backward": "_manifold_backward_kernel"}[sweep_class.kernel]
+                        reports = manifold_triton.cuda_compile_reports(
+                            workload.torch_dtype, (workload.batch, workload.frames, workload.tokens),
+                            workload.width_z, workload.width_y, arch)
+                        report = next(r for r in reports if r.name == name)
+            except Exception as exc:  # a configuration that does not compile is a finding, not a crash
+                report = exc
+            found.append((sweep_class.kernel, workload.dtype, config, report))
+    return found

@@ -1,7 +1,7 @@
 """pytest plugin of the tests phase: keeps the tests that exercise one device, records each outcome as it
 happens, and keeps the C++ extension out of the run.
 
-Loaded with `-p repa_kernels.bench.gpu_check.test_selection`. Options:
+Loaded with `-p repa_kernels.bench.gpu_check.selection_plugin`. Options:
   --gpu-check-device cuda|cpu   keep a test when a parameter of it is that device (the `device` fixture,
                                 the (impl, device) pairs of backend_params), when it carries the `gpu`
                                 marker, or when a skipif of it names CUDA or GPU in its reason (the
