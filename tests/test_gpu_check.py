@@ -19,6 +19,7 @@ import torch
 from repa_kernels.bench.gpu_check import cli, correctness, device_tests, install, sweep
 from repa_kernels.bench.gpu_check.phases import PHASES, Budget, PhaseResult, run_phase
 from repa_kernels.ops import tuned_launch, utils
+from hopper_compile import needs_cuda_toolchain
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -209,3 +210,23 @@ def test_a_failing_phase_is_recorded_and_does_not_raise():
     result = run_phase("sweep", 5.0, body, lines.append)
     assert result.status == "failed" and result.error == "RuntimeError: kernel exploded"
     assert any("Traceback" in line for line in lines)
+
+
+@needs_cuda_toolchain
+def test_a_sweep_configuration_compiles_for_hopper_as_forced():
+    # --compile-grid's path: the configuration reaches the sm_90 compile (8 warps: half the registers of 4)
+    import json
+
+    code = ("import json, dataclasses\n"
+            "from repa_kernels.bench.gpu_check import settings, sweep\n"
+            "first = settings.GPU_SWEEP[0]\n"
+            "one = dataclasses.replace(first, grid=(first.grid[0], first.grid[3]))\n"
+            "print(json.dumps([(str(c), dataclasses.asdict(r)) for k, d, c, r in sweep.compile_grid([one])]))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env,
+                          cwd=REPOSITORY, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (default, default_report), (wide, wide_report) = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "num_warps=4" in default and "num_warps=8" in wide
+    assert default_report["stack_bytes"] == wide_report["stack_bytes"] == 0
+    assert wide_report["registers"] < default_report["registers"]
