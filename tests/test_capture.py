@@ -10,8 +10,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 import tiny_models as tm
-from repa_kernels.regularizer.capture import (FAMILIES, CaptureError, HiddenStateCapture, detect_family,
-                                              grid_from_latents, unwrap_model)
+from repa_kernels.regularizer.capture import HiddenStateCapture
+from repa_kernels.regularizer.families import FAMILIES, CaptureError, detect_family, grid_from_latents, unwrap_model
 from repa_kernels.regularizer.grids import tokens_to_grid
 
 ALL_BUILDERS = {**tm.VIDEO_BUILDERS, **tm.IMAGE_BUILDERS, "unet": tm.tiny_unet}

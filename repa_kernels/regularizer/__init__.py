@@ -1,9 +1,10 @@
 """Regularizer facade (SPEC §3-§7): `CrepaRegularizer` (REPA / CREPA on DiTs) and `UrepaRegularizer` (UNets),
 built from the documented config keys, with the configs, their argparse helper and the schedule."""
 
-from .capture import FAMILIES, CaptureError, HiddenStateCapture, ModelFamily
+from .capture import HiddenStateCapture
 from .config import CrepaConfig, UrepaConfig, add_argparse_args
 from .crepa import CrepaRegularizer
+from .families import FAMILIES, CaptureError, ModelFamily
 from .encoder import ENCODER_HUB_IDS, EncoderLoadError, FrozenEncoder
 from .projector import AlignmentProjector
 from .schedule import CoefficientSchedule

@@ -1,18 +1,31 @@
-"""What CrepaRegularizer and UrepaRegularizer share: config loading, the live projector, schedule state,
-hooks' lifetime and the skipped-step result."""
+"""What CrepaRegularizer and UrepaRegularizer share: config loading, building the capture, teacher and
+projector, schedule state, hooks' lifetime, and the call itself, which reads top to bottom:
+
+    inputs   = CallInputs.check(latents, pixels, teacher_features, token_grid)   # before any costly work
+    plan     = schedule.at(step)             # finished: nothing decoded, encoded or compared
+    captured = capture.consume()
+    grid     = family.token_grid(captured, inputs)
+    z        = projector(family.image_tokens(captured.student, grid))
+    y        = teacher.tokens(inputs, captured, grid)          # EncoderTeacher | FeatureTeacher | BackboneTeacher
+    loss     = self._loss(z, y)                                 # CREPA or U-REPA: align, then the kernel
+
+Each regularizer adds only its construction and `_loss`."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .. import backends
-from .capture import Captured, CaptureError, HiddenStateCapture
-from .projector import AlignmentProjector
+from .capture import CaptureError, HiddenStateCapture
+from .grids import TokenGrid
+from .inputs import CallInputs
+from .projector import attach_projector
 from .schedule import CoefficientSchedule
+from .teacher import BackboneTeacher
 
 
 def load_config(cfg, cls):
@@ -43,15 +56,6 @@ def check_impl(impl: str) -> str:
     value is kept as given, so REPA_KERNELS_IMPL still applies at call time."""
     backends.requested_impl(impl)
     return impl
-
-
-def check_latents(latents: torch.Tensor | None) -> None:
-    if latents is None:
-        return
-    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
-        got = latents.dtype if isinstance(latents, torch.Tensor) else type(latents).__name__
-        raise TypeError(f"latents must be a floating-point tensor (the clean latents in the trainer's normalised "
-                        f"space), got {got}")
 
 
 def check_flag(name: str, value: object) -> bool:
@@ -97,8 +101,21 @@ class AlignmentRegularizerBase(nn.Module):
     def _set_plain(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)   # not a submodule: kept out of state_dict and parameters()
 
-    def _init_parts(self, capture: HiddenStateCapture, projector: AlignmentProjector,
-                    schedule: CoefficientSchedule, teacher) -> None:
+    def _attach(self, models: list[nn.Module], make_teacher, schedule: CoefficientSchedule,
+                **capture_arguments) -> None:
+        """Hooks on `models`, the teacher from `make_teacher(capture, device)` and the projector from the
+        block width to the teacher's; a failure leaves no hook behind."""
+        capture = HiddenStateCapture(models, **capture_arguments)
+        try:
+            device = model_device(capture.models[0])
+            teacher = make_teacher(capture, device)
+            projector = attach_projector(capture.models, capture.hidden_size, teacher.width,
+                                         self.projector_name).to(device)
+        except BaseException:
+            capture.detach()
+            raise
+        self.family = capture.family
+        self.teacher_description = teacher.description
         self._set_plain("_capture", capture)
         self._set_plain("projector", projector)
         self._set_plain("_teacher", teacher)
@@ -109,18 +126,23 @@ class AlignmentRegularizerBase(nn.Module):
         return self._capture
 
     @property
+    def teacher(self):
+        """Where the teacher tokens come from (teacher.py): an EncoderTeacher or a BackboneTeacher."""
+        return self._teacher
+
+    @property
     def encoder(self):
         """The frozen encoder (None in backbone mode)."""
-        return None if self._teacher is None else self._teacher.encoder
+        return self._teacher.encoder
 
     @property
     def frames_encoded(self) -> int:
         """Frames the encoder has processed so far (one per student frame per sample and call)."""
-        return 0 if self._teacher is None else self._teacher.encoder.frames_encoded
+        return self._teacher.frames_encoded
 
     @property
     def frames_decoded(self) -> int:
-        return 0 if self._teacher is None else self._teacher.frames_decoded
+        return self._teacher.frames_decoded
 
     def live_projector(self, model: nn.Module | None = None) -> nn.Module:
         """The module the model holds under the projector's name: the projector itself, or the wrapper
@@ -142,7 +164,29 @@ class AlignmentRegularizerBase(nn.Module):
             raise ValueError(f"regularizer extra state must be a dict with a 'schedule' entry, got {state!r}")
         self.schedule.load_state_dict(state["schedule"])
 
-    def _consume(self) -> Captured:
+    # ------------------------------------------------------------------ the call
+
+    student_description = "captured hidden states"
+
+    def forward(self, latents: torch.Tensor | None = None, *, step: int, pixels: torch.Tensor | None = None,
+                teacher_features: torch.Tensor | None = None,
+                token_grid: Sequence[int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One call after the model's forward; see the regularizer's own docstring for the arguments.
+
+        Returns (λ-weighted loss, a float32 scalar with grad; logs of detached scalar tensors)."""
+        backbone_block = self._teacher.block_index if isinstance(self._teacher, BackboneTeacher) else None
+        try:
+            inputs = CallInputs.check(latents, pixels, teacher_features, token_grid, backbone_block=backbone_block)
+        except BaseException:
+            self._capture.clear()    # a call that raises leaves nothing captured
+            raise
+        plan = self.schedule.at(step)
+        if plan.finished:
+            return self._skipped(plan.cutoff)   # inputs unused: no finite check (no host sync)
+        if self.check_finite:
+            self._require_finite(step, latents=inputs.latents, pixels=inputs.pixels,
+                                 teacher_features=inputs.teacher_features)
+
         captured = self._capture.consume()
         if captured.captured_without_grad_mode and torch.is_grad_enabled() and captured.model.training:
             raise CaptureError(
@@ -150,23 +194,30 @@ class AlignmentRegularizerBase(nn.Module):
                 "model is training: its forward ran under torch.no_grad(), or reentrant gradient checkpointing "
                 "(use_reentrant=True) hid the gradient. Use non-reentrant checkpointing (diffusers' default) and "
                 "run the training forward with gradients enabled")
-        return captured
+        grid = self.family.token_grid(captured, inputs)
+        if inputs.teacher_batch is not None and inputs.teacher_batch != captured.student.shape[0]:
+            raise ValueError(f"the teacher has batch size {inputs.teacher_batch} but the captured hidden states have "
+                             f"{captured.student.shape[0]}: pass the latents / pixels of the same batch as the "
+                             "forward")   # checked before the teacher decodes or encodes anything
+        device = self._device()
+        z = self.live_projector(captured.model)(
+            self.family.image_tokens(captured.student, grid, self.student_description))
+        y = self._teacher.tokens(inputs, captured, grid, device)
+        self._require_finite(step, **{"the captured hidden states": captured.student, "the teacher tokens": y})
 
-    def _begin_call(self, step: int, latents, pixels, teacher_features, *, teacher_input_required: bool = True):
-        """Checks shared by both regularizers' calls, then the schedule: (weight, cutoff, skipped), where
-        `skipped` is the finished-schedule result to return as is (nothing decoded or encoded), else None."""
-        given = [name for name, v in (("latents", latents), ("pixels", pixels),
-                                      ("teacher_features", teacher_features)) if v is not None]
-        if teacher_input_required and len(given) != 1:
-            raise ValueError(f"pass exactly one of latents=, pixels=, teacher_features= (got "
-                             f"{', '.join(given) or 'none'})")
-        check_latents(latents)
-        weight = self.schedule.weight(step)
-        cutoff = self.schedule.cutoff_active(step)
-        if self.schedule.finished(step):
-            return weight, cutoff, self._skipped(cutoff)   # inputs unused: no finite check (no host sync)
-        self._require_finite(step, latents=latents, pixels=pixels, teacher_features=teacher_features)
-        return weight, cutoff, None
+        loss, score, logs = self._loss(z, y, grid)
+        self.schedule.update(score)
+        loss = loss.float() * plan.weight
+        logs = {f"{self.prefix}_loss": loss.detach(), **logs,
+                f"{self.prefix}_weight": scalar(plan.weight, device),
+                f"{self.prefix}_cutoff": scalar(plan.cutoff, device)}
+        return loss, self._with_ema(logs)
+
+    def _loss(self, z: torch.Tensor, y: torch.Tensor,
+              grid: TokenGrid) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """z: projected student tokens (B, T, H, W, D); y: teacher tokens (B, T, h, w, D) float32.
+        Returns (unweighted loss, the score the schedule's EMA follows, this loss's own logs)."""
+        raise NotImplementedError
 
     def _require_finite(self, step: int, **tensors: torch.Tensor | None) -> None:
         """With check_finite=True, raise on NaN/Inf in any given tensor (one host sync per tensor);

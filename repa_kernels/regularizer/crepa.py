@@ -11,21 +11,17 @@ the transformer as `crepa_projector` so optimizers see it and PEFT can save it (
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import nn
 
 from ..functional import crepa_loss_with_options
-from .base import AlignmentRegularizerBase, model_device, model_list, scalar
-from .capture import HiddenStateCapture, detect_family, grid_from_latents, unwrap_model
+from .base import AlignmentRegularizerBase, model_list
 from .config import CrepaConfig
-from .encoder import FrozenEncoder
-from .grids import TokenGrid, align_grids, image_grid_from_aspect, mean_pool, parse_token_grid, tokens_to_grid
-from .projector import attach_projector
+from .families import detect_family, unwrap_model
+from .grids import TokenGrid, align_tokens
 from .schedule import CoefficientSchedule
-from .teacher import PixelTeacher, check_pixels, teacher_from_features
-from .vae import Denormalize, LatentDecoder, drop_vae_encoder
+from .teacher import BackboneTeacher, EncoderTeacher
+from .vae import Denormalize
 
 PROJECTOR_NAME = "crepa_projector"
 
@@ -40,6 +36,13 @@ class CrepaRegularizer(AlignmentRegularizerBase):
     `modules_to_save`; the regularizer then runs PEFT's trainable copy). The frozen encoder and the VAE
     are in no state_dict. The encoder follows the projector's device at each call (the projector moves
     with the transformer, e.g. under accelerator.prepare); the VAE decodes on its own device.
+
+    The call, `reg(latents=None, *, step, pixels=None, teacher_features=None, token_grid=None)`:
+    latents: clean latents (B, C, F, H, W) / (B, C, H, W) in the trainer's normalised space; or pixels:
+    clean frames in [0, 1] (B, F, 3, H, W) / (B, 3, H, W); or teacher_features: (B, T, N, D). Backbone
+    mode takes none of these (latents, if given, only check the token grid). step: the optimizer step
+    (Python int). token_grid: (T, H, W) of the student tokens when neither the model inputs nor the
+    latents give it. Returns (λ-weighted loss, a float32 scalar with grad; logs of detached scalar tensors).
     """
 
     projector_name = PROJECTOR_NAME
@@ -63,130 +66,43 @@ class CrepaRegularizer(AlignmentRegularizerBase):
         super().__init__()
         self._init_settings(config, impl, check_finite)
         models = model_list(transformer, "transformer")
-        self.backbone = bool(config.crepa_use_backbone_features)
+        backbone = bool(config.crepa_use_backbone_features)
         self.options = config.crepa_options()
+        if config.crepa_encoder_tokens == "cls" and not backbone:
+            self.alignment = "cls"
+        else:
+            self.alignment = "spatial" if config.crepa_spatial_align else "pooled"
         schedule = CoefficientSchedule.from_config(config, max_train_steps=max_train_steps)
-        teacher_index = config.crepa_teacher_block_index if self.backbone else None
-        if self.backbone and teacher_index == config.crepa_block_index:
+        teacher_index = config.crepa_teacher_block_index if backbone else None
+        if backbone and teacher_index == config.crepa_block_index:
             raise ValueError(f"crepa_teacher_block_index={teacher_index} equals crepa_block_index: backbone mode "
                              "needs a different block as the teacher")
         if detect_family(unwrap_model(models[0])).kind == "unet":
             raise ValueError(f"{type(unwrap_model(models[0])).__name__} is a UNet: use UrepaRegularizer (U-REPA aligns "
                              "the UNet mid-block); CrepaRegularizer serves transformer (DiT) models")
-        capture = HiddenStateCapture(models, config.crepa_block_index, teacher_block_index=teacher_index,
-                                     hidden_size=hidden_size)
-        self.family = capture.family
-        device = model_device(capture.models[0])
-        teacher = None
-        try:
-            if self.backbone:
-                width = capture.hidden_size
-                self.teacher_description = f"backbone block {teacher_index}"
-            else:
-                source = config.crepa_encoder if encoder is None else encoder
-                frozen = FrozenEncoder.load(source, dtype=config.crepa_encoder_dtype,
-                                            frames_batch_size=config.crepa_encoder_frames_batch_size,
-                                            tokens=config.crepa_encoder_tokens).to(device)
-                decoder = LatentDecoder(vae=vae, tae=tae, denormalize=denormalize, use_tae=config.crepa_use_tae,
-                                        video=self.family.kind == "video")
-                if config.crepa_drop_vae_encoder and vae is not None:
-                    drop_vae_encoder(vae)
-                teacher = PixelTeacher(frozen, decoder, config.crepa_encoder_image_size)
-                width = frozen.hidden_size
-                self.teacher_description = f"encoder {source if isinstance(source, str) else type(source).__name__}"
-            projector = attach_projector(capture.models, capture.hidden_size, width, PROJECTOR_NAME).to(device)
-        except BaseException:
-            capture.detach()
-            raise
-        self._init_parts(capture, projector, schedule, teacher)
 
-    # ------------------------------------------------------------------ forward
+        def make_teacher(capture, device):
+            if backbone:
+                return BackboneTeacher(capture.family, teacher_index, capture.hidden_size)
+            return EncoderTeacher.build(
+                config.crepa_encoder if encoder is None else encoder, device=device, dtype=config.crepa_encoder_dtype,
+                tokens=config.crepa_encoder_tokens, image_size=config.crepa_encoder_image_size,
+                frames_batch_size=config.crepa_encoder_frames_batch_size, vae=vae, tae=tae, denormalize=denormalize,
+                use_tae=config.crepa_use_tae, video=capture.family.kind == "video",
+                drop_encoder_of_vae=config.crepa_drop_vae_encoder)
 
-    def forward(self, latents: torch.Tensor | None = None, *, step: int, pixels: torch.Tensor | None = None,
-                teacher_features: torch.Tensor | None = None,
-                token_grid: Sequence[int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """latents: clean latents (B, C, F, H, W) / (B, C, H, W) in the trainer's normalised space; or
-        pixels: clean frames in [0, 1] (B, F, 3, H, W) / (B, 3, H, W); or teacher_features: (B, T, N, D).
-        Backbone mode takes none of these (latents, if given, only check the token grid).
-        step: the optimizer step (Python int). token_grid: (T, H, W) of the student tokens when neither
-        the model inputs nor the latents give it.
+        self._attach(models, make_teacher, schedule, block_index=config.crepa_block_index,
+                     teacher_block_index=teacher_index, hidden_size=hidden_size)
 
-        Returns (λ-weighted loss, a float32 scalar with grad; logs of detached scalar tensors).
-        """
-        if self.backbone and (pixels is not None or teacher_features is not None):
-            raise ValueError("backbone mode (crepa_use_backbone_features) takes its teacher from block "
-                             f"{self.config.crepa_teacher_block_index}; do not pass pixels or teacher_features")
-        weight, cutoff, skipped = self._begin_call(step, latents, pixels, teacher_features,
-                                                   teacher_input_required=not self.backbone)
-        if skipped is not None:
-            return skipped
-
-        captured = self._consume()
-        grid = self._student_grid(captured, latents, pixels, token_grid)
-        student = captured.student
-        if student.shape[1] > grid.tokens and self.family.reference_tokens_after_image:
-            student = student[:, :grid.tokens]   # the target's tokens come first
-        z = self.live_projector(captured.model)(tokens_to_grid(student, grid, "captured hidden states"))
-        y = self._teacher_tokens(captured, grid, latents, pixels, teacher_features)
-        self._require_finite(step, **{"the captured hidden states": student, "the teacher tokens": y})
-        if y.shape[0] != z.shape[0]:
-            raise ValueError(f"the teacher has batch size {y.shape[0]} but the captured hidden states have "
-                             f"{z.shape[0]}: pass the latents / pixels of the same batch as the forward")
-        if self.config.crepa_encoder_tokens == "cls" and not self.backbone:
-            z, y = mean_pool(z), y.flatten(2, 3)
-        elif not self.config.crepa_spatial_align:
-            z, y = mean_pool(z), mean_pool(y)
-        else:
-            z, y = align_grids(z, y)
+    def _loss(self, z: torch.Tensor, y: torch.Tensor, grid: TokenGrid):
+        z, y = align_tokens(z, y, self.alignment)
         result = crepa_loss_with_options(z, y.to(z.dtype), self.options, impl=self.impl)
-        self.schedule.update(result.alignment_score)
-        loss = result.loss.float() * weight
-        device = self._device()
         logs = {
-            "crepa_loss": loss.detach(),
             "crepa_alignment_score": result.alignment_score.float(),
             "crepa_similarity_self": result.similarity_self.float(),
             "crepa_similarity": result.alignment_score.float(),
-            "crepa_weight": scalar(weight, device),
-            "crepa_cutoff": scalar(cutoff, device),
         }
-        return loss, self._with_ema(logs)
-
-    def _student_grid(self, captured, latents, pixels, token_grid) -> TokenGrid:
-        grid = captured.grid
-        if latents is not None:
-            from_latents = grid_from_latents(self.family, captured.model, latents)
-            if grid is not None and grid != from_latents:
-                raise ValueError(f"latents of shape {tuple(latents.shape)} give the token grid {tuple(from_latents)} "
-                                 f"(frames, rows, columns) but the transformer's forward ran on {tuple(grid)}: pass "
-                                 "the clean latents of the batch the transformer just saw")
-            grid = from_latents
-        if token_grid is not None:
-            explicit = parse_token_grid(token_grid)
-            if grid is not None and grid != explicit:
-                raise ValueError(f"token_grid={tuple(explicit)} disagrees with the grid {tuple(grid)} of the forward")
-            grid = explicit
-        if grid is None and pixels is not None and self.family.kind == "image":
-            frames = check_pixels(pixels)
-            grid = image_grid_from_aspect(captured.student.shape[1], frames.shape[-2], frames.shape[-1],
-                                          f"{self.family.name} hidden-state",
-                                          "; pass latents= (their shape gives the grid) or token_grid=(1, rows, cols)")
-        if grid is None:
-            raise ValueError(f"cannot tell the token grid of the {self.family.name} hidden states: pass latents= "
-                             "(their shape gives it) or token_grid=(frames, rows, columns)")
-        return grid
-
-    def _teacher_tokens(self, captured, grid: TokenGrid, latents, pixels, teacher_features) -> torch.Tensor:
-        if self.backbone:
-            return tokens_to_grid(captured.teacher[:, :grid.tokens], grid, "teacher block hidden states").float()
-        cls_tokens = self.config.crepa_encoder_tokens == "cls"
-        device = self._device()
-        if teacher_features is not None:
-            return teacher_from_features(teacher_features, grid, self.projector.out_features, cls_tokens).to(device)
-        self._teacher.follow(device)
-        if pixels is not None:
-            return self._teacher.from_pixels(pixels, grid.frames)
-        return self._teacher.from_latents(latents, grid.frames)
+        return result.loss, result.alignment_score, logs
 
     def extra_repr(self) -> str:
         return (f"family={self.family.name}, block={self.config.crepa_block_index}, teacher="

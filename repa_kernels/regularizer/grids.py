@@ -127,3 +127,21 @@ def align_grids(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Ten
 def mean_pool(x: torch.Tensor) -> torch.Tensor:
     """(B, T, H, W, D) or (B, T, N, D) -> (B, T, 1, D), mean over the tokens of each frame."""
     return x.flatten(2, -2).mean(dim=2, keepdim=True)
+
+
+ALIGNMENTS = ("spatial", "pooled", "cls")
+
+
+def align_tokens(student: torch.Tensor, teacher: torch.Tensor, alignment: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """student, teacher: (B, T, H, W, D) -> both (B, T, N, D) for the loss.
+
+    spatial: each grid resampled onto the other's (align_grids); pooled: the mean token of each frame on
+    both sides (crepa_spatial_align false); cls: the student's mean token against the teacher's one CLS
+    token per frame."""
+    if alignment == "spatial":
+        return align_grids(student, teacher)
+    if alignment == "pooled":
+        return mean_pool(student), mean_pool(teacher)
+    if alignment == "cls":
+        return mean_pool(student), teacher.flatten(2, 3)
+    raise ValueError(f"alignment must be one of {', '.join(map(repr, ALIGNMENTS))}, got {alignment!r}")

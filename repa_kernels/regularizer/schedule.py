@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -26,6 +26,15 @@ from .config import SCHEDULE_KEYS, CrepaConfig, UrepaConfig, _Float, _Int
 __all__ = ["CoefficientSchedule"]
 
 _STATE_VERSION = 1
+
+
+class StepPlan(NamedTuple):
+    """What the schedule says about one step: the weight, whether a cutoff holds it at 0, and whether no
+    later step can weigh more than 0 (the call may skip decode, encode and loss)."""
+
+    weight: float
+    cutoff: bool
+    finished: bool
 
 
 class CoefficientSchedule:
@@ -156,6 +165,10 @@ class CoefficientSchedule:
         if self.lambda_ == 0.0 and self.lambda_end == 0.0:
             return True
         return self.lambda_end == 0.0 and step >= self.warmup_steps + self._decay_length
+
+    def at(self, step: int) -> StepPlan:
+        """`weight`, `cutoff_active` and `finished` at `step`, as one answer."""
+        return StepPlan(self.weight(step), self.cutoff_active(step), self.finished(step))
 
     # ------------------------------------------------------------------ similarity EMA
 

@@ -1,7 +1,14 @@
-"""Teacher tokens from latents, pixels or precomputed features (SPEC §3, §7).
+"""Where a regularizer's teacher tokens come from, decided once when it is built (SPEC §3, §7).
 
-All three paths end in the same layout: (B, T, h, w, D) float32 on the encoder grid, where T is the
-student's frame count. Only the frames that are used are encoded (one per student frame).
+- `EncoderTeacher`: a frozen vision encoder. Given latents it decodes them with the VAE (or the tiny
+  decoder) first; given pixels it encodes them as they are; given precomputed `teacher_features` it lays
+  them out like its own tokens (a `FeatureTeacher` of its width and token kind).
+- `FeatureTeacher`: precomputed features (B, T, N, D) / (B, N, D), laid on the student's grid.
+- `BackboneTeacher`: a deeper block of the same forward pass (detached): no encoder, no decode.
+
+Each answers `tokens(inputs, captured, grid, device)` with (B, T, h, w, D) float32 on `device`, T being
+the student's frame count (h = w = 1 for CLS tokens). Only the frames that are used are encoded (one per
+student frame). Adding a teacher is one class with that method and its test.
 """
 
 from __future__ import annotations
@@ -11,40 +18,89 @@ import torch.nn.functional as F
 
 from .encoder import FrozenEncoder
 from .grids import TokenGrid, encoder_input_size, image_grid_from_aspect, select_frames
-from .vae import LatentDecoder
+from .inputs import CallInputs, check_pixels
+from .vae import LatentDecoder, drop_vae_encoder
 
 
-def check_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """(B, F, 3, H, W) or (B, 3, H, W) floats in [0, 1] -> (B, F, 3, H, W)."""
-    if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
-        raise TypeError(f"pixels must be a floating-point tensor in [0, 1], got "
-                        f"{pixels.dtype if isinstance(pixels, torch.Tensor) else type(pixels).__name__}")
-    if pixels.dim() == 4:
-        pixels = pixels.unsqueeze(1)
-    if pixels.dim() != 5 or pixels.shape[2] != 3:
-        raise ValueError(f"pixels must be (B, F, 3, H, W) or (B, 3, H, W) in [0, 1], got shape {tuple(pixels.shape)}")
-    return pixels
+class FeatureTeacher:
+    """Precomputed teacher features (B, T, N, D) -> (B, T', h, w, D) float32.
+
+    T > T' picks frames on an even spacing (one per student frame); N is laid on a grid with the
+    student's aspect ratio (N = 1 for CLS features). width: D the projector maps to; cls_tokens: one
+    token per frame expected.
+    """
+
+    def __init__(self, width: int, cls_tokens: bool) -> None:
+        self.width = int(width)
+        self.cls_tokens = bool(cls_tokens)
+
+    def tokens(self, inputs: CallInputs, captured, grid: TokenGrid, device: torch.device) -> torch.Tensor:
+        features = inputs.teacher_features
+        batch, frames, tokens, dim = features.shape
+        if dim != self.width:
+            raise ValueError(f"teacher_features have width {dim} but the projector maps to the encoder width "
+                             f"{self.width}")
+        if frames < grid.frames:
+            raise ValueError(f"teacher_features have {frames} frames but the student has {grid.frames}")
+        if frames > grid.frames:
+            features = features[:, select_frames(frames, grid.frames)]
+        if self.cls_tokens:
+            if tokens != 1:
+                raise ValueError(f"crepa_encoder_tokens='cls' needs teacher_features with one token per frame, got "
+                                 f"{tokens}")
+            return features.reshape(batch, grid.frames, 1, 1, dim).float().to(device)
+        layout = image_grid_from_aspect(tokens, grid.height, grid.width, "teacher_features")
+        return features.reshape(batch, grid.frames, layout.height, layout.width, dim).float().to(device)
 
 
-class PixelTeacher:
+class EncoderTeacher:
     """Decodes (when given latents), picks one frame per student frame, resizes to the encoder's input
-    size and encodes.
+    size and encodes; precomputed features of the encoder's width are taken as they are.
 
     encoder: the frozen encoder; decoder: the latent decoder (may have no VAE when only pixels are
     passed); image_size: S of `*_encoder_image_size` (the encoder sees about S x S pixels per frame).
     """
 
-    def __init__(self, encoder: FrozenEncoder, decoder: LatentDecoder, image_size: int) -> None:
+    def __init__(self, encoder: FrozenEncoder, decoder: LatentDecoder, image_size: int,
+                 description: str = "encoder") -> None:
         self.encoder = encoder
         self.decoder = decoder
         self.image_size = int(image_size)
+        self.width = encoder.hidden_size
+        self.description = description
+        self.features = FeatureTeacher(encoder.hidden_size, encoder.tokens == "cls")
         self.frames_decoded = 0
+
+    @classmethod
+    def build(cls, source, *, device: torch.device, dtype: str, tokens: str, image_size: int,
+              frames_batch_size: int = -1, vae=None, tae=None, denormalize=None, use_tae: bool = False,
+              video: bool, use_tae_key: str = "crepa_use_tae", drop_encoder_of_vae: bool = False) -> "EncoderTeacher":
+        """The encoder (a name, hub id, local path or Dinov2 module) on `device`, and the latent decoder."""
+        frozen = FrozenEncoder.load(source, dtype=dtype, frames_batch_size=frames_batch_size, tokens=tokens).to(device)
+        decoder = LatentDecoder(vae=vae, tae=tae, denormalize=denormalize, use_tae=use_tae, video=video,
+                                use_tae_key=use_tae_key)
+        if drop_encoder_of_vae and vae is not None:
+            drop_vae_encoder(vae)
+        return cls(frozen, decoder, image_size,
+                   f"encoder {source if isinstance(source, str) else type(source).__name__}")
+
+    @property
+    def frames_encoded(self) -> int:
+        return self.encoder.frames_encoded
 
     def follow(self, device: torch.device) -> None:
         """Keep the encoder on the student's device (the trainer may move the model after building the
         regularizer, e.g. accelerator.prepare); a no-op when it is there already."""
         if self.encoder.mean.device != device:
             self.encoder.to(device)
+
+    def tokens(self, inputs: CallInputs, captured, grid: TokenGrid, device: torch.device) -> torch.Tensor:
+        if inputs.teacher_features is not None:
+            return self.features.tokens(inputs, captured, grid, device)
+        self.follow(device)
+        if inputs.pixels is not None:
+            return self._encode_selected(inputs.pixels, grid.frames)
+        return self.from_latents(inputs.latents, grid.frames)
 
     def from_latents(self, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
         frames = self.decoder.decode(latents)
@@ -73,29 +129,19 @@ class PixelTeacher:
         return tokens.reshape(batch, num_frames, height // p, width // p, -1)
 
 
-def teacher_from_features(features: torch.Tensor, grid: TokenGrid, width: int, cls_tokens: bool) -> torch.Tensor:
-    """Precomputed teacher features (B, T, N, D) or (B, N, D) -> (B, T', h, w, D) float32.
+class BackboneTeacher:
+    """The detached output of a deeper block of the same forward (crepa_use_backbone_features), captured
+    by the same hooks as the student and laid on the student's grid."""
 
-    T > T' picks frames on an even spacing (one per student frame); N is laid on a grid with the
-    student's aspect ratio (N = 1 for CLS features).
-    """
-    if not isinstance(features, torch.Tensor) or not features.is_floating_point():
-        raise TypeError("teacher_features must be a floating-point tensor (B, T, N, D)")
-    if features.dim() == 3:
-        features = features.unsqueeze(1)
-    if features.dim() != 4:
-        raise ValueError(f"teacher_features must be (B, T, N, D) or (B, N, D), got shape {tuple(features.shape)}")
-    batch, frames, tokens, dim = features.shape
-    if dim != width:
-        raise ValueError(f"teacher_features have width {dim} but the projector maps to the encoder width {width}")
-    if frames < grid.frames:
-        raise ValueError(f"teacher_features have {frames} frames but the student has {grid.frames}")
-    if frames > grid.frames:
-        features = features[:, select_frames(frames, grid.frames)]
-    if cls_tokens:
-        if tokens != 1:
-            raise ValueError(f"crepa_encoder_tokens='cls' needs teacher_features with one token per frame, got "
-                             f"{tokens}")
-        return features.reshape(batch, grid.frames, 1, 1, dim).float()
-    layout = image_grid_from_aspect(tokens, grid.height, grid.width, "teacher_features")
-    return features.reshape(batch, grid.frames, layout.height, layout.width, dim).float()
+    encoder = None
+    frames_decoded = 0
+    frames_encoded = 0
+
+    def __init__(self, family, block_index: int, width: int) -> None:
+        self.family = family
+        self.block_index = int(block_index)
+        self.width = int(width)
+        self.description = f"backbone block {block_index}"
+
+    def tokens(self, inputs: CallInputs, captured, grid: TokenGrid, device: torch.device) -> torch.Tensor:
+        return self.family.image_tokens(captured.teacher, grid, "teacher block hidden states").float()

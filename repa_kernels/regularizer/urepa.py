@@ -12,21 +12,17 @@ encoder's patch grid (project first, then upsample, as the U-REPA paper does); t
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import nn
 
 from ..functional import urepa_loss
-from .base import AlignmentRegularizerBase, model_device, model_list, scalar
-from .capture import HiddenStateCapture, detect_family, unwrap_model
+from .base import AlignmentRegularizerBase, model_list
 from .config import UrepaConfig
-from .encoder import FrozenEncoder
-from .grids import parse_token_grid, resample_grid, tokens_to_grid
-from .projector import attach_projector
+from .families import detect_family, unwrap_model
+from .grids import TokenGrid, resample_grid
 from .schedule import CoefficientSchedule
-from .teacher import PixelTeacher, teacher_from_features
-from .vae import Denormalize, LatentDecoder
+from .teacher import EncoderTeacher
+from .vae import Denormalize
 
 PROJECTOR_NAME = "urepa_projector"
 
@@ -38,7 +34,14 @@ class UrepaRegularizer(AlignmentRegularizerBase):
     returns `(weighted_loss, logs)`; logs are detached scalar tensors (SPEC §6). The state_dict holds the
     schedule state; the projector lives on the UNet as `urepa_projector` and is saved with it (or with a
     PEFT adapter via `modules_to_save`). The encoder and VAE are in no state_dict.
+
+    The call, `reg(latents=None, *, step, pixels=None, teacher_features=None, token_grid=None)`: latents
+    (B, C, H, W) normalised, or pixels (B, 3, H, W) in [0, 1], or teacher_features (B, N, D) / (B, 1, N, D);
+    step: the optimizer step. token_grid is accepted for symmetry with CrepaRegularizer and must match the
+    mid-block grid when given. Returns (λ-weighted loss with grad; logs of detached scalar tensors).
     """
+
+    student_description = "mid-block hidden states"
 
     projector_name = PROJECTOR_NAME
     prefix = "urepa"
@@ -58,69 +61,26 @@ class UrepaRegularizer(AlignmentRegularizerBase):
         if detect_family(unwrap_model(models[0])).kind != "unet":
             raise ValueError(f"{type(unwrap_model(models[0])).__name__} is not a UNet: U-REPA aligns a UNet mid-block; "
                              "use CrepaRegularizer for transformer (DiT) models")
-        capture = HiddenStateCapture(models, 0, hidden_size=hidden_size, block_key="the UNet mid_block")
-        self.family = capture.family
-        device = model_device(capture.models[0])
-        try:
-            source = config.urepa_model if encoder is None else encoder
-            frozen = FrozenEncoder.load(source, dtype=encoder_dtype, tokens="patch").to(device)
-            self.teacher_description = f"encoder {source if isinstance(source, str) else type(source).__name__}"
-            decoder = LatentDecoder(vae=vae, tae=tae, denormalize=denormalize, use_tae=config.urepa_use_tae,
-                                    video=False, use_tae_key="urepa_use_tae")
-            teacher = PixelTeacher(frozen, decoder, config.urepa_encoder_image_size)
-            projector = attach_projector(capture.models, capture.hidden_size, frozen.hidden_size,
-                                         PROJECTOR_NAME).to(device)
-        except BaseException:
-            capture.detach()
-            raise
-        self._init_parts(capture, projector, schedule, teacher)
 
-    def forward(self, latents: torch.Tensor | None = None, *, step: int, pixels: torch.Tensor | None = None,
-                teacher_features: torch.Tensor | None = None,
-                token_grid: Sequence[int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """latents (B, C, H, W) normalised, or pixels (B, 3, H, W) in [0, 1], or teacher_features (B, N, D)
-        / (B, 1, N, D); step: the optimizer step. token_grid is accepted for symmetry with
-        CrepaRegularizer and must match the mid-block grid when given.
+        def make_teacher(capture, device):
+            return EncoderTeacher.build(
+                config.urepa_model if encoder is None else encoder, device=device, dtype=encoder_dtype, tokens="patch",
+                image_size=config.urepa_encoder_image_size, vae=vae, tae=tae, denormalize=denormalize,
+                use_tae=config.urepa_use_tae, video=False, use_tae_key="urepa_use_tae")
 
-        Returns (λ-weighted loss with grad; logs of detached scalar tensors).
-        """
-        weight, cutoff, skipped = self._begin_call(step, latents, pixels, teacher_features)
-        if skipped is not None:
-            return skipped
+        self._attach(models, make_teacher, schedule, block_index=0, hidden_size=hidden_size,
+                     block_key="the UNet mid_block")
 
-        captured = self._consume()
-        device = self._device()
-        grid = captured.grid
-        if token_grid is not None and parse_token_grid(token_grid) != grid:
-            raise ValueError(f"token_grid={tuple(token_grid)} disagrees with the mid-block grid {tuple(grid)}")
-        if latents is not None and latents.dim() != 4:
-            raise ValueError(f"latents for a UNet must be (B, C, H, W), got shape {tuple(latents.shape)}")
-        z = self.live_projector(captured.model)(tokens_to_grid(captured.student, grid, "mid-block hidden states"))
-        self._teacher.follow(device)
-        if teacher_features is not None:
-            y = teacher_from_features(teacher_features, grid, self.projector.out_features, False).to(device)
-        elif pixels is not None:
-            y = self._teacher.from_pixels(pixels, 1)
-        else:
-            y = self._teacher.from_latents(latents, 1)
-        if y.shape[0] != z.shape[0]:
-            raise ValueError(f"the teacher has batch size {y.shape[0]} but the captured hidden states have "
-                             f"{z.shape[0]}: pass the latents / pixels of the same batch as the forward")
-        self._require_finite(step, **{"the captured hidden states": captured.student, "the teacher tokens": y})
+    def _loss(self, z: torch.Tensor, y: torch.Tensor, grid: TokenGrid):
         z = resample_grid(z, tuple(y.shape[2:4]))      # project first, then upsample to the encoder grid
         result = urepa_loss(z.flatten(2, 3), y.flatten(2, 3).to(z.dtype),
                             manifold_weight=self.config.urepa_manifold_weight, impl=self.impl)
-        self.schedule.update(result.similarity)
-        loss = result.loss.float() * weight
         logs = {
-            "urepa_loss": loss.detach(),
             "urepa_alignment_loss": result.alignment.detach().float(),
             "urepa_manifold_loss": result.manifold.detach().float(),
             "urepa_similarity": result.similarity.float(),
-            "urepa_weight": scalar(weight, device),
-            "urepa_cutoff": scalar(cutoff, device),
         }
-        return loss, self._with_ema(logs)
+        return result.loss, result.similarity, logs
 
     def extra_repr(self) -> str:
         return f"family={self.family.name}, teacher={self.teacher_description}, impl={self.impl!r}"
