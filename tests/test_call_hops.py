@@ -52,3 +52,11 @@ def test_frames_outside_the_package_are_not_hops(tool, package):
     from hoppkg import b
     trace, _ = tool.trace_hops(lambda: b.one(), str(package))   # the lambda lives in this test file
     assert trace.path == ("hoppkg/b.py",) and trace.hops == 0
+
+
+def test_one_crepa_call_on_the_tiny_wan_stays_readable(tool):
+    """The regularizer half of one call: 50 hops over 9 files before the reshape into families, call
+    inputs and teachers, 30 after; the kernel half is not counted here (it has its own shape)."""
+    trace = tool.trace_tiny_wan_call("reference", within="regularizer")
+    assert trace.hops <= 30, f"{trace.hops} hops: " + " -> ".join(trace.path)
+    assert trace.entries()["regularizer/crepa.py"] <= 2

@@ -9,9 +9,13 @@ outside `repa_kernels/` (torch, diffusers, transformers) are skipped, so a hop i
 package's files to another, as a reader following the call would make it. The call is traced after a
 warm-up call, so module imports and one-time registrations are not counted.
 
-Measured (default impl: the C++ backend on CPU) before the regularizer was reshaped into model families,
-call inputs and teachers: 66 hops over 14 files, crepa.py entered 19 times and base.py 13 times; 50 of
-the hops were inside regularizer/, 16 in the kernel half (functional, backends, ops, options, checks).
+Measured (default impl: the C++ backend on CPU), whole package / regularizer/ only (--within regularizer):
+- before the regularizer was reshaped into model families, call inputs and teachers: 66 hops over 14
+  files (crepa.py entered 19 times, base.py 13 times) / 50 hops over 9 files; with the kernel half of
+  the later ops/ rework (saved_gradients.py): 70 hops over 15 files / the same 50 over 9;
+- after (the call in base.forward, the grid in families.py, the teacher in teacher.py): 50 hops over
+  17 files / 30 hops over 11 files (base.py entered 7 times, crepa.py 2). tests/test_call_hops.py
+  keeps the regularizer's count at most 30.
 """
 
 from __future__ import annotations
@@ -74,8 +78,9 @@ def trace_hops(call: Callable[[], object], package_dir: str) -> tuple[HopTrace, 
     return HopTrace(relative), result
 
 
-def trace_tiny_wan_call(impl: str = "auto") -> HopTrace:
-    """The trace of one `reg(latents=..., step=...)` call on the tiny Wan (after one warm-up call)."""
+def trace_tiny_wan_call(impl: str = "auto", within: str = "") -> HopTrace:
+    """The trace of one `reg(latents=..., step=...)` call on the tiny Wan (after one warm-up call), over the
+    package's files, or over those under its subfolder `within` (e.g. "regularizer")."""
     sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
     import torch
 
@@ -91,16 +96,19 @@ def trace_tiny_wan_call(impl: str = "auto") -> HopTrace:
     tm.tiny_forward(transformer, latents)
     reg(latents=latents, step=0)                         # warm-up: imports and op registration
     tm.tiny_forward(transformer, latents)
-    trace, _ = trace_hops(lambda: reg(latents=latents, step=1), os.path.dirname(repa_kernels.__file__))
+    trace, _ = trace_hops(lambda: reg(latents=latents, step=1),
+                          os.path.join(os.path.dirname(repa_kernels.__file__), within))
     return trace
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--impl", default="auto", help="kernel backend of the traced call (default: auto)")
+    parser.add_argument("--within", default="", help="count only files under this subfolder of the package "
+                        "(e.g. regularizer); default: the whole package")
     parser.add_argument("--path", action="store_true", help="print the files in the order the call visits them")
     args = parser.parse_args(argv)
-    trace = trace_tiny_wan_call(args.impl)
+    trace = trace_tiny_wan_call(args.impl, args.within)
     print(f"{trace.hops} hops over {trace.files} files")
     for name, count in trace.entries().most_common():
         print(f"  {count:3d}  {name}")

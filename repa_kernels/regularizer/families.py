@@ -43,16 +43,13 @@ that are given must agree.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .grids import TokenGrid, image_grid_from_aspect, tokens_to_grid, unpermute_local_blocks
-
-if TYPE_CHECKING:   # annotations only: capture.py and inputs.py import this module
-    from .capture import Captured
-    from .inputs import CallInputs
+from .inputs import CallInputs
 
 KANDINSKY5_LOCAL_BLOCK = 8
 
@@ -291,9 +288,9 @@ class ModelFamily:
                              f"{tuple(latents.shape)}" + hint)
         return TokenGrid(1, latents.shape[2] // ph, latents.shape[3] // pw)
 
-    def token_grid(self, captured: Captured, inputs: CallInputs) -> TokenGrid:
+    def token_grid(self, captured, inputs: CallInputs) -> TokenGrid:
         """The (frames, rows, columns) of the captured tokens, decided once from every source the call
-        has; sources that are given must agree."""
+        has; sources that are given must agree. captured: capture.Captured (its grid, model and student)."""
         grid = captured.grid
         if self.kind == "unet":   # the mid-block output gives its own grid; latents are at another scale
             if inputs.token_grid is not None and inputs.token_grid != grid:

@@ -60,7 +60,7 @@ from .grids import TokenGrid, encoder_input_size
 
 FORMAT = "repa_kernels.teacher_feature_cache"
 FORMAT_VERSION = 1
-# The teacher's frame rule (grids.select_frames) and preprocessing (teacher.PixelTeacher: bilinear
+# The teacher's frame rule (grids.select_frames) and preprocessing (teacher.EncoderTeacher: bilinear
 # antialiased resize to about S x S pixels with sides rounded to the patch size, clamp to [0, 1],
 # ImageNet mean/std). Bump the version when either changes: old entries then miss instead of serving
 # features the current code would not compute.
