@@ -16,14 +16,12 @@ Rules, in the order they are applied:
   "self_flow"`, `irepa_*`) are accepted while they leave the feature off, with one warning per config,
   and raise `UnsupportedFeatureError` naming the feature when they turn it on for an enabled regularizer.
 - Any other unknown `crepa_*`/`urepa_*` key raises `ValueError` naming the closest valid key.
-- Value types: SimpleTuner feeds its JSON configs through argparse, so strings are valid values there and
-  are coerced here the same strict way: booleans from "true"/"false"/"yes"/"no"/"on"/"off"/"1"/"0"
-  (any case), integers from integer strings ("8", not "8.5"), numbers from float strings ("0.5",
-  "1e-3"), and "none"/"null" for keys whose default is None. A float with an integral value (100.0) is
-  accepted for an integer key; a bool is never accepted as a number. JSON `null` for a key that cannot be
-  None means "not set" (the documented default), as in SimpleTuner. A value of 0 is always respected.
-- Wrong types raise `TypeError`, out-of-range values `ValueError`; both name the key, the value and the
-  valid range.
+- Value types: SimpleTuner feeds its JSON configs through argparse, so strings are valid values there;
+  each key's value rule (value_rules.py: Bool, Int, Float, Choice, Text) coerces them strictly and
+  raises `TypeError` for a wrong type, `ValueError` for an out-of-range value, naming the key, the value
+  and the valid range. "none"/"null" is valid for keys whose default is None. JSON `null` for a key that
+  cannot be None means "not set" (the documented default), as in SimpleTuner. A value of 0 is always
+  respected.
 - Cross-key rules that need only the config are checked here for an enabled regularizer: backbone mode
   needs `crepa_teacher_block_index`, different from `crepa_block_index`. Those that need the model
   (both blocks exist) belong to the regularizer; the `max_train_steps` rule belongs to the schedule.
@@ -36,13 +34,13 @@ import dataclasses
 import difflib
 import json
 import math
-import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 from ..options import CrepaOptions
+from .value_rules import Bool, Choice, Float, Int, Rule, Text, describe_value
 
 __all__ = [
     "ConfigWarning",
@@ -60,10 +58,6 @@ ENCODER_TOKENS = ("patch", "cls")
 FEATURE_SOURCES = ("encoder", "backbone", "self_flow")
 DINOV2_PATCH_SIZE = 14  # the smallest encoder input side: one patch
 
-_TRUE_STRINGS = ("true", "yes", "on", "1")
-_FALSE_STRINGS = ("false", "no", "off", "0")
-_NONE_STRINGS = ("none", "null")
-
 
 class UnsupportedFeatureError(ValueError):
     """A config turns on a feature of another trainer that repa_kernels does not implement."""
@@ -73,161 +67,7 @@ class ConfigWarning(UserWarning):
     """A config key was accepted but has no effect, or one alias overrode another."""
 
 
-# ---------------------------------------------------------------------------------------------------
-# Value rules: each coerces one value (see the module docstring) and raises a message naming key,
-# value and valid range.
-
-
-def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-class _Rule:
-    nullable = False
-
-    def describe(self) -> str:
-        raise NotImplementedError
-
-    def _coerce_non_null(self, key: str, value: Any) -> Any:
-        raise NotImplementedError
-
-    def coerce(self, key: str, value: Any) -> Any:
-        if self.nullable and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_STRINGS)):
-            return None
-        if value is None:
-            raise TypeError(f"{key} must be {self.describe()}, got None")
-        return self._coerce_non_null(key, value)
-
-    def argparse_type(self, key: str):
-        def parse(text: str) -> Any:
-            try:
-                return self.coerce(key, text)
-            except (TypeError, ValueError) as error:
-                raise argparse.ArgumentTypeError(str(error)) from None
-        parse.__name__ = self.describe()  # argparse shows the type's name in "invalid ... value"
-        return parse
-
-
-@dataclass(frozen=True)
-class _Bool(_Rule):
-    def describe(self) -> str:
-        return "a bool (true/false)"
-
-    def _coerce_non_null(self, key: str, value: Any) -> bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            text = value.strip().lower()
-            if text in _TRUE_STRINGS:
-                return True
-            if text in _FALSE_STRINGS:
-                return False
-        raise TypeError(f"{key} must be {self.describe()}, got {_describe(value)}")
-
-
-@dataclass(frozen=True)
-class _Int(_Rule):
-    minimum: int | None = None
-    nullable: bool = False
-
-    def describe(self) -> str:
-        text = "an integer" if self.minimum is None else f"an integer >= {self.minimum}"
-        return text + (" or None" if self.nullable else "")
-
-    def _coerce_non_null(self, key: str, value: Any) -> int:
-        number: int | None = None
-        if isinstance(value, bool):
-            number = None
-        elif isinstance(value, numbers.Integral):
-            number = int(value)
-        elif isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
-            number = int(value)
-        elif isinstance(value, str):
-            try:
-                number = int(value.strip())
-            except ValueError:
-                number = None
-        if number is None:
-            raise TypeError(f"{key} must be {self.describe()}, got {_describe(value)}")
-        if self.minimum is not None and number < self.minimum:
-            raise ValueError(f"{key} must be {self.describe()}, got {number}")
-        return number
-
-
-@dataclass(frozen=True)
-class _Float(_Rule):
-    minimum: float | None = None
-    minimum_inclusive: bool = True
-    maximum: float | None = None
-    maximum_inclusive: bool = True
-    nullable: bool = False
-
-    def describe(self) -> str:
-        bounds = []
-        if self.minimum is not None:
-            bounds.append(f"{'>=' if self.minimum_inclusive else '>'} {self.minimum:g}")
-        if self.maximum is not None:
-            bounds.append(f"{'<=' if self.maximum_inclusive else '<'} {self.maximum:g}")
-        text = "a finite number" + (" " + " and ".join(bounds) if bounds else "")
-        return text + (" or None" if self.nullable else "")
-
-    def _coerce_non_null(self, key: str, value: Any) -> float:
-        number: float | None = None
-        if isinstance(value, bool):
-            number = None
-        elif isinstance(value, numbers.Real):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value.strip())
-            except ValueError:
-                number = None
-        if number is None:
-            raise TypeError(f"{key} must be {self.describe()}, got {_describe(value)}")
-        in_range = math.isfinite(number)
-        if in_range and self.minimum is not None:
-            in_range = number >= self.minimum if self.minimum_inclusive else number > self.minimum
-        if in_range and self.maximum is not None:
-            in_range = number <= self.maximum if self.maximum_inclusive else number < self.maximum
-        if not in_range:
-            raise ValueError(f"{key} must be {self.describe()}, got {number}")
-        return number
-
-
-@dataclass(frozen=True)
-class _Choice(_Rule):
-    choices: tuple[str, ...] = ()
-
-    def describe(self) -> str:
-        return "one of " + ", ".join(repr(choice) for choice in self.choices)
-
-    def _coerce_non_null(self, key: str, value: Any) -> str:
-        if not isinstance(value, str):
-            raise TypeError(f"{key} must be {self.describe()}, got {_describe(value)}")
-        text = value.strip().lower()
-        if text not in self.choices:
-            raise ValueError(f"{key} must be {self.describe()}, got {value!r}")
-        return text
-
-
-@dataclass(frozen=True)
-class _Text(_Rule):
-    what: str = "a non-empty string"
-
-    def describe(self) -> str:
-        return self.what
-
-    def _coerce_non_null(self, key: str, value: Any) -> str:
-        if isinstance(value, os.PathLike):
-            value = os.fspath(value)
-        if not isinstance(value, str):
-            raise TypeError(f"{key} must be {self.describe()}, got {_describe(value)}")
-        if not value.strip():
-            raise ValueError(f"{key} must be {self.describe()}, got {value!r}")
-        return value.strip()
-
-
-def _key(default: Any, rule: _Rule, help: str) -> Any:
+def _key(default: Any, rule: Rule, help: str) -> Any:
     return field(default=default, metadata={"rule": rule, "help": help})
 
 
@@ -253,16 +93,16 @@ def _schedule_keys_help(prefix: str) -> dict[str, str]:
 
 # The schedule keys of both prefixes (SPEC §4), once: `<prefix>_<suffix>` -> (default, rule). The config
 # classes declare their fields from it and CoefficientSchedule checks its arguments with the same rules.
-SCHEDULE_KEYS: dict[str, tuple[Any, _Rule]] = {
-    "scheduler": ("constant", _Choice(SCHEDULERS)),
-    "warmup_steps": (0, _Int(0)),
-    "decay_steps": (0, _Int(0)),
-    "lambda_end": (0.0, _Float(0.0)),
-    "power": (1.0, _Float(0.0, minimum_inclusive=False)),
-    "cutoff_step": (0, _Int(0)),
-    "similarity_threshold": (None, _Float(nullable=True)),
-    "similarity_ema_decay": (0.99, _Float(0.0, maximum=1.0, maximum_inclusive=False)),
-    "threshold_mode": ("permanent", _Choice(THRESHOLD_MODES)),
+SCHEDULE_KEYS: dict[str, tuple[Any, Rule]] = {
+    "scheduler": ("constant", Choice(SCHEDULERS)),
+    "warmup_steps": (0, Int(0)),
+    "decay_steps": (0, Int(0)),
+    "lambda_end": (0.0, Float(0.0)),
+    "power": (1.0, Float(0.0, minimum_inclusive=False)),
+    "cutoff_step": (0, Int(0)),
+    "similarity_threshold": (None, Float(nullable=True)),
+    "similarity_ema_decay": (0.99, Float(0.0, maximum=1.0, maximum_inclusive=False)),
+    "threshold_mode": ("permanent", Choice(THRESHOLD_MODES)),
 }
 
 
@@ -302,7 +142,7 @@ def _self_flow_trigger(raw: Mapping[str, Any]) -> tuple[str | None, list[str]]:
     """(the key=value that turns Self-Flow on or None, the keys that select it besides its own)."""
     source = raw.get("crepa_feature_source")
     selects = isinstance(source, str) and source.strip().lower() == "self_flow"
-    if "crepa_self_flow" in raw and _Bool().coerce("crepa_self_flow", raw["crepa_self_flow"]):
+    if "crepa_self_flow" in raw and Bool().coerce("crepa_self_flow", raw["crepa_self_flow"]):
         return "crepa_self_flow=true", ["crepa_feature_source"] if selects else []
     if selects:
         return "crepa_feature_source='self_flow'", ["crepa_feature_source"]
@@ -310,7 +150,7 @@ def _self_flow_trigger(raw: Mapping[str, Any]) -> tuple[str | None, list[str]]:
 
 
 def _irepa_trigger(raw: Mapping[str, Any]) -> tuple[str | None, list[str]]:
-    if "irepa_enabled" in raw and _Bool().coerce("irepa_enabled", raw["irepa_enabled"]):
+    if "irepa_enabled" in raw and Bool().coerce("irepa_enabled", raw["irepa_enabled"]):
         return "irepa_enabled=true", []
     return None, []
 
@@ -327,7 +167,7 @@ def _normalize_keys(data: Mapping[str, Any]) -> dict[str, Any]:
     spelled: dict[str, str] = {}
     for raw_key, value in data.items():
         if not isinstance(raw_key, str):
-            raise TypeError(f"config keys must be strings, got {_describe(raw_key)}")
+            raise TypeError(f"config keys must be strings, got {describe_value(raw_key)}")
         key = raw_key.lstrip("-") if raw_key.startswith("--") else raw_key
         if key in normalized and normalized[key] != value:
             raise ValueError(
@@ -342,14 +182,14 @@ def _closest(key: str, candidates: list[str]) -> str:
     return difflib.get_close_matches(key, candidates, n=1, cutoff=0.0)[0]
 
 
-def _rules(cls) -> dict[str, _Rule]:
+def _rules(cls) -> dict[str, Rule]:
     return {f.name: f.metadata["rule"] for f in dataclasses.fields(cls)}
 
 
 def _validate_fields(config) -> None:
     """Coerce and check every field of a config dataclass in place."""
     for f in dataclasses.fields(config):
-        rule: _Rule = f.metadata["rule"]
+        rule: Rule = f.metadata["rule"]
         object.__setattr__(config, f.name, rule.coerce(f.name, getattr(config, f.name)))
 
 
@@ -360,7 +200,7 @@ def _parse(cls, data: Mapping[str, Any]):
     rules = _rules(cls)
     own_keys = {key: value for key, value in raw.items() if key.startswith(prefix)}
     enabled_value = own_keys.get(f"{cls.PREFIX}_enabled")
-    enabled = False if enabled_value is None else _Bool().coerce(f"{cls.PREFIX}_enabled", enabled_value)
+    enabled = False if enabled_value is None else Bool().coerce(f"{cls.PREFIX}_enabled", enabled_value)
 
     # Unimplemented features first: their keys are not unknown keys.
     ignored: list[str] = []
@@ -484,31 +324,31 @@ class CrepaConfig(_ConfigSources):
 
     PREFIX: ClassVar[str] = "crepa"
 
-    crepa_enabled: bool = _key(False, _Bool(), "turn the regularizer on (REPA for image DiTs, CREPA for video DiTs)")
-    crepa_block_index: int = _key(8, _Int(0), "zero-based transformer block whose output is aligned (student)")
-    crepa_lambda: float = _key(0.5, _Float(0.0), "weight lambda of the alignment loss")
-    crepa_adjacent_distance: int = _key(1, _Int(0), "neighbour distance d; 0 = per-frame REPA")
-    crepa_adjacent_tau: float = _key(1.0, _Float(0.0, minimum_inclusive=False),
+    crepa_enabled: bool = _key(False, Bool(), "turn the regularizer on (REPA for image DiTs, CREPA for video DiTs)")
+    crepa_block_index: int = _key(8, Int(0), "zero-based transformer block whose output is aligned (student)")
+    crepa_lambda: float = _key(0.5, Float(0.0), "weight lambda of the alignment loss")
+    crepa_adjacent_distance: int = _key(1, Int(0), "neighbour distance d; 0 = per-frame REPA")
+    crepa_adjacent_tau: float = _key(1.0, Float(0.0, minimum_inclusive=False),
                                      "tau of the exp(-|k|/tau) neighbour weight")
-    crepa_cumulative_neighbors: bool = _key(False, _Bool(), "all offsets 1..d instead of only +-d")
-    crepa_normalize_neighbour_sum: bool = _key(False, _Bool(),
+    crepa_cumulative_neighbors: bool = _key(False, Bool(), "all offsets 1..d instead of only +-d")
+    crepa_normalize_neighbour_sum: bool = _key(False, Bool(),
                                                "divide each frame's total by 1 + sum of weights (score in [-1, 1])")
-    crepa_normalize_by_frames: bool = _key(True, _Bool(), "divide by T so clip length does not change the loss scale")
-    crepa_spatial_align: bool = _key(True, _Bool(), "keep patch structure; false = mean-pool tokens (less memory)")
-    crepa_encoder: str = _key("dinov2_vitg14", _Text(), _ENCODER_HELP + " (alias: crepa_model)")
-    crepa_encoder_dtype: str = _key("float32", _Choice(ENCODER_DTYPES), "dtype of the frozen encoder")
-    crepa_encoder_image_size: int = _key(518, _Int(DINOV2_PATCH_SIZE),
+    crepa_normalize_by_frames: bool = _key(True, Bool(), "divide by T so clip length does not change the loss scale")
+    crepa_spatial_align: bool = _key(True, Bool(), "keep patch structure; false = mean-pool tokens (less memory)")
+    crepa_encoder: str = _key("dinov2_vitg14", Text(), _ENCODER_HELP + " (alias: crepa_model)")
+    crepa_encoder_dtype: str = _key("float32", Choice(ENCODER_DTYPES), "dtype of the frozen encoder")
+    crepa_encoder_image_size: int = _key(518, Int(DINOV2_PATCH_SIZE),
                                          "encoder input size S: each frame is fed at about S x S pixels of area")
-    crepa_encoder_tokens: str = _key("patch", _Choice(ENCODER_TOKENS), "teacher tokens: patch or cls")
-    crepa_encoder_frames_batch_size: int = _key(-1, _Int(), "frames per encoder call; <= 0 = all at once")
+    crepa_encoder_tokens: str = _key("patch", Choice(ENCODER_TOKENS), "teacher tokens: patch or cls")
+    crepa_encoder_frames_batch_size: int = _key(-1, Int(), "frames per encoder call; <= 0 = all at once")
     crepa_drop_vae_encoder: bool = _key(
-        False, _Bool(), "delete the VAE encoder after load (decode only; unsafe if pixels must be encoded)")
-    crepa_use_tae: bool = _key(False, _Bool(), "decode with a tiny autoencoder instead of the full VAE")
+        False, Bool(), "delete the VAE encoder after load (decode only; unsafe if pixels must be encoded)")
+    crepa_use_tae: bool = _key(False, Bool(), "decode with a tiny autoencoder instead of the full VAE")
     crepa_use_backbone_features: bool = _key(
-        False, _Bool(), "teacher = a deeper block of the same forward pass (detached), no encoder, no decode "
+        False, Bool(), "teacher = a deeper block of the same forward pass (detached), no encoder, no decode "
         "(alias: crepa_feature_source backbone)")
     crepa_teacher_block_index: int | None = _key(
-        None, _Int(0, nullable=True), "teacher block in backbone mode (required there, != crepa_block_index)")
+        None, Int(0, nullable=True), "teacher block in backbone mode (required there, != crepa_block_index)")
     crepa_scheduler: str = _schedule_key("crepa", "scheduler")
     crepa_warmup_steps: int = _schedule_key("crepa", "warmup_steps")
     crepa_decay_steps: int = _schedule_key("crepa", "decay_steps")
@@ -518,7 +358,7 @@ class CrepaConfig(_ConfigSources):
     crepa_similarity_threshold: float | None = _schedule_key("crepa", "similarity_threshold")
     crepa_similarity_ema_decay: float = _schedule_key("crepa", "similarity_ema_decay")
     crepa_threshold_mode: str = _schedule_key("crepa", "threshold_mode")
-    max_train_steps: int | None = _key(None, _Int(0, nullable=True), _MAX_TRAIN_STEPS_HELP)
+    max_train_steps: int | None = _key(None, Int(0, nullable=True), _MAX_TRAIN_STEPS_HELP)
 
     _ALIASES: ClassVar[tuple[str, ...]] = ("crepa_model", "crepa_feature_source")
     _UNSUPPORTED: ClassVar[tuple] = ((_SELF_FLOW, _self_flow_trigger), (_IREPA, _irepa_trigger))
@@ -562,9 +402,9 @@ class CrepaConfig(_ConfigSources):
             values["crepa_encoder"] = model
         source = raw.get("crepa_feature_source")
         if source is not None:
-            source = _Choice(FEATURE_SOURCES).coerce("crepa_feature_source", source)
+            source = Choice(FEATURE_SOURCES).coerce("crepa_feature_source", source)
             backbone = values.get("crepa_use_backbone_features")
-            backbone = None if backbone is None else _Bool().coerce("crepa_use_backbone_features", backbone)
+            backbone = None if backbone is None else Bool().coerce("crepa_use_backbone_features", backbone)
             if source == "backbone":
                 if backbone is False:
                     raise ValueError("crepa_feature_source='backbone' contradicts crepa_use_backbone_features=false; "
@@ -582,13 +422,13 @@ class UrepaConfig(_ConfigSources):
 
     PREFIX: ClassVar[str] = "urepa"
 
-    urepa_enabled: bool = _key(False, _Bool(), "turn U-REPA on (UNet mid-block alignment plus manifold loss)")
-    urepa_lambda: float = _key(0.5, _Float(0.0), "weight lambda of the U-REPA loss")
-    urepa_manifold_weight: float = _key(3.0, _Float(0.0), "weight of the manifold term relative to the alignment term")
-    urepa_model: str = _key("dinov2_vitg14", _Text(), _ENCODER_HELP)
-    urepa_encoder_image_size: int = _key(518, _Int(DINOV2_PATCH_SIZE),
+    urepa_enabled: bool = _key(False, Bool(), "turn U-REPA on (UNet mid-block alignment plus manifold loss)")
+    urepa_lambda: float = _key(0.5, Float(0.0), "weight lambda of the U-REPA loss")
+    urepa_manifold_weight: float = _key(3.0, Float(0.0), "weight of the manifold term relative to the alignment term")
+    urepa_model: str = _key("dinov2_vitg14", Text(), _ENCODER_HELP)
+    urepa_encoder_image_size: int = _key(518, Int(DINOV2_PATCH_SIZE),
                                          "encoder input size S: each image is fed at about S x S pixels of area")
-    urepa_use_tae: bool = _key(False, _Bool(), "decode with a tiny autoencoder instead of the full VAE")
+    urepa_use_tae: bool = _key(False, Bool(), "decode with a tiny autoencoder instead of the full VAE")
     urepa_scheduler: str = _schedule_key("urepa", "scheduler")
     urepa_warmup_steps: int = _schedule_key("urepa", "warmup_steps")
     urepa_decay_steps: int = _schedule_key("urepa", "decay_steps")
@@ -598,7 +438,7 @@ class UrepaConfig(_ConfigSources):
     urepa_similarity_threshold: float | None = _schedule_key("urepa", "similarity_threshold")
     urepa_similarity_ema_decay: float = _schedule_key("urepa", "similarity_ema_decay")
     urepa_threshold_mode: str = _schedule_key("urepa", "threshold_mode")
-    max_train_steps: int | None = _key(None, _Int(0, nullable=True), _MAX_TRAIN_STEPS_HELP)
+    max_train_steps: int | None = _key(None, Int(0, nullable=True), _MAX_TRAIN_STEPS_HELP)
 
     _ALIASES: ClassVar[tuple[str, ...]] = ()
     _UNSUPPORTED: ClassVar[tuple] = ((_IREPA, _irepa_trigger),)
@@ -624,16 +464,16 @@ def _add_group(parser: argparse.ArgumentParser, cls, title: str) -> None:
     for f in dataclasses.fields(cls):
         if f.name == "max_train_steps":  # the trainer's own option; from_args reads it when present
             continue
-        rule: _Rule = f.metadata["rule"]
+        rule: Rule = f.metadata["rule"]
         help_text = f"{f.metadata['help']} (default: {f.default})"
         names = [f"--{f.name}"]
         if f.name == "crepa_encoder":
             names.append("--crepa_model")
-        if isinstance(rule, _Bool):
+        if isinstance(rule, Bool):
             # `--crepa_enabled` alone means true; `--crepa_enabled false` / `=false` also work.
             group.add_argument(*names, dest=f.name, nargs="?", const=True, default=f.default,
                                type=rule.argparse_type(f.name), metavar="BOOL", help=help_text)
-        elif isinstance(rule, _Choice):
+        elif isinstance(rule, Choice):
             group.add_argument(*names, dest=f.name, default=f.default, choices=rule.choices,
                                type=rule.argparse_type(f.name), help=help_text)
         else:

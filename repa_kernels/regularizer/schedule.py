@@ -21,7 +21,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .config import SCHEDULE_KEYS, CrepaConfig, UrepaConfig, _Float, _Int
+from .config import SCHEDULE_KEYS, CrepaConfig, UrepaConfig
+from .value_rules import Float, Int
 
 __all__ = ["CoefficientSchedule"]
 
@@ -58,7 +59,7 @@ class CoefficientSchedule:
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty string, got {name!r}")
         self.name = name
-        self.lambda_ = _Float(0.0).coerce(f"{name}_lambda", lambda_)
+        self.lambda_ = Float(0.0).coerce(f"{name}_lambda", lambda_)
 
         def checked(suffix: str, value: Any) -> Any:   # the config keys' own rules (config.SCHEDULE_KEYS)
             return SCHEDULE_KEYS[suffix][1].coerce(f"{name}_{suffix}", value)
@@ -72,7 +73,7 @@ class CoefficientSchedule:
         self.similarity_threshold = checked("similarity_threshold", similarity_threshold)
         self.ema_decay = checked("similarity_ema_decay", ema_decay)
         self.threshold_mode = checked("threshold_mode", threshold_mode)
-        self.max_train_steps = _Int(0, nullable=True).coerce("max_train_steps", max_train_steps)
+        self.max_train_steps = Int(0, nullable=True).coerce("max_train_steps", max_train_steps)
 
         if self.scheduler != "constant" and self.decay_steps == 0:
             if self.max_train_steps is None or self.max_train_steps <= self.warmup_steps:
