@@ -31,7 +31,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
-from repa_kernels.demo_data import moving_shapes
+from repa_kernels.demo.data import moving_shapes
 from repa_kernels.regularizer import CrepaConfig, CrepaRegularizer, add_argparse_args
 
 TINY_ENCODER = "tiny-random"   # --crepa_encoder value that builds a tiny random Dinov2Model (no download)

@@ -28,7 +28,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
-from repa_kernels.demo_data import moving_shapes
+from repa_kernels.demo.data import moving_shapes
 from repa_kernels.regularizer import UrepaConfig, UrepaRegularizer, add_argparse_args
 
 TINY_ENCODER = "tiny-random"   # --urepa_model value that builds a tiny random Dinov2Model (no download)

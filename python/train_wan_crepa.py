@@ -30,7 +30,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, TensorDataset
 
-from repa_kernels.demo_data import moving_shapes, to_vae_input
+from repa_kernels.demo.data import moving_shapes, to_vae_input
 from repa_kernels.regularizer import CrepaConfig, CrepaRegularizer, add_argparse_args
 
 TINY_ENCODER = "tiny-random"   # --crepa_encoder value that builds a tiny random Dinov2Model (no download)

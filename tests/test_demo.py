@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from repa_kernels import cli, demo
-from repa_kernels.demo_data import moving_shapes, to_vae_input
+from repa_kernels.demo.data import moving_shapes, to_vae_input
 
 
 # ------------------------------------------------------------------------------------------ data

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from . import backends
+from .. import backends
 
 DEFAULT_OUT = "demo-output"
 CLIP_FRAMES = 9
@@ -136,7 +136,7 @@ def _describe_models(args, models, encoder_label: str) -> list[str]:
 
 def _encoder(args, seed: int):
     """(encoder argument for the regularizer, encoder image size, label)."""
-    from .demo_models import ENCODER_GRID_SIDE, build_random_dinov2
+    from .models import ENCODER_GRID_SIDE, build_random_dinov2
     if args.encoder is None:
         model = build_random_dinov2(seed)
         return model, ENCODER_GRID_SIDE * model.config.patch_size, \
@@ -149,7 +149,7 @@ def _encoder(args, seed: int):
 
 
 def _crepa_config(args, image_size: int) -> dict:
-    from .demo_models import STUDENT_BLOCK, TEACHER_BLOCK
+    from .models import STUDENT_BLOCK, TEACHER_BLOCK
     config = {"crepa_enabled": True, "crepa_block_index": STUDENT_BLOCK, "crepa_lambda": 0.5,
               "crepa_adjacent_distance": 1, "crepa_adjacent_tau": 1.0}
     if args.backbone:
@@ -182,7 +182,7 @@ def flow_matching_step(models, reg, caption, clean, noise, sigmas, step: int):
     Returns (total loss, flow-matching loss, regularizer logs)."""
     s = sigmas.view(-1, 1, 1, 1, 1)
     noisy = (1.0 - s) * clean + s * noise
-    from .demo_models import predict_velocity
+    from .models import predict_velocity
     prediction = predict_velocity(models, noisy, sigmas, caption[:clean.shape[0]])
     diffusion_loss = torch.nn.functional.mse_loss(prediction.float(), (noise - clean).float())
     reg_loss, logs = reg(latents=clean, step=step)
@@ -261,7 +261,7 @@ def _timed_step(models, reg, caption, batch) -> float:
 
 def _timed_loss(z: torch.Tensor, y: torch.Tensor) -> float:
     """Seconds for one CREPA loss forward + backward."""
-    from .functional import crepa_loss
+    from ..functional import crepa_loss
     start = time.perf_counter()
     crepa_loss(z, y, distance=1).loss.backward()
     if z.device.type == "cuda":
@@ -345,7 +345,7 @@ def write_plot(rows: list[dict], path: Path, title: str) -> None:
 def _loss_token_shape(args, latents: torch.Tensor, width: int) -> tuple[int, int, int, int]:
     """(B, T, N, D) of the loss call in a training step: the student grid (Wan patches 2x2, LTX 1x1),
     resampled down to the encoder's ENCODER_GRID_SIDE^2 patches when that grid is smaller (SPEC §3)."""
-    from .demo_models import ENCODER_GRID_SIDE
+    from .models import ENCODER_GRID_SIDE
     patch = 2 if args.model == "wan" else 1
     tokens = (latents.shape[3] // patch) * (latents.shape[4] // patch)
     if not args.backbone:
@@ -384,9 +384,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"repa-kernels demo: error: {exc}", file=sys.stderr)
         return 2
     try:
-        from .demo_data import moving_shapes, to_vae_input
-        from .demo_models import build_video_models, caption_embedding, encode_to_latents, normalise_latents
-        from .regularizer import CrepaRegularizer
+        from .data import moving_shapes, to_vae_input
+        from .models import build_video_models, caption_embedding, encode_to_latents, normalise_latents
+        from ..regularizer import CrepaRegularizer
     except ImportError as exc:
         print(f"repa-kernels demo: error: {exc}. The demo needs diffusers, transformers, matplotlib and tqdm: "
               "pip install 'repa-kernels[diffusers]' matplotlib", file=sys.stderr)
@@ -490,7 +490,3 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
