@@ -1,4 +1,4 @@
-"""C++ CPU kernel of the CREPA / REPA cosine term (issue 4): `impl="cpp"` against the reference and a
+"""C++ CPU kernel of the CREPA / REPA cosine term: `impl="cpp"` against the reference and a
 float64 ground truth (tests/tolerance.py), plus the op registration, determinism and extension loading."""
 
 from __future__ import annotations

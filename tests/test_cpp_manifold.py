@@ -1,4 +1,4 @@
-"""C++ CPU kernel of the manifold (Gram difference) term (issue 4): both forms (tiled Gram tiles and
+"""C++ CPU kernel of the manifold (Gram difference) term: both forms (tiled Gram tiles and
 the fp64 D x D identity) against the reference and a float64 ground truth (tests/tolerance.py)."""
 
 from __future__ import annotations

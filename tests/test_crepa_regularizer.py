@@ -1,4 +1,4 @@
-"""CrepaRegularizer end to end on tiny random diffusers models (issue 5, SPEC §3-§7)."""
+"""CrepaRegularizer end to end on tiny random diffusers models (SPEC §3-§7)."""
 
 import json
 

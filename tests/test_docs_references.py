@@ -140,7 +140,6 @@ def test_no_citation_of_the_former_team_contract():
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(reason="the former contract's citations and tracker items go in one mechanical last step")
 def test_no_tracker_item_outside_the_changelog():
     problems = [problem for path, text in tracked_text_files() for problem in tracker_problems(path, text)]
     assert not problems, "\n".join(problems)

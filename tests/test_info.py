@@ -1,4 +1,4 @@
-"""`repa-kernels info` / `python -m repa_kernels.info` (issue 4)."""
+"""`repa-kernels info` / `python -m repa_kernels.info`."""
 
 from __future__ import annotations
 

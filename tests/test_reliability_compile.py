@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) over the losses (issue 7, item 5).
+"""torch.compile(fullgraph=True) over the losses.
 
 A function that calls every loss (functional API and modules, both ops, gradients to Z and Y) compiles
 as one graph with the default Inductor backend for each backend: the reference, the C++ ops and the

@@ -1,8 +1,8 @@
-"""Determinism (issue 7, item 6): the same inputs give bitwise-equal losses, metrics and gradients.
+"""Determinism: the same inputs give bitwise-equal losses, metrics and gradients.
 
 Across two runs in one process (also after the heap was filled with NaN garbage, which exposes reads
 of uninitialised accumulators), across a fresh process, and, for the C++ kernels, across thread counts
-(issue 4: reductions in a fixed order). Checked for `impl="auto"` (what users get: cpp on CPU when the
+(the C++ kernels reduce in a fixed order). Checked for `impl="auto"` (what users get: cpp on CPU when the
 extension loads) and for every explicit backend.
 """
 
@@ -83,7 +83,7 @@ def test_two_runs_are_bitwise_equal(impl, dtype):
 
 @pytest.mark.parametrize("impl", [p for p in IMPLS if p.values[0] in ("auto", "cpp")])
 def test_thread_count_does_not_change_the_bits(impl):
-    """issue 4: the C++ reductions run in a fixed order, so 1 and 2 threads agree bitwise."""
+    """The C++ reductions run in a fixed order, so 1 and 2 threads agree bitwise."""
     z, y = inputs(impl, torch.float32, seed=1)
     threads = torch.get_num_threads()
     try:

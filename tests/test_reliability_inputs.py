@@ -1,7 +1,7 @@
-"""Bad-input matrix over every public loss entry point and every available backend (issue 7, item 1).
+"""Bad-input matrix over every public loss entry point and every available backend.
 
 Each case either raises a clear error (the right type, a message naming the argument, the value and
-what is valid) or gives a documented result (NaN/Inf propagate to the loss, SPEC §2 / issue 2; a
+what is valid) or gives a documented result (NaN/Inf propagate to the loss, SPEC §2; a
 distance past the clip is clamped; any memory layout computes the same loss as a contiguous copy).
 The input checks are shared by all backends, so every backend must raise the same error; the
 documented results are checked on every backend too, because that is where a kernel would differ
@@ -213,7 +213,7 @@ NON_FINITE = [("nan_z", "z", math.nan), ("inf_z", "z", math.inf), ("neg_inf_y", 
 @pytest.mark.parametrize("entry", ALL_ENTRY_POINTS)
 @pytest.mark.parametrize("case_id, where, value", NON_FINITE, ids=[c[0] for c in NON_FINITE])
 def test_non_finite_inputs_propagate_to_the_loss(entry, impl, case_id, where, value):
-    """Documented (issue 2): NaN/Inf inside Z or Y give a NaN loss; no silent finite number, no crash."""
+    """Documented: NaN/Inf inside Z or Y give a NaN loss; no silent finite number, no crash."""
     z, y = randn(2, 3, 4, 8, seed=3), randn(2, 3, 4, 8, seed=4)
     (z if where == "z" else y)[1, 2, 3, 5] = value
     loss = ENTRY_POINTS[entry](z, y, impl)

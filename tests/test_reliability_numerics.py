@@ -1,9 +1,9 @@
-"""Numerics of every backend at the edges (issue 7, item 2).
+"""Numerics of every backend at the edges.
 
 - Zero tokens (and tokens below EPS): zero gradient, no inf, also in fp16 / bf16 (SPEC §2).
 - Huge and tiny magnitudes in fp32 (1e30, 1e-30; norms must not square-overflow), the fp16 overflow
   range (|x| near 65504, whose squares overflow fp16), and mixtures of them inside one frame.
-- bf16 / fp16 / fp32 inputs against a float64 ground truth with the tolerance rule of issue 3
+- bf16 / fp16 / fp32 inputs against a float64 ground truth with the tolerance rule of tests/tolerance.py
   (tests/tolerance.py), on feature distributions that stress the math: a large shared mean (cosines
   near 1, as DINOv2 features have) and a student close to the teacher (manifold near convergence).
 - 64-bit offsets: tensors with more than 2^31 elements (GPU only; the same check runs small on CPU so
@@ -52,7 +52,7 @@ def losses_and_grads(z, y, impl, opts: CrepaOptions, manifold_weight=1.0):
 
 
 def check_against_truth(z, y, impl, opts=CrepaOptions(distance=1), what=""):
-    """The tolerance rule of issue 3 on losses, the metric, and both gradients."""
+    """The tolerance rule (tests/tolerance.py) on losses, the metric, and both gradients."""
     dtype = z.dtype
     kernel = losses_and_grads(z, y, impl, opts)
     reference = losses_and_grads(z, y, "reference", opts)

@@ -1,4 +1,4 @@
-"""Reliability of the regularizer facade (issue 7, items 1, 5 and 7).
+"""Reliability of the regularizer facade.
 
 - Bad input matrix for `CrepaRegularizer` / `UrepaRegularizer` and their configs: block index out of
   range, unknown keys, wrong value types and ranges, unsupported model families, bad constructor
@@ -271,7 +271,7 @@ def _nan_at(tensor, index=7):
 
 @pytest.mark.parametrize("where", ["teacher_features", "latents", "pixels", "hidden_states", "urepa_teacher_features"])
 def test_opt_in_finite_check_names_the_tensor_and_the_step(where):
-    """issue 7: the regularizer offers an opt-in finite check (check_finite=True, one host sync per tensor)."""
+    """The regularizer offers an opt-in finite check (check_finite=True, one host sync per tensor)."""
     if where == "urepa_teacher_features":
         model = tm.tiny_unet().train()
         reg = UrepaRegularizer.from_config(UREPA, unet=model, encoder=tm.tiny_dinov2(), max_train_steps=100,

@@ -1,4 +1,4 @@
-"""Resume (issue 7, item 4): save at step k, restore in a fresh process, continue exactly.
+"""Resume: save at step k, restore in a fresh process, continue exactly.
 
 A tiny Wan with CrepaRegularizer (cosine schedule with warmup, decay until max_train_steps, a permanent
 similarity cutoff with EMA decay 0.5) trains with AdamW in one process for N steps, saving the model

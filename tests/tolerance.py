@@ -1,4 +1,4 @@
-"""The accuracy rule every kernel test uses (issue 3), after Cut Cross-Entropy:
+"""The accuracy rule every kernel test uses, after Cut Cross-Entropy:
 
     |kernel - fp64 truth| <= |same-dtype reference - fp64 truth| + tol
 

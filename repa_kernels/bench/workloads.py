@@ -185,7 +185,7 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              description="CREPA on CPU, adjacent neighbours"),
     Workload("urepa-cpu", "urepa", 4, 1, 1024, 768, 768, "float32", "cpu", _SELF_ONLY,
              description="U-REPA on CPU"),
-    # issue 4's goal: a manifold shape whose Grams dominate memory on CPU
+    # the CPU memory goal's shape: a manifold loss whose Grams dominate memory
     Workload("manifold-4k-cpu", "manifold", 1, 1, 4096, 384, 384, "float32", "cpu",
              description="manifold loss on CPU, 4k tokens (64 MB per Gram)"),
     # reduced sizes for CI (pytest-benchmark suite and the CLI tests); never in the default selection

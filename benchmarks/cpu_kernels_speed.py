@@ -1,11 +1,11 @@
-"""Issue 4 figures: the C++ CPU kernels against the reference (eager and torch.compile), fp32.
+"""The C++ CPU kernels against the reference (eager and torch.compile), fp32, with the speed and memory goals.
 
-    python benchmarks/cpu_kernels_issue4.py [--rounds 7] [--out benchmarks/results/cpu_kernels_issue4.csv]
+    python benchmarks/cpu_kernels_speed.py [--rounds 7] [--out benchmarks/results/cpu_kernels_speed.csv]
 
 Built on `repa_kernels.bench` (the workloads crepa-cpu, urepa-cpu and manifold-4k-cpu, the providers'
 loss functions, the timing and the memory probe) and adds what `repa-kernels bench` does not: the
 providers of a workload run interleaved, one call each per round, so that load from other processes
-spreads over the providers compared, and the rows say whether issue 4's goals are met.
+spreads over the providers compared, and the rows say whether the CPU kernels' goals (GOALS below) are met.
 
 Time: one workload after the other (as in training, where the shapes repeat step after step); within a
 workload every (provider, mode) case runs once per round after a warm-up call; median, p20, p80 and min
@@ -88,7 +88,7 @@ def goal_columns(name: str, metrics: dict) -> tuple[str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=positive_int, default=7)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu_kernels_issue4.csv"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cpu_kernels_speed.csv"))
     parser.add_argument("--notes", default="")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
