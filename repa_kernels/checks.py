@@ -55,6 +55,6 @@ def check_nonnegative(name: str, value: object) -> float:
     """A finite real number >= 0 (loss weights); bools are rejected."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a finite number >= 0, got {value!r} ({type(value).__name__})")
-    if not (math.isfinite(value) and value >= 0):
+    if not 0 <= value < math.inf:  # not math.isfinite, which torch.compile cannot trace; NaN fails it too
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return float(value)

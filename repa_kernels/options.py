@@ -46,7 +46,9 @@ class CrepaOptions:
             raise ValueError(f"distance must be an integer >= 0, got {self.distance}")
         if isinstance(self.tau, bool) or not isinstance(self.tau, numbers.Real):
             raise TypeError(f"tau must be a finite number > 0, got {self.tau!r} ({type(self.tau).__name__})")
-        if not (math.isfinite(self.tau) and self.tau > 0):
+        # Comparisons, not math.isfinite: they also run while torch.compile traces (dynamic=True), and
+        # NaN and inf fail them too.
+        if not 0 < self.tau < math.inf:
             raise ValueError(f"tau must be a finite number > 0, got {self.tau}")
         for name in ("cumulative", "normalize_by_frames", "normalize_neighbour_sum"):
             value = getattr(self, name)

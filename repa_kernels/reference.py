@@ -74,9 +74,15 @@ def manifold(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     zn = safe_normalize(z).flatten(0, 1)
     yn = safe_normalize(y).flatten(0, 1)
     slices_per_chunk = max(1, _GRAM_CHUNK_ELEMENTS // (tokens * tokens))
+    if zn.shape[0] <= slices_per_chunk:  # one chunk: no loop, so torch.compile keeps B and T symbolic
+        return _gram_difference_sum(zn, yn) / (batch * frames * tokens * tokens)
     total = zn.new_zeros(())
     for start in range(0, zn.shape[0], slices_per_chunk):
-        zc, yc = zn[start:start + slices_per_chunk], yn[start:start + slices_per_chunk]
-        diff = torch.bmm(zc, zc.transpose(1, 2)) - torch.bmm(yc, yc.transpose(1, 2))
-        total = total + diff.square().sum()
+        total = total + _gram_difference_sum(zn[start:start + slices_per_chunk], yn[start:start + slices_per_chunk])
     return total / (batch * frames * tokens * tokens)
+
+
+def _gram_difference_sum(zn: torch.Tensor, yn: torch.Tensor) -> torch.Tensor:
+    """Σ (Ẑ Ẑᵀ − Ŷ Ŷᵀ)² over a chunk of (S, N, D) normalised slices."""
+    diff = torch.bmm(zn, zn.transpose(1, 2)) - torch.bmm(yn, yn.transpose(1, 2))
+    return diff.square().sum()

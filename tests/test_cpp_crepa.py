@@ -206,6 +206,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.repa_kernels.crepa.default,
                           (z.requires_grad_(), y.requires_grad_(), weights, -1.0 / 6, True, True))
     torch.library.opcheck(torch.ops.repa_kernels.crepa.default, (z.detach(), y.detach(), weights, -1.0 / 6, False, False))
+    # What torch.compile records: the hyper-parameters instead of the frame-weight table.
+    torch.library.opcheck(cpp.crepa_traced, (z, y, 2, 0.5, True, True, True, True, True))
+    torch.library.opcheck(cpp.crepa_traced, (z.detach(), y.detach(), 1, 1.0, False, False, False, False, False))
 
 
 @needs_extension

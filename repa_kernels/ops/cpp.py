@@ -189,11 +189,37 @@ def crepa(z4: torch.Tensor, y4: torch.Tensor, opts: CrepaOptions) -> tuple[torch
     """CREPA/REPA term on validated (B, T, N, D) CPU tensors: (loss, alignment_score, similarity_self)."""
     _require()
     saved_gradients.check_derivative_mode("cpp", z4, y4)
-    batch, frames = z4.shape[:2]
-    loss, alignment, self_similarity = saved_gradients.run(
-        torch.ops.repa_kernels.crepa.default, "cpp", z4, y4, opts.frame_weight_list(frames),
-        -1.0 / opts.loss_divisor(batch, frames), _needs_grad(z4), _needs_grad(y4))
+    need_dz, need_dy = _needs_grad(z4), _needs_grad(y4)
+    if torch.compiler.is_compiling():
+        distance = min(opts.distance, z4.shape[1] - 1)  # what offsets() clamps to; keeps a SymInt in range
+        loss, alignment, self_similarity = saved_gradients.run(
+            crepa_traced, "cpp", z4, y4, distance, opts.tau, opts.cumulative, opts.normalize_by_frames,
+            opts.normalize_neighbour_sum, need_dz, need_dy)
+    else:
+        loss, alignment, self_similarity = saved_gradients.run(
+            torch.ops.repa_kernels.crepa.default, "cpp", z4, y4, *_frame_arguments(z4, opts), need_dz, need_dy)
     return loss, alignment.detach(), self_similarity.detach()
+
+
+def _frame_arguments(z4: torch.Tensor, opts: CrepaOptions) -> tuple[list[float], float]:
+    """The frame-weight table and loss scale the C++ op takes, for z4's (B, T)."""
+    batch, frames = z4.shape[:2]
+    return opts.frame_weight_list(frames), -1.0 / opts.loss_divisor(batch, frames)
+
+
+@torch.library.custom_op("repa_kernels::crepa_cpp_traced", mutates_args=())
+def crepa_traced(z: torch.Tensor, y: torch.Tensor, distance: int, tau: float, cumulative: bool,
+                 normalize_by_frames: bool, normalize_neighbour_sum: bool, need_dz: bool, need_dy: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The C++ crepa op with the hyper-parameters in place of its T x T frame-weight table: what
+    torch.compile records, so that the frame count may stay symbolic (torch._dynamo.mark_dynamic or
+    dynamic=True); the table is built here, where T is a number. Eager calls skip this layer (a Python
+    op costs tens of microseconds)."""
+    opts = CrepaOptions(distance, tau, cumulative, normalize_by_frames, normalize_neighbour_sum)
+    return tuple(torch.ops.repa_kernels.crepa.default(z, y, *_frame_arguments(z, opts), need_dz, need_dy))
+
+
+saved_gradients.register("repa_kernels::crepa_cpp_traced", "cpp")
 
 
 def manifold(z4: torch.Tensor, y4: torch.Tensor) -> torch.Tensor:
