@@ -1,9 +1,15 @@
-"""Input validation shared by every backend (SPEC §2): the same errors whatever `impl` is."""
+"""Input validation shared by every backend (SPEC §2): the same errors whatever `impl` is.
+
+Scalars are accepted in the types a training script holds them in: Python numbers and numpy scalars
+(np.bool_ wherever a bool is, np.int64 for integers, np.float32 for reals); bools are never numbers.
+A tensor is refused with how to pass its value, so a device-to-host read is the caller's choice.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import torch
 
@@ -51,10 +57,49 @@ def check_pair(z: object, y: object, *, same_width: bool) -> tuple[torch.Tensor,
     return as_frames(z), as_frames(y)
 
 
+def type_name(value: object) -> str:
+    """The type of `value` as a user writes it: bool, str, numpy.bool, numpy.float32, torch.Tensor."""
+    cls = type(value)
+    return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__.split('.')[0]}.{cls.__name__}"
+
+
+def describe(value: object) -> str:
+    """`value` and its type for an error message, with how to pass a tensor's value."""
+    text = f"{value!r} ({type_name(value)})"
+    if isinstance(value, torch.Tensor):
+        text += "; pass its value as a Python scalar (tensor.item())"
+    return text
+
+
+def is_flag(value: object) -> bool:
+    """A Python bool or a numpy bool (numpy is looked up only when imported: no numpy bool exists before)."""
+    if isinstance(value, bool):
+        return True
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and isinstance(value, numpy.bool_)
+
+
+def check_flag(name: str, value: object) -> bool:
+    """`value` as a Python bool when it is a bool (numpy bools included), else a TypeError naming `name`."""
+    if not is_flag(value):
+        raise TypeError(f"{name} must be a bool, got {describe(value)}")
+    return bool(value)
+
+
+def is_integer(value: object) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not is_flag(value)
+
+
+def is_real(value: object) -> bool:
+    """A real number (Python or numpy, integers included), not a bool."""
+    return isinstance(value, numbers.Real) and not is_flag(value)
+
+
 def check_nonnegative(name: str, value: object) -> float:
     """A finite real number >= 0 (loss weights); bools are rejected."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a finite number >= 0, got {value!r} ({type(value).__name__})")
+    if not is_real(value):
+        raise TypeError(f"{name} must be a finite number >= 0, got {describe(value)}")
     if not 0 <= value < math.inf:  # not math.isfinite, which torch.compile cannot trace; NaN fails it too
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return float(value)

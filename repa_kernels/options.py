@@ -2,16 +2,17 @@
 numeric rules every backend shares (the zero-token threshold EPS, the compute dtype).
 
 The bottom of the kernel half: the reference path, the kernel ops and the functional API all import
-it, and it imports nothing of the package.
+it, and it imports only the scalar checks of `checks`.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import torch
+
+from .checks import check_flag, describe, is_integer, is_real
 
 EPS = 1e-12  # a token with ||z|| < EPS carries no direction: normalised to 0 with zero gradient
 
@@ -40,20 +41,18 @@ class CrepaOptions:
     normalize_neighbour_sum: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.distance, bool) or not isinstance(self.distance, numbers.Integral):
-            raise TypeError(f"distance must be an integer >= 0, got {self.distance!r} ({type(self.distance).__name__})")
+        if not is_integer(self.distance):
+            raise TypeError(f"distance must be an integer >= 0, got {describe(self.distance)}")
         if self.distance < 0:
             raise ValueError(f"distance must be an integer >= 0, got {self.distance}")
-        if isinstance(self.tau, bool) or not isinstance(self.tau, numbers.Real):
-            raise TypeError(f"tau must be a finite number > 0, got {self.tau!r} ({type(self.tau).__name__})")
+        if not is_real(self.tau):
+            raise TypeError(f"tau must be a finite number > 0, got {describe(self.tau)}")
         # Comparisons, not math.isfinite: they also run while torch.compile traces (dynamic=True), and
         # NaN and inf fail them too.
         if not 0 < self.tau < math.inf:
             raise ValueError(f"tau must be a finite number > 0, got {self.tau}")
         for name in ("cumulative", "normalize_by_frames", "normalize_neighbour_sum"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+            object.__setattr__(self, name, check_flag(name, getattr(self, name)))  # numpy bools become bools
         object.__setattr__(self, "distance", int(self.distance))
         object.__setattr__(self, "tau", float(self.tau))
 

@@ -146,6 +146,16 @@ BAD_COSINE_OPTIONS = [
     ("normalize_by_frames_none", dict(normalize_by_frames=None), TypeError, ["normalize_by_frames must be a bool"]),
     ("normalize_neighbour_sum_str", dict(normalize_neighbour_sum="true"), TypeError,
      ["normalize_neighbour_sum must be a bool"]),
+    # numpy scalars and 0-d tensors: the type named as the user wrote it, and how to pass a tensor
+    ("distance_numpy_bool", dict(distance=np.True_), TypeError, ["distance must be an integer", "np.True_ (numpy.bool)"]),
+    ("distance_0d_tensor", dict(distance=torch.tensor(2)), TypeError,
+     ["distance must be an integer >= 0, got tensor(2) (torch.Tensor)", "tensor.item()"]),
+    ("tau_numpy_nan", dict(tau=np.float32("nan")), ValueError, ["tau must be a finite number > 0, got nan"]),
+    ("tau_numpy_bool", dict(tau=np.False_), TypeError, ["tau must be a finite number > 0, got np.False_ (numpy.bool)"]),
+    ("tau_0d_tensor", dict(tau=torch.tensor(0.5)), TypeError, ["tau must be a finite number > 0", "tensor.item()"]),
+    ("cumulative_numpy_int", dict(cumulative=np.int64(1)), TypeError, ["cumulative must be a bool", "(numpy.int64)"]),
+    ("cumulative_0d_tensor", dict(cumulative=torch.tensor(True)), TypeError,
+     ["cumulative must be a bool, got tensor(True) (torch.Tensor)", "tensor.item()"]),
 ]
 
 BAD_IMPLS = [
@@ -180,6 +190,9 @@ BAD_WEIGHTS = [
     ("str", "3", TypeError, "must be a finite number >= 0, got '3' (str)"),
     ("bool", True, TypeError, "must be a finite number >= 0, got True (bool)"),
     ("none", None, TypeError, "must be a finite number >= 0, got None"),
+    ("numpy_bool", np.True_, TypeError, "must be a finite number >= 0, got np.True_ (numpy.bool)"),
+    ("numpy_inf", np.float32("inf"), ValueError, "must be a finite number >= 0, got inf"),
+    ("tensor", torch.tensor(3.0), TypeError, "must be a finite number >= 0, got tensor(3.) (torch.Tensor)"),
 ]
 
 
@@ -196,6 +209,34 @@ def test_bad_loss_weights_raise_a_named_error(where, case_id, value, error, frag
         else:
             rk.ManifoldLoss(weight=value)
     assert f"{name} {fragment}" in str(info.value)
+
+
+@pytest.mark.parametrize("entry", COSINE_ENTRY_POINTS)
+def test_numpy_scalars_are_accepted_where_python_ones_are(entry):
+    """np.bool_ wherever a bool is (a config read through numpy gives them), numpy integers and floats
+    wherever numbers are: the same loss as the Python values."""
+    z, y = randn(1, 3, 3, 4, seed=1), randn(1, 3, 3, 4, seed=2)
+    python = dict(distance=2, tau=0.5, cumulative=True, normalize_by_frames=False, normalize_neighbour_sum=True)
+    numpy = dict(distance=np.int64(2), tau=np.float32(0.5), cumulative=np.True_, normalize_by_frames=np.False_,
+                 normalize_neighbour_sum=np.bool_(True))
+    want = ENTRY_POINTS[entry](z, y, "reference", **python)
+    assert torch.equal(ENTRY_POINTS[entry](z, y, "reference", **numpy), want)
+    options = CrepaOptions(**numpy)
+    assert options == CrepaOptions(**python) and type(options.cumulative) is bool
+
+
+@pytest.mark.parametrize("where", ["urepa_loss", "UrepaLoss", "ManifoldLoss"])
+def test_numpy_loss_weights_are_accepted(where):
+    z, y = randn(1, 3, 4, seed=3), randn(1, 3, 4, seed=4)
+    losses = []
+    for weight in (2.0, np.float32(2.0), np.int64(2)):
+        if where == "urepa_loss":
+            losses.append(rk.urepa_loss(z, y, manifold_weight=weight, impl="reference").loss)
+        elif where == "UrepaLoss":
+            losses.append(rk.UrepaLoss(manifold_weight=weight, impl="reference")(z, y))
+        else:
+            losses.append(rk.ManifoldLoss(weight=weight, impl="reference")(z, y))
+    assert all(torch.equal(loss, losses[0]) for loss in losses)
 
 
 def test_crepa_options_must_be_crepa_options():
