@@ -232,6 +232,47 @@ def test_result_and_gradient_dtypes(impl, dtype):
     assert z.grad.dtype == dtype and y.grad.dtype == dtype
 
 
+# ---- torch.autocast: every backend still accumulates in float32 -------------------------------------
+
+def losses_under_autocast(z, y, impl, device_type, dtype):
+    """crepa, urepa (cosine + manifold) and d(sum)/dz of float32 inputs, inside torch.autocast."""
+    z = z.detach().clone().requires_grad_()
+    with torch.autocast(device_type, dtype=dtype):
+        crepa = rk.crepa_loss(z, y, distance=2, cumulative=True, impl=impl)
+        urepa = rk.urepa_loss(z, y, impl=impl)
+        losses = [crepa.loss, crepa.alignment_score, urepa.alignment, urepa.manifold]
+        dz, = torch.autograd.grad(crepa.loss + urepa.loss, z)
+    return losses, dz
+
+
+def check_autocast_changes_nothing(device, impl, dtype):
+    """Autocast would run the reference's Gram matmuls in bf16/fp16 (manifold loss 8% off, its gradient
+    30%); every op of every backend keeps float32 accumulation, so the results equal those outside it."""
+    g = torch.Generator().manual_seed(40)
+    z = torch.randn(2, 3, 16, 32, generator=g).to(device)
+    y = (z + 0.1 * torch.randn(2, 3, 16, 32, generator=g).to(device)).requires_grad_()  # near convergence
+    inside, inside_dz = losses_under_autocast(z, y, impl, device.type, dtype)
+    with torch.autocast(device.type, enabled=False):
+        outside, outside_dz = losses_under_autocast(z, y, impl, device.type, dtype)
+    for name, a, b in zip(("crepa", "alignment_score", "urepa alignment", "manifold"), inside, outside):
+        assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-6, atol=1e-9), (name, a.item(), b.item())
+    assert inside_dz.dtype == torch.float32
+    assert torch.allclose(inside_dz, outside_dz, rtol=1e-5, atol=1e-9), (inside_dz - outside_dz).abs().max()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cpu_autocast_keeps_float32_accumulation(impl):
+    check_autocast_changes_nothing(CPU, impl, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_autocast_keeps_float32_accumulation(impl, dtype):
+    check_autocast_changes_nothing(torch.device("cuda"), impl, dtype)
+
+
 # ---- derivatives the kernels do not form: an error naming the way out, never a silent zero ------------
 
 LOSSES = {
