@@ -147,6 +147,8 @@ def run_check(args, phases: list[str], out: Path, log: Log) -> int:
     import torch
 
     from .. import cli as bench_cli
+    from .. import report
+    from . import correctness, device_tests, end_to_end, install, sweep, timing
     from . import settings as settings_module
 
     settings = settings_module.DRY if args.dry else settings_module.GPU
@@ -160,32 +162,22 @@ def run_check(args, phases: list[str], out: Path, log: Log) -> int:
 
     # first: the later phases import diffusers (the e2e step) from what it installs
     if "install" in phases:
-        from . import install
-
         results.append(run_phase("install", budget("install"), lambda b, r: install.run(
             b, r, wheel_dir=args.wheels, target=args.site, dry=args.dry, log=log), say))
 
     if "tests" in phases:
-        from . import device_tests
-
         results.append(run_phase("tests", budget("tests"), lambda b, r: device_tests.run(
             b, r, device=settings.device, keyword=settings.test_keyword, workers=settings.test_workers,
             out_dir=out, log=log, rows=check_rows), say))
         write_checks(check_rows, out)
     if "correctness" in phases:
-        from . import correctness
-
         results.append(run_phase("correctness", budget("correctness"), lambda b, r: correctness.run(
             b, r, workloads=settings.correctness, device=device, seed=seed, log=log, rows=check_rows), say))
         write_checks(check_rows, out)
     if "peaks" in phases:
-        from . import timing
-
         results.append(run_phase("peaks", budget("peaks"), lambda b, r: timing.run_peaks(
             b, r, workloads=settings.workloads, device=device, state=state), say))
     if "sweep" in phases:
-        from . import sweep
-
         sweep_rows: list[dict] = []
 
         def sweep_body(b, r):
@@ -197,9 +189,6 @@ def run_check(args, phases: list[str], out: Path, log: Log) -> int:
 
         results.append(run_phase("sweep", budget("sweep"), sweep_body, say))
     if "workloads" in phases:
-        from . import timing
-        from .. import report
-
         workload_rows: list[dict] = []
 
         def workloads_body(b, r):
@@ -214,8 +203,6 @@ def run_check(args, phases: list[str], out: Path, log: Log) -> int:
 
         results.append(run_phase("workloads", budget("workloads"), workloads_body, say))
     if "e2e" in phases:
-        from . import end_to_end
-
         results.append(run_phase("e2e", budget("e2e"), lambda b, r: end_to_end.run(
             b, r, settings=settings, device=device, context=context, prefix=prefix, log=log), say))
 
@@ -239,7 +226,24 @@ def describe(device, context: dict, settings, seed: int, phases: list[str]) -> s
         properties = torch.cuda.get_device_properties(device)
         lines.append(f"  {properties.multi_processor_count} SMs, L2 {getattr(properties, 'L2_cache_size', 0) / 2**20:.0f} MiB, "
                      f"{properties.total_memory / 2**30:.0f} GiB, capability {properties.major}.{properties.minor}")
+        lines.append(f"  nvidia-smi: {card_state()}")
     return "\n".join(lines)
+
+
+def card_state() -> str:
+    """Clocks, temperature, power and memory in use as nvidia-smi reads them (the card as found: never set)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return "not on the PATH"
+    fields = "driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used"
+    try:
+        done = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=15)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"failed: {exc}"
+    return f"{fields} = {done.stdout.strip() or done.stderr.strip()[:200]}"
 
 
 def summary(results: list[PhaseResult], seconds: float, out: Path) -> str:
