@@ -138,3 +138,56 @@ def test_decode_runs_without_grad_in_the_vae_dtype():
     z = _z(1, 4, 4, 6).requires_grad_()
     frames = LatentDecoder(vae=vae, video=False).decode(z)
     assert frames.dtype == torch.float32 and not frames.requires_grad
+
+
+# ---- the VAEs of the Flux2, Qwen-Image, LTX-2 and HunyuanVideo 1.5 pipelines ------------------------------
+
+def test_flux2_decode_undoes_the_batch_norm_and_the_2x2_patchify_like_its_pipeline():
+    import tiny_families as tf
+    vae = tf.tiny_flux2_vae()
+    z = _z(2, 16, 3, 4)                       # what Flux2Pipeline packs: (B, 4C, H/2, W/2)
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    x = z * std + mean                        # Flux2Pipeline: latents * bn_std + bn_mean, then unpatchify
+    x = x.reshape(2, 4, 2, 2, 3, 4).permute(0, 1, 4, 2, 5, 3).reshape(2, 4, 6, 8)
+    with torch.no_grad():
+        expected = _frames(vae.decode(x).sample)
+    frames = LatentDecoder(vae=vae, video=False).decode(z)
+    assert frames.shape == (2, 1, 3, 12, 16) and torch.allclose(frames, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="latents have 4 channels but AutoencoderKLFlux2 expects 16"):
+        LatentDecoder(vae=vae, video=False).decode(_z(2, 4, 6, 8))
+
+
+def test_qwen_image_decodes_image_latents_as_one_frame_with_the_config_mean_and_std():
+    import tiny_families as tf
+    vae = tf.tiny_qwen_image_vae()
+    z = _z(2, 4, 4, 6)
+    with torch.no_grad():   # QwenImagePipeline: latents / (1 / std) + mean on (B, C, 1, H, W), frame 0 kept
+        expected = _frames(vae.decode((z / (1.0 / STD.view(1, 4, 1, 1)) + MEAN.view(1, 4, 1, 1)).unsqueeze(2))
+                           .sample[:, :, 0])
+    frames = LatentDecoder(vae=vae, video=False).decode(z)
+    assert frames.shape == (2, 1, 3, 8, 12) and torch.allclose(frames, expected, atol=1e-5)
+    assert torch.allclose(LatentDecoder(vae=vae, video=False).decode(z.unsqueeze(2)), expected, atol=1e-5)
+
+
+def test_ltx2_decode_uses_buffers_scaling_and_a_zero_decode_timestep():
+    import tiny_families as tf
+    vae = tf.tiny_ltx2_vae()
+    z = _z(1, 4, 3, 4, 6)
+    den = z * STD.view(1, 4, 1, 1, 1) / 0.5 + MEAN.view(1, 4, 1, 1, 1)
+    assert torch.allclose(denormalizer_for(vae)(z), den)
+    with torch.no_grad():
+        expected = _frames(vae.decode(den, torch.zeros(1)).sample)
+    assert torch.allclose(LatentDecoder(vae=vae, video=True).decode(z), expected, atol=1e-5)
+
+
+def test_hunyuan_video15_divides_by_the_scaling_factor():
+    import tiny_families as tf
+    vae = tf.tiny_hunyuan_video15_vae()
+    z = _z(2, 4, 2, 4, 6)
+    with pytest.raises(RuntimeError):    # diffusers' own batched decode fails (its causal mask broadcast)
+        with torch.no_grad():
+            vae.decode(z / 0.5)
+    with torch.no_grad():                # so the samples are decoded one at a time
+        expected = _frames(torch.cat([vae.decode(z[i:i + 1] / 0.5).sample for i in range(2)]))
+    assert torch.allclose(LatentDecoder(vae=vae, video=True).decode(z), expected, atol=1e-5)

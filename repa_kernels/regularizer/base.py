@@ -201,7 +201,7 @@ class AlignmentRegularizerBase(nn.Module):
                              "forward")   # checked before the teacher decodes or encodes anything
         device = self._device()
         z = self.live_projector(captured.model)(
-            self.family.image_tokens(captured.student, grid, self.student_description))
+            self.family.image_tokens(captured.student, grid, self.student_description, captured.model))
         y = self._teacher.tokens(inputs, captured, grid, device)
         self._require_finite(step, **{"the captured hidden states": captured.student, "the teacher tokens": y})
 

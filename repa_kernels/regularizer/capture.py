@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .families import CaptureError, ModelFamily, detect_family, unwrap_model
+from .families import BlockOutput, CaptureError, ModelFamily, SequenceLayout, detect_family, unwrap_model
 from .grids import TokenGrid
 
 
@@ -52,6 +52,7 @@ class _ForwardState:
         self.open = False            # inside a forward whose model-level hook fired
         self.grad_enabled = None     # grad mode at that forward's start
         self.grid: TokenGrid | None = None
+        self.layout = SequenceLayout()   # text length, caption lengths, ... from the forward's inputs
         self.model: nn.Module | None = None
         self.slots: dict[str, torch.Tensor | None] = {"student": None, "teacher": None}
         self.filled: set[str] = set()
@@ -100,10 +101,12 @@ class HiddenStateCapture:
             self._handles.append(model.register_forward_hook(self._model_post_hook, always_call=True))
             blocks = self.family.blocks(model)
             self._handles.append(blocks[block_index].register_forward_hook(
-                self._block_hook("student", model), with_kwargs=True))
+                self._block_hook("student", model, self.family.block_output_of(model, block_index)),
+                with_kwargs=True))
             if teacher_block_index is not None:
                 self._handles.append(blocks[teacher_block_index].register_forward_hook(
-                    self._block_hook("teacher", model), with_kwargs=True))
+                    self._block_hook("teacher", model, self.family.block_output_of(model, teacher_block_index)),
+                    with_kwargs=True))
 
     # ------------------------------------------------------------------ hooks
 
@@ -122,6 +125,7 @@ class HiddenStateCapture:
             if args:
                 bound.setdefault("hidden_states", args[0])
         state.grid = self.family.grid_from_inputs(model, bound)
+        state.layout = self.family.layout_from_inputs(model, bound)
         return None
 
     def _model_post_hook(self, model, args, output):
@@ -129,7 +133,7 @@ class HiddenStateCapture:
             self._state.open = False
         return None
 
-    def _block_hook(self, slot: str, model: nn.Module):
+    def _block_hook(self, slot: str, model: nn.Module, rule: BlockOutput):
         def hook(block, args, kwargs, output):
             if _in_backward():
                 return None          # recomputation by non-reentrant gradient checkpointing
@@ -139,8 +143,9 @@ class HiddenStateCapture:
             if not state.open:
                 state.model = model
                 state.grid = None
-            tokens, grid = self.family.block_output_tokens(output, args, kwargs, state.grid, self.hidden_size,
-                                                            self.models[0])
+                state.layout = SequenceLayout()
+            tokens, grid = self.family.block_output_tokens(rule, output, args, kwargs, state.grid, state.layout,
+                                                            self.hidden_size, self.models[0])
             if state.grid is None and grid is not None:
                 state.grid = grid
             without_grad = slot == "student" and not tokens.requires_grad and not torch.is_grad_enabled()

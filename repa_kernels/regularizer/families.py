@@ -123,11 +123,14 @@ def _patch_of(model) -> tuple[int, int, int] | None:
 
 
 def _grid_generic(model, bound: dict[str, Any]) -> TokenGrid | None:
-    # diffusers calls the input hidden_states; SiT-style modules take it first, often as x
+    # diffusers calls the input hidden_states; SiT-style modules take it first, often as x. Channels-first
+    # (B, C, H, W) images or (B, C, F, H, W) videos.
     x = bound.get("hidden_states", next(iter(bound.values()), None))
     patch = _patch_of(model)
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or patch is None:
+    if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5) or patch is None:
         return None
+    if x.dim() == 5:
+        return TokenGrid(x.shape[2] // patch[0], x.shape[3] // patch[1], x.shape[4] // patch[2])
     return TokenGrid(1, x.shape[2] // patch[1], x.shape[3] // patch[2])
 
 
@@ -139,13 +142,173 @@ def _flux_patch(model) -> tuple[int, int, int]:
     return 1, 2, 2   # config.patch_size is 1, but FluxPipeline packs 2x2 latent patches into a token
 
 
+def _one_latent_per_token(model) -> tuple[int, int, int]:
+    return 1, 1, 1   # Flux2Pipeline patchifies 2x2 into channels first, then packs one latent pixel per token
+
+
 def _generic_patch(model) -> tuple[int, int, int]:
     patch = _patch_of(model)
     if patch is None:
         raise CaptureError(f"cannot read the patch size of {type(model).__name__} to lay its tokens on the latents' "
                            "grid: tried config.patch_size and the model's patch_size attribute; pass "
-                           "token_grid=(1, rows, columns) to the regularizer call instead")
+                           "token_grid=(frames, rows, columns) to the regularizer call instead")
     return patch
+
+
+def _grid_5d_patch_t(model, bound: dict[str, Any]) -> TokenGrid | None:
+    # HunyuanVideo 1.0 / 1.5: config.patch_size (rows, columns) and config.patch_size_t (frames)
+    x = bound.get("hidden_states")
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        return None
+    pt, ph, pw = _ltx_patch(model)
+    return TokenGrid(x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
+
+
+def _grid_ltx2(model, bound: dict[str, Any]) -> TokenGrid | None:
+    # LTX-2's forward takes the latent num_frames, height, width (its rotary grid steps them by the patch)
+    dims = [bound.get(k) for k in ("num_frames", "height", "width")]
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    pt, ph, pw = _ltx_patch(model)
+    return TokenGrid(dims[0] // pt, dims[1] // ph, dims[2] // pw)
+
+
+def _grid_qwen(model, bound: dict[str, Any]) -> TokenGrid | None:
+    # img_shapes: per sample [(frames, rows, columns) of the target, then one per reference image (edit)]
+    shapes = bound.get("img_shapes")
+    if not isinstance(shapes, (list, tuple)) or not shapes:
+        return None
+    targets = set()
+    for sample in shapes:
+        first = sample[0] if isinstance(sample, (list, tuple)) and sample and \
+            isinstance(sample[0], (list, tuple)) else sample
+        targets.add(tuple(int(d) for d in first))
+    if len(targets) != 1:
+        raise CaptureError(f"the samples of one Qwen-Image batch have different target shapes {sorted(targets)} in "
+                           "img_shapes; one regularizer call needs one token grid per batch")
+    return TokenGrid(*targets.pop())
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the forward's inputs say about the token sequence of the blocks (read by the model-level hook).
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """Read once per forward from its inputs, with no host sync. text_tokens: tokens before the image part
+    of a joint (text, image) sequence (the caption, and register tokens where the model prepends them);
+    leading_reference_tokens: reference-image tokens at the start of the image part (Flux2's KV-cache
+    extract pass); caption_lengths: each sample's unpadded caption length (B,) where every sample lays out
+    its own caption (Lumina2)."""
+
+    text_tokens: int | None = None
+    leading_reference_tokens: int = 0
+    caption_lengths: torch.Tensor | None = None
+
+
+def _no_layout(model, bound: dict[str, Any]) -> SequenceLayout:
+    return SequenceLayout()
+
+
+def _text_length(bound: dict[str, Any], key: str = "encoder_hidden_states") -> int | None:
+    text = bound.get(key)
+    return int(text.shape[1]) if isinstance(text, torch.Tensor) and text.dim() == 3 else None
+
+
+def _layout_text_first(model, bound: dict[str, Any]) -> SequenceLayout:
+    return SequenceLayout(_text_length(bound))
+
+
+def _layout_flux2(model, bound: dict[str, Any]) -> SequenceLayout:
+    # the KV-cache "extract" pass puts num_ref_tokens reference tokens before the target's
+    refs = bound.get("num_ref_tokens") if bound.get("kv_cache_mode") == "extract" else 0
+    return SequenceLayout(_text_length(bound), int(refs or 0))
+
+
+def _layout_auraflow(model, bound: dict[str, Any]) -> SequenceLayout:
+    # AuraFlow prepends its learned register tokens to the caption before the joint blocks
+    text = _text_length(bound)
+    return SequenceLayout(None if text is None else int(model.register_tokens.shape[1]) + text)
+
+
+def _layout_lumina2(model, bound: dict[str, Any]) -> SequenceLayout:
+    mask = bound.get("encoder_attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return SequenceLayout()
+    return SequenceLayout(caption_lengths=mask.sum(dim=1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where the image (or video) tokens sit in one block's output: one rule per list of blocks. A rule returns
+# the image part, whose first tokens are the image's, frame-major then row-major.
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """The block returns the image tokens (B, S, C) as one tensor."""
+
+    def describe(self) -> str:
+        return "one (B, S, C) tensor of image tokens"
+
+    def image_part(self, output, layout: SequenceLayout, grid: TokenGrid | None, family: str):
+        return output
+
+
+@dataclass(frozen=True)
+class TupleItem:
+    """The block returns a tuple; item `index` is the image part (`names`: what each item holds)."""
+
+    index: int
+    names: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"a ({', '.join(self.names)}) tuple, {self.names[self.index]} taken"
+
+    def image_part(self, output, layout: SequenceLayout, grid: TokenGrid | None, family: str):
+        if not isinstance(output, (tuple, list)) or len(output) != len(self.names):
+            got = type(output).__name__ + (f" of {len(output)}" if isinstance(output, (tuple, list)) else "")
+            raise CaptureError(f"{family} blocks should return ({', '.join(self.names)}) tuples, got {got}")
+        return output[self.index]
+
+
+@dataclass(frozen=True)
+class AfterText:
+    """The block returns one joint sequence (B, L + S, C) whose first L tokens are the caption (and
+    registers); L comes from the forward's inputs."""
+
+    def describe(self) -> str:
+        return "one joint (text, image) sequence, the image after the text length read from the forward's inputs"
+
+    def image_part(self, output, layout: SequenceLayout, grid: TokenGrid | None, family: str):
+        if layout.text_tokens is None:
+            raise CaptureError(f"{family} single-stream blocks hold text then image tokens; the text length is read "
+                               "from the model's forward inputs: call the model itself (model(...)), not a wrapper "
+                               "that calls model.forward(...) directly, or capture a double-stream block")
+        return output[:, layout.text_tokens:] if isinstance(output, torch.Tensor) else output
+
+
+@dataclass(frozen=True)
+class AfterEachCaption:
+    """Each sample's sequence is [its unpadded caption, image, padding] (Lumina2): the image tokens are
+    gathered per sample after that sample's caption length (the grid gives how many)."""
+
+    def describe(self) -> str:
+        return "per sample [caption, image, padding], the image after each sample's unpadded caption length"
+
+    def image_part(self, output, layout: SequenceLayout, grid: TokenGrid | None, family: str):
+        if layout.caption_lengths is None or grid is None:
+            raise CaptureError(f"{family} lays each sample's caption before its image tokens; the caption lengths "
+                               "and the token grid are read from the model's forward inputs (encoder_attention_mask, "
+                               "hidden_states): call the model itself (model(...)), not a wrapper that calls "
+                               "model.forward(...) directly")
+        if not isinstance(output, torch.Tensor) or output.dim() != 3:
+            return output
+        positions = layout.caption_lengths.to(output.device).long()[:, None] + \
+            torch.arange(grid.tokens, device=output.device)
+        return torch.gather(output, 1, positions[..., None].expand(-1, -1, output.shape[-1]))
+
+
+BlockOutput = ImageTokens | TupleItem | AfterText | AfterEachCaption
 
 
 _HEADS_TIMES_DIM = "num_attention_heads*attention_head_dim"
@@ -176,11 +339,19 @@ class ModelFamily:
     kind: str                                   # "video", "image" or "unet"
     block_lists: tuple[str, ...]                # attributes holding the blocks, in index order
     hidden_size_keys: tuple[str, ...]           # config attributes tried, in order
-    image_output_index: int | None = None       # tuple outputs: position of the image tokens
+    block_outputs: tuple[BlockOutput, ...] = (ImageTokens(),)   # where the image tokens sit, one per list
     grid_from_inputs: Callable[[Any, dict], TokenGrid | None] = _no_grid
+    layout_from_inputs: Callable[[Any, dict], SequenceLayout] = _no_layout
     patch_size: Callable[[nn.Module], tuple[int, int, int]] = _config_patch   # latents per token (T, H, W)
     local_block_tokens: bool = False            # Kandinsky5 sparse attention token order
-    reference_tokens_after_image: bool = False  # Flux Kontext: a reference image's tokens follow the target's
+    # The image part may hold more tokens after the image's own (reference images of edit variants,
+    # HiDream's padding and text): the first grid-many are kept.
+    tokens_after_image: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind != "unet" and len(self.block_outputs) != len(self.block_lists):
+            raise ValueError(f"family {self.name}: one block output rule per block list, got "
+                             f"{len(self.block_outputs)} for {len(self.block_lists)}")
 
     # ------------------------------------------------------------------ the model's blocks
 
@@ -199,6 +370,19 @@ class ModelFamily:
             found.extend(blocks)
         return found
 
+    def block_output_of(self, model: nn.Module, index: int) -> BlockOutput:
+        """The output rule of the block at `index` of the family's one index space."""
+        if self.kind == "unet":
+            return ImageTokens()
+        for attr, rule in zip(self.block_lists, self.block_outputs):
+            if index < len(getattr(model, attr)):
+                return rule
+            index -= len(getattr(model, attr))
+        raise CaptureError(f"block index past the last block of {type(model).__name__}")
+
+    def describe_blocks(self) -> str:
+        return "; ".join(f"`{attr}`: {rule.describe()}" for attr, rule in zip(self.block_lists, self.block_outputs))
+
     def check_block_index(self, model: nn.Module, index: int, key: str) -> None:
         blocks = self.blocks(model)
         if not 0 <= index < len(blocks):
@@ -209,13 +393,21 @@ class ModelFamily:
                                "for that block")
 
     def hidden_size(self, model: nn.Module) -> int:
-        """Width C of the captured hidden states, read from the model config (SPEC §7)."""
+        """Width C of the captured hidden states, read from the model config (SPEC §7); for a DiT of no
+        known family also from the model's own width attribute (a plain module has no config)."""
         config = getattr(model, "config", None)
         for key in self.hidden_size_keys:
             value = _config_value(config, key) if config is not None else None
             if value:
                 return value
-        tried = ", ".join(f"config.{k}" for k in self.hidden_size_keys)
+        tried = [f"config.{k}" for k in self.hidden_size_keys]
+        if self.name == GENERIC_FAMILY:
+            for key in GENERIC_WIDTH_ATTRIBUTES:
+                value = _config_value(model, key)
+                if value:
+                    return value
+            tried += [f"the model's {k} attribute" for k in GENERIC_WIDTH_ATTRIBUTES]
+        tried = ", ".join(tried)
         raise CaptureError(f"cannot read the hidden size of {type(model).__name__}: tried {tried}; pass "
                            "hidden_size=<width of block outputs> to the regularizer explicitly")
 
@@ -225,19 +417,18 @@ class ModelFamily:
 
     # ------------------------------------------------------------------ a block's output
 
-    def block_output_tokens(self, output, args, kwargs, grid: TokenGrid | None, hidden_size: int,
+    def block_output_tokens(self, rule: BlockOutput, output, args, kwargs, grid: TokenGrid | None,
+                            layout: SequenceLayout, hidden_size: int,
                             model: nn.Module) -> tuple[torch.Tensor, TokenGrid | None]:
         """The image tokens (B, S, C) of one block's output in frame-major, row-major order, and the grid
-        when the output itself gives it (the UNet mid-block); `grid` is the one the forward's inputs gave."""
-        if self.image_output_index is not None:
-            if not isinstance(output, (tuple, list)):
-                raise CaptureError(f"{self.name} blocks should return (text, image) tuples, got "
-                                   f"{type(output).__name__}")
-            output = output[self.image_output_index]
+        when the output itself gives it (the UNet mid-block). rule: the block's output rule
+        (`block_output_of`); grid, layout: what the forward's inputs gave."""
+        output = rule.image_part(output, layout, grid, self.name)
         if not isinstance(output, torch.Tensor):
             generic = (f" (a model outside the known families ({type(model).__name__} here) is supported "
-                       "when its blocks return the image tokens as one (B, S, C) tensor)"
-                       if self.name == GENERIC_FAMILY else "")
+                       "when its blocks return the image tokens as one (B, S, C) tensor; tried the known families "
+                       "and the generic rule)"
+                       if self.name == GENERIC_FAMILY else f" (expected {rule.describe()})")
             raise CaptureError(f"the captured {self.name} block returned {type(output).__name__}, not a tensor"
                                + generic)
         if self.kind == "unet":
@@ -253,6 +444,8 @@ class ModelFamily:
         if output.shape[-1] != hidden_size:
             raise CaptureError(f"the captured block output has width {output.shape[-1]} but the hidden size is "
                                f"{hidden_size}; pass hidden_size={output.shape[-1]} if the config is wrong")
+        if layout.leading_reference_tokens:
+            output = output[:, layout.leading_reference_tokens:]
         if self.local_block_tokens:
             sparse = kwargs.get("sparse_params", args[4] if len(args) > 4 else None)
             if isinstance(sparse, dict) and sparse.get("to_fractal"):
@@ -267,23 +460,26 @@ class ModelFamily:
     # ------------------------------------------------------------------ one call's grid and tokens
 
     def latent_grid(self, model: nn.Module, latents: torch.Tensor) -> TokenGrid:
-        """Token grid implied by unpacked latents (B, C, F, H, W) / (B, C, H, W) and the model's patch sizes."""
+        """Token grid implied by unpacked latents (B, C, F, H, W) / (B, C, H, W) and the model's patch sizes.
+        A DiT of no known family takes either; Qwen-Image also takes its VAE's one-frame (B, C, 1, H, W)."""
         pt, ph, pw = self.latent_patch_size(model)
-        if self.kind == "video":
+        if self.kind == "video" or (self.name == GENERIC_FAMILY and latents.dim() == 5):
             if latents.dim() != 5:
                 hint = (" (Kandinsky5's transformer input is channels-last; pass latents as (B, C, F, H, W): "
                         "latents.permute(0, 4, 1, 2, 3))") if self.name == "kandinsky5" else ""
+                hint += " (LTX-2: pass the video latents before packing)" if self.name == "ltx2" else ""
                 raise ValueError(f"latents for {self.name} must be unpacked (B, C, F, H, W), got shape "
                                  f"{tuple(latents.shape)}{hint}")
             return TokenGrid(latents.shape[2] // pt, latents.shape[3] // ph, latents.shape[4] // pw)
+        if self.name in IMAGE_LATENTS_WITH_FRAME_AXIS and latents.dim() == 5 and latents.shape[2] == 1:
+            latents = latents[:, :, 0]
         if latents.dim() != 4:
             hint = ""
-            if self.name == "flux":
-                hint = " (Flux's packed (B, S, 4C) tokens: pass the latents before packing)"
-            elif self.name == GENERIC_FAMILY and latents.dim() == 5:
-                video = ", ".join(f.name for f in FAMILIES if f.kind == "video")
-                hint = (f" ({type(model).__name__} was taken for a generic image DiT; video models are supported in "
-                        f"the families {video})")
+            if self.name in ("flux", "chroma", "qwen_image"):
+                hint = " (packed (B, S, 4C) tokens: pass the latents before packing)"
+            elif self.name == "flux2":
+                hint = (" (pass the latents Flux2Pipeline packs: (B, 4C, H/2, W/2), the VAE latents after its 2x2 "
+                        "patchify and batch norm, before the (B, S, 4C) flattening)")
             raise ValueError(f"latents for {self.name} must be unpacked (B, C, H, W), got shape "
                              f"{tuple(latents.shape)}" + hint)
         return TokenGrid(1, latents.shape[2] // ph, latents.shape[3] // pw)
@@ -321,13 +517,27 @@ class ModelFamily:
                              "(their shape gives it) or token_grid=(frames, rows, columns)")
         return grid
 
-    def image_tokens(self, tokens: torch.Tensor, grid: TokenGrid, what: str) -> torch.Tensor:
-        """Captured tokens (B, S, C) -> (B, T, H, W, C) on `grid`; a Flux Kontext sequence keeps the target's
-        tokens, which come first."""
-        if self.reference_tokens_after_image and tokens.shape[1] > grid.tokens:
+    def image_tokens(self, tokens: torch.Tensor, grid: TokenGrid, what: str,
+                     model: nn.Module | None = None) -> torch.Tensor:
+        """Captured tokens (B, S, C) -> (B, T, H, W, C) on `grid`. Where the family's image part holds more
+        tokens after the image's own (edit reference images, padding, text), the first grid-many are kept;
+        any other count is refused naming the model class and the rule that was read."""
+        if self.tokens_after_image and tokens.dim() == 3 and tokens.shape[1] > grid.tokens:
             tokens = tokens[:, :grid.tokens]
+        if tokens.dim() == 3 and tokens.shape[1] != grid.tokens and self.kind != "unet":
+            hint = (" A sequence that holds other tokens (class, register or text tokens) is refused, never "
+                    "guessed; a video DiT needs token_grid=(frames, rows, columns) or 5-D latents / inputs."
+                    if self.name == GENERIC_FAMILY else "")
+            owner = type(model).__name__ if model is not None else self.name
+            raise ValueError(f"cannot lay the {what} of {owner} on its token grid: read as the {self.name} family "
+                             f"({self.describe_blocks()}), the {what} has {tokens.shape[1]} tokens but the token "
+                             f"grid {tuple(grid)} (frames, rows, columns) holds {grid.tokens}.{hint}")
         return tokens_to_grid(tokens, grid, what)
 
+
+_TEXT_IMAGE = TupleItem(1, ("text", "image"))
+_IMAGE_TEXT = TupleItem(0, ("image", "text"))
+_VIDEO_TEXT = TupleItem(0, ("video", "text"))
 
 FAMILIES: tuple[ModelFamily, ...] = (
     ModelFamily("wan", ("WanTransformer3DModel",), "video", ("blocks",), (_HEADS_TIMES_DIM,),
@@ -338,11 +548,35 @@ FAMILIES: tuple[ModelFamily, ...] = (
                 (_HEADS_TIMES_DIM,), grid_from_inputs=_grid_5d_channels_first),
     ModelFamily("kandinsky5", ("Kandinsky5Transformer3DModel",), "video", ("visual_transformer_blocks",),
                 ("model_dim",), grid_from_inputs=_grid_5d_channels_last, local_block_tokens=True),
+    ModelFamily("ltx2", ("LTX2VideoTransformer3DModel",), "video", ("transformer_blocks",), (_HEADS_TIMES_DIM,),
+                (TupleItem(0, ("video", "audio")),), grid_from_inputs=_grid_ltx2, patch_size=_ltx_patch),
+    ModelFamily("hunyuan_video15", ("HunyuanVideo15Transformer3DModel",), "video", ("transformer_blocks",),
+                (_HEADS_TIMES_DIM,), (_VIDEO_TEXT,), grid_from_inputs=_grid_5d_patch_t, patch_size=_ltx_patch),
+    ModelFamily("hunyuan_video", ("HunyuanVideoTransformer3DModel",), "video",
+                ("transformer_blocks", "single_transformer_blocks"), (_HEADS_TIMES_DIM,), (_VIDEO_TEXT, _VIDEO_TEXT),
+                grid_from_inputs=_grid_5d_patch_t, patch_size=_ltx_patch),
+    ModelFamily("cosmos", ("CosmosTransformer3DModel",), "video", ("transformer_blocks",), (_HEADS_TIMES_DIM,),
+                grid_from_inputs=_grid_5d_channels_first),
     ModelFamily("flux", ("FluxTransformer2DModel",), "image", ("transformer_blocks", "single_transformer_blocks"),
-                (_HEADS_TIMES_DIM,), image_output_index=1, patch_size=_flux_patch,
-                reference_tokens_after_image=True),
+                (_HEADS_TIMES_DIM,), (_TEXT_IMAGE, _TEXT_IMAGE), patch_size=_flux_patch, tokens_after_image=True),
+    ModelFamily("flux2", ("Flux2Transformer2DModel",), "image", ("transformer_blocks", "single_transformer_blocks"),
+                (_HEADS_TIMES_DIM,), (_TEXT_IMAGE, AfterText()), layout_from_inputs=_layout_flux2,
+                patch_size=_one_latent_per_token, tokens_after_image=True),
+    ModelFamily("chroma", ("ChromaTransformer2DModel",), "image", ("transformer_blocks", "single_transformer_blocks"),
+                (_HEADS_TIMES_DIM,), (_TEXT_IMAGE, AfterText()), layout_from_inputs=_layout_text_first,
+                patch_size=_flux_patch),
+    ModelFamily("hidream", ("HiDreamImageTransformer2DModel",), "image",
+                ("double_stream_blocks", "single_stream_blocks"), (_HEADS_TIMES_DIM,), (_IMAGE_TEXT, ImageTokens()),
+                grid_from_inputs=_grid_4d, tokens_after_image=True),
+    ModelFamily("auraflow", ("AuraFlowTransformer2DModel",), "image",
+                ("joint_transformer_blocks", "single_transformer_blocks"), (_HEADS_TIMES_DIM,),
+                (_TEXT_IMAGE, AfterText()), grid_from_inputs=_grid_4d, layout_from_inputs=_layout_auraflow),
+    ModelFamily("lumina2", ("Lumina2Transformer2DModel",), "image", ("layers",), ("hidden_size",),
+                (AfterEachCaption(),), grid_from_inputs=_grid_4d, layout_from_inputs=_layout_lumina2),
+    ModelFamily("qwen_image", ("QwenImageTransformer2DModel",), "image", ("transformer_blocks",), (_HEADS_TIMES_DIM,),
+                (_TEXT_IMAGE,), grid_from_inputs=_grid_qwen, patch_size=_flux_patch, tokens_after_image=True),
     ModelFamily("sd3", ("SD3Transformer2DModel",), "image", ("transformer_blocks",), (_HEADS_TIMES_DIM,),
-                image_output_index=1, grid_from_inputs=_grid_4d),
+                (_TEXT_IMAGE,), grid_from_inputs=_grid_4d),
     ModelFamily("pixart", ("PixArtTransformer2DModel",), "image", ("transformer_blocks",), (_HEADS_TIMES_DIM,),
                 grid_from_inputs=_grid_4d),
     ModelFamily("sana", ("SanaTransformer2DModel",), "image", ("transformer_blocks",), (_HEADS_TIMES_DIM,),
@@ -355,10 +589,13 @@ FAMILIES: tuple[ModelFamily, ...] = (
 GENERIC_FAMILY = "dit"
 GENERIC_BLOCK_LISTS = ("transformer_blocks", "blocks", "layers")
 GENERIC_HIDDEN_SIZE_KEYS = (_HEADS_TIMES_DIM, "hidden_size", "inner_dim", "model_dim", "dim")
+GENERIC_WIDTH_ATTRIBUTES = ("hidden_size", "dim", "inner_dim")     # a plain module's own width
+IMAGE_LATENTS_WITH_FRAME_AXIS = ("qwen_image",)   # AutoencoderKLQwenImage latents are (B, C, 1, H, W)
 
 
 def generic_family(model: nn.Module) -> ModelFamily | None:
-    """The `dit` family for an image DiT of no known family, found by its list of blocks; else None."""
+    """The `dit` family for a DiT of no known family, found by its list of blocks; else None. Its kind is
+    "image"; video works through 5-D inputs or latents, or an explicit token_grid=(frames, rows, columns)."""
     for attr in GENERIC_BLOCK_LISTS:
         blocks = getattr(model, attr, None)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
@@ -369,8 +606,8 @@ def generic_family(model: nn.Module) -> ModelFamily | None:
 
 def supported_families_text() -> str:
     return ("; ".join(f"{f.name} ({', '.join(f.class_names)})" for f in FAMILIES)
-            + f"; and {GENERIC_FAMILY}: any other image DiT whose blocks sit in an nn.ModuleList named "
-            + " / ".join(GENERIC_BLOCK_LISTS) + " and return (B, S, C) image tokens")
+            + f"; and {GENERIC_FAMILY}: any other DiT whose blocks sit in an nn.ModuleList named "
+            + " / ".join(GENERIC_BLOCK_LISTS) + " and return its (B, S, C) image or video tokens")
 
 
 _DATA_PARALLEL = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
@@ -398,8 +635,9 @@ def detect_family(model: nn.Module) -> ModelFamily:
     generic = generic_family(model)
     if generic is not None:
         return generic
-    raise CaptureError(f"{type(model).__name__} is not a supported model family; supported: "
-                       f"{supported_families_text()}")
+    raise CaptureError(f"{type(model).__name__} is not a supported model family: tried its class hierarchy "
+                       f"({', '.join(sorted(names))}) against the known families and looked for an nn.ModuleList of "
+                       f"blocks named {' / '.join(GENERIC_BLOCK_LISTS)}; supported: {supported_families_text()}")
 
 
 def grid_from_latents(family: ModelFamily, model: nn.Module, latents: torch.Tensor) -> TokenGrid:

@@ -144,4 +144,4 @@ class BackboneTeacher:
         self.description = f"backbone block {block_index}"
 
     def tokens(self, inputs: CallInputs, captured, grid: TokenGrid, device: torch.device) -> torch.Tensor:
-        return self.family.image_tokens(captured.teacher, grid, "teacher block hidden states").float()
+        return self.family.image_tokens(captured.teacher, grid, "teacher block hidden states", captured.model).float()

@@ -2,15 +2,23 @@
 
 Each VAE class gets the denormalisation its diffusers pipeline applies before `vae.decode`:
 
-- AutoencoderKLWan (Wan, SanaVideo): z / (1 / std) + mean, from the config lists.
-- AutoencoderKLLTXVideo (LTX-Video): z * std / scaling_factor + mean (buffers); decode(z, temb) with a
-  zero decode timestep when the VAE is timestep-conditioned.
-- AutoencoderKLHunyuanVideo (Kandinsky5), AutoencoderDC (Sana): z / scaling_factor.
+- AutoencoderKLWan (Wan, SanaVideo, Cosmos 2), AutoencoderKLQwenImage (Qwen-Image): z / (1 / std) + mean,
+  from the config lists. Qwen-Image's VAE is a video VAE: image latents (B, C, H, W) decode as one frame.
+- AutoencoderKLLTXVideo (LTX-Video), AutoencoderKLLTX2Video (LTX-2): z * std / scaling_factor + mean
+  (buffers); decode(z, temb) with a zero decode timestep when the VAE is timestep-conditioned.
+- AutoencoderKLHunyuanVideo (Kandinsky5, HunyuanVideo), AutoencoderKLHunyuanVideo15 (HunyuanVideo 1.5),
+  AutoencoderDC (Sana): z / scaling_factor.
+- AutoencoderKLFlux2 (Flux2): the latents Flux2Pipeline gives its transformer are the VAE latents after a
+  2x2 patchify (4C channels at half the size) normalised by the VAE's batch-norm running statistics; the
+  decode undoes that: z * sqrt(running_var + eps) + running_mean, then the 2x2 unpatchify.
 - AutoencoderKL (SD, SDXL, SD3, Flux, PixArt): z * std / scaling_factor + mean when the config has
   latents_mean / latents_std, else z / scaling_factor + shift_factor (the shift when set).
 - AutoencoderTiny (any image pipeline given a TAE): z / scaling_factor + shift_factor.
 
-Any other VAE needs a `denormalize(latents) -> latents` callable. Decoding runs under no_grad in the
+Any other VAE needs a `denormalize(latents) -> latents` callable; among the families' pipelines that is
+AutoencoderKLCosmos (Cosmos 1.0), whose pipeline divides by its scheduler's sigma_data, which the VAE does
+not know: denormalize=lambda z: z * std[:, :, :F] / sigma_data + mean, with std and mean the config lists
+viewed (1, C, -1, 1, 1). Decoding runs under no_grad in the
 VAE's dtype. Causal video VAEs decode frame k from latent frames 0..k, so all latent frames are decoded
 and the needed pixel frames are picked afterwards.
 """
@@ -24,8 +32,14 @@ from torch import nn
 
 Denormalize = Callable[[torch.Tensor], torch.Tensor]
 
-SUPPORTED_VAES = ("AutoencoderKLWan", "AutoencoderKLLTXVideo", "AutoencoderKLHunyuanVideo", "AutoencoderDC",
+SUPPORTED_VAES = ("AutoencoderKLWan", "AutoencoderKLQwenImage", "AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video",
+                  "AutoencoderKLHunyuanVideo", "AutoencoderKLHunyuanVideo15", "AutoencoderDC", "AutoencoderKLFlux2",
                   "AutoencoderKL", "AutoencoderTiny")
+TIMESTEP_CONDITIONED = ("AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video")
+ONE_FRAME_VIDEO_VAES = ("AutoencoderKLQwenImage",)   # image latents (B, C, H, W) decode as (B, C, 1, H, W)
+# diffusers 0.42's AutoencoderKLHunyuanVideo15 mid-block attention builds its causal mask as (B, S, S) against
+# (B, 1, S, S) queries, which fails for batch > 1; one sample at a time gives the same frames.
+ONE_SAMPLE_PER_DECODE = ("AutoencoderKLHunyuanVideo15",)
 
 
 def _class_name(vae) -> str | None:
@@ -39,12 +53,35 @@ def _channel_view(values, latents: torch.Tensor) -> torch.Tensor:
 
 
 def latent_channels(vae) -> int | None:
+    """Channels of the latents the trainer passes for this VAE (Flux2: its 2x2-patchified latents)."""
     config = getattr(vae, "config", None)
     for key in ("z_dim", "latent_channels"):
         value = getattr(config, key, None)
         if isinstance(value, int):
-            return value
+            return value * _flux2_patch_area(vae)
     return None
+
+
+def _flux2_patch_area(vae) -> int:
+    if _class_name(vae) != "AutoencoderKLFlux2":
+        return 1
+    ph, pw = vae.config.patch_size
+    return int(ph) * int(pw)
+
+
+def _flux2_denormalize(vae):
+    """Flux2Pipeline before vae.decode: z * sqrt(bn.running_var + eps) + bn.running_mean in the patchified
+    space, then the 2x2 unpatchify (Flux2Pipeline._unpatchify_latents)."""
+    ph, pw = (int(p) for p in vae.config.patch_size)
+
+    def flux2(z):
+        mean = vae.bn.running_mean.to(z.device, z.dtype).view(1, -1, 1, 1)
+        std = torch.sqrt(vae.bn.running_var.to(z.device, z.dtype).view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+        z = z * std + mean
+        b, c, h, w = z.shape
+        z = z.reshape(b, c // (ph * pw), ph, pw, h, w).permute(0, 1, 4, 2, 5, 3)
+        return z.reshape(b, c // (ph * pw), h * ph, w * pw)
+    return flux2
 
 
 def denormalizer_for(vae) -> Denormalize | None:
@@ -53,15 +90,17 @@ def denormalizer_for(vae) -> Denormalize | None:
     if name is None:
         return None
     config = vae.config
-    if name == "AutoencoderKLWan":
+    if name == "AutoencoderKLFlux2":
+        return _flux2_denormalize(vae)
+    if name in ("AutoencoderKLWan", "AutoencoderKLQwenImage"):
         def wan(z):
             return z / (1.0 / _channel_view(config.latents_std, z)) + _channel_view(config.latents_mean, z)
         return wan
-    if name == "AutoencoderKLLTXVideo":
+    if name in TIMESTEP_CONDITIONED:
         def ltx(z):
             return z * _channel_view(vae.latents_std, z) / config.scaling_factor + _channel_view(vae.latents_mean, z)
         return ltx
-    if name in ("AutoencoderKLHunyuanVideo", "AutoencoderDC"):
+    if name in ("AutoencoderKLHunyuanVideo", "AutoencoderKLHunyuanVideo15", "AutoencoderDC"):
         return lambda z: z / config.scaling_factor
     if name == "AutoencoderKL" and getattr(config, "latents_mean", None) is not None \
             and getattr(config, "latents_std", None) is not None:
@@ -152,19 +191,26 @@ class LatentDecoder:
                              "when building it, or call it with pixels= or teacher_features= instead")
         expected = latent_channels(self.decoder) if isinstance(self.decoder, nn.Module) else None
         if expected is not None and latents.shape[1] != expected:
+            what = ("the latents Flux2Pipeline packs, (B, 4C, H/2, W/2) after its 2x2 patchify"
+                    if _class_name(self.decoder) == "AutoencoderKLFlux2"
+                    else "the unpacked latents (B, C, F, H, W) / (B, C, H, W)")
             raise ValueError(f"latents have {latents.shape[1]} channels but {type(self.decoder).__name__} expects "
-                             f"{expected}: pass the unpacked latents (B, C, F, H, W) / (B, C, H, W)")
+                             f"{expected}: pass {what}")
         dtype, device = self._dtype_device()
         z = latents.detach().to(device=device or latents.device, dtype=dtype)
         z = self.denormalize(z)
         decode = getattr(self.decoder, "decode", self.decoder)
-        if _class_name(self.decoder) == "AutoencoderKLLTXVideo":  # subclasses too, as denormalizer_for
+        if _class_name(self.decoder) in ONE_FRAME_VIDEO_VAES and z.dim() == 4:
+            z = z.unsqueeze(2)
+        if _class_name(self.decoder) in TIMESTEP_CONDITIONED:  # subclasses too, as denormalizer_for
             temb = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype) \
                 if self.decoder.config.timestep_conditioning else None
-            out = decode(z, temb)
+            frames = _decoded_tensor(decode(z, temb))
+        elif _class_name(self.decoder) in ONE_SAMPLE_PER_DECODE:
+            frames = torch.cat([_decoded_tensor(decode(z[i:i + 1])) for i in range(z.shape[0])])
         else:
-            out = decode(z)
-        frames = _decoded_tensor(out).float()
+            frames = _decoded_tensor(decode(z))
+        frames = frames.float()
         if frames.dim() == 4:
             frames = frames.unsqueeze(2)
         if frames.dim() != 5 or frames.shape[1] != 3:
