@@ -524,15 +524,15 @@ class ModelFamily:
         any other count is refused naming the model class and the rule that was read."""
         if self.tokens_after_image and tokens.dim() == 3 and tokens.shape[1] > grid.tokens:
             tokens = tokens[:, :grid.tokens]
-        if tokens.dim() == 3 and tokens.shape[1] != grid.tokens and self.kind != "unet":
+        try:
+            return tokens_to_grid(tokens, grid, what)
+        except ValueError as error:
             hint = (" A sequence that holds other tokens (class, register or text tokens) is refused, never "
                     "guessed; a video DiT needs token_grid=(frames, rows, columns) or 5-D latents / inputs."
                     if self.name == GENERIC_FAMILY else "")
             owner = type(model).__name__ if model is not None else self.name
             raise ValueError(f"cannot lay the {what} of {owner} on its token grid: read as the {self.name} family "
-                             f"({self.describe_blocks()}), the {what} has {tokens.shape[1]} tokens but the token "
-                             f"grid {tuple(grid)} (frames, rows, columns) holds {grid.tokens}.{hint}")
-        return tokens_to_grid(tokens, grid, what)
+                             f"({self.describe_blocks()}), {error}.{hint}") from None
 
 
 _TEXT_IMAGE = TupleItem(1, ("text", "image"))
