@@ -1,11 +1,18 @@
 """Model families: what the regularizer knows about each diffusers denoiser (SPEC §7), one entry each.
 
 An entry says, as data: the classes it matches (by name, anywhere in the model's class hierarchy), its
-kind (video / image / unet), the block lists in index order (several lists form one index space), where
-the image tokens sit in a block's output, the grid rule that reads the token grid (T, H, W) from the
-forward's inputs, the patch size (latents per token), the config keys of the hidden size, and token-order
-facts (Kandinsky5's local windows, Flux Kontext's trailing reference tokens). Adding a family is one
-`ModelFamily(...)` in `FAMILIES` and its test; the hooks that use these facts live in capture.py.
+kind (video / image / unet), the block lists in index order (several lists form one index space, double-
+stream blocks first), one output rule per list saying where the image tokens sit in a block's output, what
+the forward's inputs say about the sequence (caption length, registers, per-sample caption lengths), the
+grid rule that reads the token grid (T, H, W) from the forward's inputs, the patch size (latents per
+token), the config keys of the hidden size, and token-order facts (Kandinsky5's local windows; tokens after
+the image's own). Adding a family is one `ModelFamily(...)` in `FAMILIES` and its test; the hooks that use
+these facts live in capture.py. Everything below was read from the diffusers 0.42 model and pipeline code.
+
+Output rules: `ImageTokens` (the block returns the image tokens), `TupleItem(i)` (item i of a tuple),
+`AfterText` (one joint [caption, image] sequence: the image after the caption length, read from the
+forward's `encoder_hidden_states`), `AfterEachCaption` (Lumina2: per sample [caption_b, image, padding],
+gathered after each sample's `encoder_attention_mask` sum). None of them reads a device value on the host.
 
 - wan: WanTransformer3DModel; `blocks`; (B, S, C); input (B, C, F, H, W) / config.patch_size.
 - ltx_video: LTXVideoTransformer3DModel; `transformer_blocks`; (B, S, C) packed tokens; the forward's
@@ -13,23 +20,49 @@ facts (Kandinsky5's local windows, Flux Kontext's trailing reference tokens). Ad
 - sana_video: SanaVideoTransformer3DModel; `transformer_blocks`; (B, S, C); input (B, C, F, H, W) / patch.
 - kandinsky5: Kandinsky5Transformer3DModel; `visual_transformer_blocks`; (B, S, C) (*); channels-last
   input (B, F, H, W, C) / config.patch_size.
-- flux: FluxTransformer2DModel; `transformer_blocks` then `single_transformer_blocks` as one index
-  sequence; (text, image) tuples, image taken; unpacked latents (H/2, W/2) (2x2 packing), or the packed
-  token count laid on the frames' aspect ratio. Flux Kontext appends the reference image's tokens after
-  the target's; the first H'*W' (the target) are kept.
+- ltx2: LTX2VideoTransformer3DModel; `transformer_blocks`; (video, audio) tuples, video taken; the
+  forward's latent num_frames, height, width / (patch_size_t, patch_size, patch_size).
+- hunyuan_video15: HunyuanVideo15Transformer3DModel; `transformer_blocks`; (video, text); input
+  (B, C, F, H, W) (latents, condition latents and mask concatenated on channels) / (patch_size_t, patch).
+- hunyuan_video: HunyuanVideoTransformer3DModel (1.0); `transformer_blocks` then
+  `single_transformer_blocks`; both return (video, text) (the single blocks split their joint sequence,
+  video first); input / (patch_size_t, patch_size).
+- cosmos: CosmosTransformer3DModel; `transformer_blocks`; (B, S, C) frame-major video tokens; input
+  (B, C, F, H, W) / config.patch_size (a 3-tuple).
+- flux: FluxTransformer2DModel; `transformer_blocks` then `single_transformer_blocks`; (text, image)
+  tuples, image taken; unpacked latents (H/2, W/2) (2x2 packing), or the packed token count laid on the
+  frames' aspect ratio. Flux Kontext appends the reference image's tokens after the target's; the first
+  H'*W' (the target) are kept.
+- flux2: Flux2Transformer2DModel; double blocks (text, image); single blocks one [caption, image]
+  tensor; Flux2Pipeline patchifies the VAE latents 2x2 into channels and batch-normalises them, then packs
+  one latent pixel per token, so the latents are (B, 4C, h, w) with patch 1; edit references follow the
+  target (kept out); the KV-cache extract pass puts num_ref_tokens references first (skipped).
+- chroma: ChromaTransformer2DModel (Flux's layout but not a Flux subclass); double (text, image), single
+  one [caption, image] tensor; Flux's 2x2 packing.
+- hidream: HiDreamImageTransformer2DModel; `double_stream_blocks` (image, text) then
+  `single_stream_blocks` one [image, padding, T5 + Llama text] tensor; input (B, C, H, W) / patch. Non-square
+  inputs are padded to max_seq image tokens (square ones are not); the first H'*W' are kept.
+- auraflow: AuraFlowTransformer2DModel; `joint_transformer_blocks` (text, image) then
+  `single_transformer_blocks` one [8 register tokens, caption, image] tensor; input / patch.
+- lumina2: Lumina2Transformer2DModel; `layers` (not the noise/context refiners); per sample [its unpadded
+  caption, image, padding]; input / patch; hidden size config.hidden_size.
+- qwen_image: QwenImageTransformer2DModel; `transformer_blocks`; (text, image); 2x2 packing; the grid
+  is img_shapes[b][0] (the target's (1, H/2, W/2)); edit pipelines append reference tokens (kept out).
 - sd3: SD3Transformer2DModel; `transformer_blocks`; (text, image), the last block (None, image);
   input (B, C, H, W) / config.patch_size.
 - pixart: PixArtTransformer2DModel; `transformer_blocks`; (B, S, C); input (B, C, H, W) / patch.
 - sana: SanaTransformer2DModel; `transformer_blocks`; (B, S, C); input (B, C, H, W) / patch.
-- unet: UNet2DConditionModel, UNet2DModel; `mid_block`; (B, C, h, w) -> (B, h*w, C); (1, h, w) read from
-  the block output itself.
-- dit (any other image DiT, SPEC §7): a model of no family above whose blocks sit in an nn.ModuleList
-  named `transformer_blocks`, `blocks` or `layers` (the first found), e.g. diffusers' DiTTransformer2DModel
-  or HunyuanDiT2DModel, or a plain SiT-style module; blocks must return the image tokens as one
-  (B, S, C) tensor in row-major patch order; hidden size from config.num_attention_heads*
-  attention_head_dim, hidden_size, inner_dim, model_dim or dim (else `hidden_size=`); patch size from
-  config.patch_size or the model's `patch_size` attribute; input (B, C, H, W) / patch. Sequences with
-  other tokens (class, register or text tokens) do not match the grid and are refused, never guessed.
+- unet: UNet2DConditionModel, UNet2DModel (SD1.5, SDXL, Kolors); `mid_block`; (B, C, h, w) -> (B, h*w, C);
+  (1, h, w) read from the block output itself.
+- dit (any other DiT, SPEC §7): a model of no family above whose blocks sit in an nn.ModuleList named
+  `transformer_blocks`, `blocks` or `layers` (the first found), e.g. diffusers' DiTTransformer2DModel or
+  HunyuanDiT2DModel, or a plain SiT-style module; blocks must return the image tokens as one (B, S, C)
+  tensor in frame-major, row-major patch order; hidden size from config.num_attention_heads*
+  attention_head_dim, hidden_size, inner_dim, model_dim or dim, else the model's hidden_size / dim /
+  inner_dim attribute (else `hidden_size=`); patch size from config.patch_size or the model's
+  `patch_size` attribute; input (B, C, H, W) or (B, C, F, H, W) / patch, or token_grid=(T, rows, cols).
+  Sequences with other tokens (class, register or text tokens) do not match the grid and are refused,
+  naming the class and the rule read, never guessed.
 
 (*) With sparse attention (`sparse_params["to_fractal"]`) Kandinsky5 orders tokens in 8x8 local windows;
 they are un-permuted to frame-major, row-major order.
@@ -38,6 +71,10 @@ The token grid of one call is decided in one place, `ModelFamily.token_grid(capt
 the forward's inputs gave (read by the hook), the grid the latents give, an explicit `token_grid=`, and
 for image families called with pixels only, the token count laid on the frames' aspect ratio; any two
 that are given must agree.
+
+Tested (tests/test_families.py) with the smallest random-weight model of each class fed what its pipeline
+feeds it: exactly the image tokens of the captured output get a gradient, in order; 41 s of CPU time for
+the whole file.
 """
 
 from __future__ import annotations
