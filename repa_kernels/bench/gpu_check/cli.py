@@ -168,7 +168,7 @@ def run_check(args, phases: list[str], out: Path, log: Log) -> int:
     if "tests" in phases:
         results.append(run_phase("tests", budget("tests"), lambda b, r: device_tests.run(
             b, r, device=settings.device, keyword=settings.test_keyword, workers=settings.test_workers,
-            out_dir=out, log=log, rows=check_rows), say))
+            out_dir=out, log=log, rows=check_rows, files=settings.test_files), say))
         write_checks(check_rows, out)
     if "correctness" in phases:
         results.append(run_phase("correctness", budget("correctness"), lambda b, r: correctness.run(

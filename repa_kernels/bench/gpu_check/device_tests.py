@@ -31,7 +31,8 @@ def test_files() -> list[str]:
                   if "cuda" in p.read_text())
 
 
-def pytest_command(device: str, results: Path, keyword: str, workers: int, per_test_timeout_s: int) -> list[str]:
+def pytest_command(device: str, results: Path, keyword: str, workers: int, per_test_timeout_s: int,
+                   files: tuple | None = None) -> list[str]:
     command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", PLUGIN, "-p", "no:cacheprovider",
                "--gpu-check-device", device, "--gpu-check-results", str(results)]
     if keyword:
@@ -40,7 +41,7 @@ def pytest_command(device: str, results: Path, keyword: str, workers: int, per_t
         command += ["-n", str(workers)]
     if importlib.util.find_spec("pytest_timeout") is not None:
         command += ["--timeout", str(per_test_timeout_s)]
-    return command + test_files()
+    return command + list(files or test_files())
 
 
 def read_results(path: Path) -> tuple[int | None, list[dict]]:
@@ -57,10 +58,10 @@ def read_results(path: Path) -> tuple[int | None, list[dict]]:
 
 
 def run(budget: Budget, result: PhaseResult, *, device: str, keyword: str, workers: int, out_dir: Path,
-        log, rows: list) -> None:
+        log, rows: list, files: tuple | None = None) -> None:
     results_path = out_dir / ".tests.jsonl"  # a dot file: not one of the files that come back
     results_path.unlink(missing_ok=True)
-    command = pytest_command(device, results_path, keyword, workers, per_test_timeout_s=int(max(60, 0.8 * budget.left())))
+    command = pytest_command(device, results_path, keyword, workers, int(max(60, 0.8 * budget.left())), files)
     env = dict(os.environ)
     if device == "cuda":
         env.pop("TRITON_INTERPRET", None)  # the compiled kernels, never the interpreter

@@ -37,6 +37,7 @@ class CheckSettings:
     min_repeats: int
     max_repeats: int
     test_keyword: str  # pytest -k for the tests phase ("" = every selected test)
+    test_files: tuple | None  # None: every test file that mentions cuda
     test_workers: int  # pytest-xdist processes when installed (parallel Triton compiles)
     sweep: tuple
     e2e_preset: str
@@ -103,7 +104,7 @@ GPU = CheckSettings(
     budgets=dict(install=15, tests=95, correctness=30, peaks=10, sweep=55, workloads=90, e2e=240),
     workloads=_BF16 + _FP32, correctness=_BF16 + _FP32,
     providers=("triton", "reference", "compiled"), compiled_dtypes=("bfloat16",),
-    warmup=2, min_repeats=5, max_repeats=50, test_keyword="", test_workers=4,
+    warmup=2, min_repeats=5, max_repeats=50, test_keyword="", test_files=None, test_workers=4,
     sweep=GPU_SWEEP, e2e_preset="wan-1.3b", e2e_steps=3, e2e_warmup=1, e2e_cases=None,
 )
 
@@ -115,7 +116,8 @@ DRY = CheckSettings(
     workloads=_DRY_WORKLOADS[:1] + _DRY_WORKLOADS[3:4],
     correctness=_DRY_WORKLOADS + tuple(with_dtype(w, "float32") for w in _DRY_WORKLOADS[:1] + _DRY_WORKLOADS[4:5]),
     providers=("triton", "reference"), compiled_dtypes=(),
-    warmup=1, min_repeats=1, max_repeats=2, test_keyword="opcheck", test_workers=0,
+    warmup=1, min_repeats=1, max_repeats=1, test_keyword="opcheck", test_files=("tests/test_triton_crepa.py",),
+    test_workers=0,
     sweep=(
         SweepClass("token", _DRY_WORKLOADS[0], "forward+backward", _token((16, 16, 4))),
         SweepClass("manifold_forward", _DRY_WORKLOADS[4], "forward", _manifold((16, 16, 16, 16, 4, 1))),
