@@ -230,3 +230,41 @@ def test_a_sweep_configuration_compiles_for_hopper_as_forced():
     assert "num_warps=4" in default and "num_warps=8" in wide
     assert default_report["stack_bytes"] == wide_report["stack_bytes"] == 0
     assert wide_report["registers"] < default_report["registers"]
+
+
+def test_gpu_budgets_fit_five_minutes_and_the_device_call():
+    from repa_kernels.bench.gpu_check import phases, settings
+
+    budgets = settings.GPU.budgets
+    assert sum(budgets[name] for name in phases.DEFAULT_PHASES) <= 300  # install..workloads
+    # each phase may overrun by the alarm's grace; the documented timeout_s of the device call is 420
+    worst = sum(budgets[name] + phases.HARD_STOP_GRACE_S for name in phases.DEFAULT_PHASES)
+    assert worst + 20 <= 420  # + python and torch start
+
+
+def test_each_gpu_sweep_grid_starts_with_the_default_it_is_measured_against(monkeypatch):
+    from repa_kernels.bench.gpu_check import settings
+
+    monkeypatch.setattr(utils, "_INTERPRETER", False)  # the compiled-kernel path, as on a GPU
+    for sweep_class in settings.GPU_SWEEP:
+        default = sweep.default_config(sweep_class.kernel, sweep_class.workload)
+        assert sweep_class.grid[0] == default, (sweep_class.kernel, sweep_class.workload.name)
+        assert len(set(sweep_class.grid)) == len(sweep_class.grid)
+    # one grid per kernel and dtype: a configuration can be chosen only if it ran in every class
+    grids = {}
+    for sweep_class in settings.GPU_SWEEP:
+        grids.setdefault((sweep_class.kernel, sweep_class.workload.dtype), set()).add(sweep_class.grid)
+    assert all(len(g) == 1 for g in grids.values()), grids
+
+
+def test_a_rerun_can_narrow_the_workloads_and_widen_the_compiled_dtypes():
+    from repa_kernels.bench.gpu_check import settings
+
+    narrow = cli.narrowed(settings.GPU, ("manifold-16k-fp32", "repa-sit"), ("bfloat16", "float32"))
+    assert [w.name for w in narrow.workloads] == ["repa-sit", "manifold-16k-fp32"]
+    assert [w.name for w in narrow.correctness] == ["repa-sit", "manifold-16k-fp32"]
+    assert narrow.compiled_dtypes == ("bfloat16", "float32")
+    with pytest.raises(SystemExit, match="--workloads: unknown crepa-4k; valid: .*crepa-wan480p"):
+        cli.narrowed(settings.GPU, ("crepa-4k",), None)
+    with pytest.raises(SystemExit, match="--compiled-dtypes: unknown fp32; valid: float16, bfloat16"):
+        cli.narrowed(settings.GPU, None, ("fp32",))

@@ -34,6 +34,35 @@ def parse_phases(text: str) -> list[str]:
     return [name for name in PHASES if name in names]  # always in run order
 
 
+def names_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def narrowed(settings, workloads: tuple[str, ...] | None, compiled_dtypes: tuple[str, ...] | None):
+    """`settings` with only the named workloads and the given compiled-reference dtypes (each checked)."""
+    import dataclasses
+
+    from ..workloads import DTYPES
+
+    if workloads is not None:
+        known = {w.name for w in settings.workloads + settings.correctness}
+        unknown = [name for name in workloads if name not in known]
+        if unknown:
+            raise SystemExit(f"--workloads: unknown {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        settings = dataclasses.replace(
+            settings, workloads=tuple(w for w in settings.workloads if w.name in workloads),
+            correctness=tuple(w for w in settings.correctness if w.name in workloads))
+    if compiled_dtypes is not None:
+        unknown = [name for name in compiled_dtypes if name not in DTYPES]
+        if unknown:
+            raise SystemExit(f"--compiled-dtypes: unknown {', '.join(unknown)}; valid: {', '.join(DTYPES)}")
+        settings = dataclasses.replace(settings, compiled_dtypes=compiled_dtypes)
+    return settings
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -57,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the wheels are unpacked (default /tmp/site)")
     parser.add_argument("--budget-scale", type=positive_float, default=1.0,
                         help="multiply every phase's budget (e.g. 2 for a rerun of one phase)")
+    parser.add_argument("--workloads", type=names_list, default=None, metavar="NAME,...",
+                        help="check and time only these workloads (e.g. a rerun of the ones that ran out of budget; "
+                             "names as the summary prints them)")
+    parser.add_argument("--compiled-dtypes", type=names_list, default=None, metavar="DTYPE,...",
+                        help="time the compiled reference for these dtypes (default: bfloat16 only, each variant "
+                             "compiles once: 10-40 s)")
     parser.add_argument("--seed", type=int, default=None, help="first seed of the random inputs (default: from the clock)")
     parser.add_argument("--write-defaults", type=Path, default=None, metavar="SWEEP_CSV",
                         help="run nothing: write the configurations chosen in a sweep.csv into the tuned defaults")
@@ -151,7 +186,7 @@ def run_check(args, phases: list[str], out: Path, log: Log) -> int:
     from . import correctness, device_tests, end_to_end, install, sweep, timing
     from . import settings as settings_module
 
-    settings = settings_module.DRY if args.dry else settings_module.GPU
+    settings = narrowed(settings_module.DRY if args.dry else settings_module.GPU, args.workloads, args.compiled_dtypes)
     if settings.device == "cuda" and not torch.cuda.is_available():
         say("gpu-check: torch sees no CUDA device; run with --dry on a machine without one")
         return 2
