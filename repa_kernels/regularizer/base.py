@@ -6,7 +6,7 @@ projector, schedule state, hooks' lifetime, and the call itself, which reads top
     captured = capture.consume()
     grid     = family.token_grid(captured, inputs)
     z        = projector(family.image_tokens(captured.student, grid))
-    y        = teacher.tokens(inputs, captured, grid)          # EncoderTeacher | FeatureTeacher | BackboneTeacher
+    y        = teacher.tokens(inputs, captured, grid, device)  # EncoderTeacher | FeatureTeacher | BackboneTeacher
     loss     = self._loss(z, y)                                 # CREPA or U-REPA: align, then the kernel
 
 Each regularizer adds only its construction and `_loss`."""
@@ -21,7 +21,6 @@ from torch import nn
 
 from .. import backends
 from .capture import CaptureError, HiddenStateCapture
-from .grids import TokenGrid
 from .inputs import CallInputs
 from .projector import attach_projector
 from .schedule import CoefficientSchedule
@@ -205,7 +204,7 @@ class AlignmentRegularizerBase(nn.Module):
         y = self._teacher.tokens(inputs, captured, grid, device)
         self._require_finite(step, **{"the captured hidden states": captured.student, "the teacher tokens": y})
 
-        loss, score, logs = self._loss(z, y, grid)
+        loss, score, logs = self._loss(z, y)
         self.schedule.update(score)
         loss = loss.float() * plan.weight
         logs = {f"{self.prefix}_loss": loss.detach(), **logs,
@@ -213,8 +212,7 @@ class AlignmentRegularizerBase(nn.Module):
                 f"{self.prefix}_cutoff": scalar(plan.cutoff, device)}
         return loss, self._with_ema(logs)
 
-    def _loss(self, z: torch.Tensor, y: torch.Tensor,
-              grid: TokenGrid) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def _loss(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """z: projected student tokens (B, T, H, W, D); y: teacher tokens (B, T, h, w, D) float32.
         Returns (unweighted loss, the score the schedule's EMA follows, this loss's own logs)."""
         raise NotImplementedError

@@ -18,7 +18,7 @@ from ..functional import crepa_loss_with_options
 from .base import AlignmentRegularizerBase, model_list
 from .config import CrepaConfig
 from .families import detect_family, unwrap_model
-from .grids import TokenGrid, align_tokens
+from .grids import align_tokens
 from .schedule import CoefficientSchedule
 from .teacher import BackboneTeacher, EncoderTeacher
 from .vae import Denormalize
@@ -94,7 +94,7 @@ class CrepaRegularizer(AlignmentRegularizerBase):
         self._attach(models, make_teacher, schedule, block_index=config.crepa_block_index,
                      teacher_block_index=teacher_index, hidden_size=hidden_size)
 
-    def _loss(self, z: torch.Tensor, y: torch.Tensor, grid: TokenGrid):
+    def _loss(self, z: torch.Tensor, y: torch.Tensor):
         z, y = align_tokens(z, y, self.alignment)
         result = crepa_loss_with_options(z, y.to(z.dtype), self.options, impl=self.impl)
         logs = {

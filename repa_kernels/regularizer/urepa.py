@@ -19,7 +19,7 @@ from ..functional import urepa_loss
 from .base import AlignmentRegularizerBase, model_list
 from .config import UrepaConfig
 from .families import detect_family, unwrap_model
-from .grids import TokenGrid, resample_grid
+from .grids import resample_grid
 from .schedule import CoefficientSchedule
 from .teacher import EncoderTeacher
 from .vae import Denormalize
@@ -71,7 +71,7 @@ class UrepaRegularizer(AlignmentRegularizerBase):
         self._attach(models, make_teacher, schedule, block_index=0, hidden_size=hidden_size,
                      block_key="the UNet mid_block")
 
-    def _loss(self, z: torch.Tensor, y: torch.Tensor, grid: TokenGrid):
+    def _loss(self, z: torch.Tensor, y: torch.Tensor):
         z = resample_grid(z, tuple(y.shape[2:4]))      # project first, then upsample to the encoder grid
         result = urepa_loss(z.flatten(2, 3), y.flatten(2, 3).to(z.dtype),
                             manifold_weight=self.config.urepa_manifold_weight, impl=self.impl)
