@@ -8,7 +8,9 @@ import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from repa_kernels.options import CrepaOptions
 from repa_kernels.regularizer.config import (ConfigWarning, CrepaConfig, UnsupportedFeatureError, UrepaConfig,
@@ -113,7 +115,7 @@ def test_urepa_doc_preset_is_accepted():
 @pytest.mark.parametrize("key", ["crepa_lambda", "crepa_block_index", "crepa_adjacent_distance",
                                  "crepa_warmup_steps", "crepa_decay_steps", "crepa_cutoff_step",
                                  "crepa_lambda_end", "crepa_encoder_frames_batch_size",
-                                 "crepa_similarity_threshold", "crepa_similarity_ema_decay", "max_train_steps"])
+                                 "crepa_similarity_ema_decay", "max_train_steps"])
 def test_zero_given_by_the_user_is_respected(key):
     cfg = CrepaConfig.from_dict({key: 0})
     assert getattr(cfg, key) == 0 and getattr(cfg, key) is not None
@@ -162,6 +164,31 @@ def test_json_null_means_not_set_for_keys_that_cannot_be_none():
         CrepaConfig(crepa_lambda=None)
 
 
+@pytest.mark.parametrize("value", [np.True_, np.False_])
+def test_numpy_bools_count_as_bools(value):
+    cfg = CrepaConfig.from_dict({"crepa_enabled": value, "crepa_cumulative_neighbors": value})
+    assert cfg.crepa_enabled is bool(value) and cfg.crepa_cumulative_neighbors is bool(value)
+    assert UrepaConfig(urepa_use_tae=value).urepa_use_tae is bool(value)
+
+
+def test_numpy_numbers_count_as_numbers_and_never_as_bools():
+    cfg = CrepaConfig.from_dict({"crepa_block_index": np.int64(3), "crepa_lambda": np.float32(0.25),
+                                 "crepa_warmup_steps": np.float64(10.0), "max_train_steps": np.int32(100)})
+    assert (cfg.crepa_block_index, cfg.crepa_lambda, cfg.crepa_warmup_steps, cfg.max_train_steps) == (3, 0.25, 10, 100)
+    assert type(cfg.crepa_block_index) is int and type(cfg.crepa_lambda) is float
+    with pytest.raises(TypeError, match=r"crepa_lambda must be a finite number >= 0, got np.True_ \(numpy.bool"):
+        CrepaConfig.from_dict({"crepa_lambda": np.True_})
+    with pytest.raises(TypeError, match=r"crepa_block_index must be an integer >= 0, got np.False_ \(numpy.bool"):
+        CrepaConfig.from_dict({"crepa_block_index": np.False_})
+    with pytest.raises(TypeError, match=r"crepa_enabled must be a bool \(true/false\), got np.int64\(1\)"):
+        CrepaConfig.from_dict({"crepa_enabled": np.int64(1)})
+
+
+def test_a_tensor_value_is_refused_with_how_to_pass_it():
+    with pytest.raises(TypeError, match=r"crepa_lambda must be .*torch.Tensor.*tensor.item\(\)"):
+        CrepaConfig.from_dict({"crepa_lambda": torch.tensor(0.5)})
+
+
 def test_simpletuner_double_dash_keys():
     cfg = CrepaConfig.from_dict({"--crepa_enabled": True, "--crepa_lambda": "0.75", "--max_train_steps": 300,
                                  "--learning_rate": "1e-4"})
@@ -169,6 +196,49 @@ def test_simpletuner_double_dash_keys():
     assert CrepaConfig.from_dict({"--crepa_lambda": 0.5, "crepa_lambda": 0.5}).crepa_lambda == 0.5
     with pytest.raises(ValueError, match="crepa_lambda.*given twice"):
         CrepaConfig.from_dict({"--crepa_lambda": 0.5, "crepa_lambda": 0.7})
+
+
+@pytest.mark.parametrize("key", ["crepa-lambda", "CREPA_LAMBDA", "Crepa_Lambda", " crepa_lambda", "crepa_lambda ",
+                                 "-crepa_lambda", "---crepa_lambda", "--CREPA-LAMBDA", "crepa_lambda\t"])
+def test_a_misspelled_prefixed_key_is_an_unknown_key_naming_the_canonical_one(key):
+    """Were silently left out (λ stayed at its default 0.5), except a trailing space."""
+    for cls in (CrepaConfig, UrepaConfig):   # never a valid key anywhere: both refuse it
+        with pytest.raises(ValueError, match=f"unknown {cls.__name__} key {re.escape(repr(key))}; "
+                                             "did you mean 'crepa_lambda'"):
+            cls.from_dict({"crepa_enabled": True, key: 0.05})
+
+
+@pytest.mark.parametrize("key, canonical", [
+    ("URepa-Manifold-Weight", "urepa_manifold_weight"), ("IREPA_ENABLED", "irepa_enabled"),
+    ("Crepa-Model", "crepa_model"), ("crepa-feature-source", "crepa_feature_source"),
+    ("MAX_TRAIN_STEPS", "max_train_steps"), ("max-train-steps", "max_train_steps"),
+    ("Crepa-Lamda", "crepa_lambda"),
+])
+def test_misspelled_keys_of_every_kind_suggest_the_key_they_mean(key, canonical):
+    with pytest.raises(ValueError, match=f"did you mean '{canonical}'"):
+        CrepaConfig.from_dict({key: 1})
+
+
+def test_unprefixed_keys_in_any_spelling_are_still_ignored():
+    cfg = CrepaConfig.from_dict({"Learning-Rate": 1e-4, " seed": 3, "-resolution": 512, "crepa_lambda": 0.1})
+    assert cfg.crepa_lambda == 0.1
+
+
+def test_a_json_key_given_twice_is_the_same_error_as_in_a_dict(tmp_path):
+    """json.load keeps the last value; the file's pairs are read instead."""
+    path = tmp_path / "twice.json"
+    path.write_text('{"crepa_enabled": true, "crepa_lambda": 0.5, "learning_rate": 1e-4, "crepa_lambda": 0.05}')
+    with pytest.raises(ValueError, match=re.escape(
+            "config key 'crepa_lambda' is given twice with different values: 'crepa_lambda'=0.5 and "
+            "'crepa_lambda'=0.05")):
+        CrepaConfig.from_json(path)
+    with pytest.raises(ValueError, match="given twice"):
+        UrepaConfig.from_json(path)   # a whole trainer config: any key given twice is ambiguous
+    path.write_text('{"crepa_lambda": 0.5, "--crepa_lambda": 0.05}')
+    with pytest.raises(ValueError, match="'crepa_lambda'=0.5 and '--crepa_lambda'=0.05"):
+        CrepaConfig.from_json(path)
+    path.write_text('{"crepa_lambda": 0.25, "crepa_lambda": 0.25, "nested": {"a": 1, "a": 2}}')
+    assert CrepaConfig.from_json(path).crepa_lambda == 0.25   # the same value twice agrees
 
 
 # -------------------------------------------------------------------------------------------- errors
@@ -274,7 +344,8 @@ def test_similarity_threshold_must_be_reachable():
     # adjacent, d=1, tau=1: |score| <= 1 + 2/e ~ 1.7358, so 1.5 is reachable ...
     assert CrepaConfig.from_dict({"crepa_similarity_threshold": 1.5}).crepa_similarity_threshold == 1.5
     # ... but not with the neighbour sum normalised (score in [-1, 1]) ...
-    with pytest.raises(ValueError, match=r"crepa_similarity_threshold=1.5 can never be reached.*\[-1, 1\]"):
+    with pytest.raises(ValueError, match=r"crepa_similarity_threshold=1.5 can never be reached.*\[-1, 1\].*"
+                                         r"valid thresholds are in \(0, 1\]"):
         CrepaConfig.from_dict({"crepa_similarity_threshold": 1.5, "crepa_normalize_neighbour_sum": True})
     # ... nor per-frame REPA (distance 0).
     with pytest.raises(ValueError, match="can never be reached"):
@@ -284,6 +355,23 @@ def test_similarity_threshold_must_be_reachable():
                                   "crepa_cumulative_neighbors": True}).crepa_similarity_threshold < bound
     with pytest.raises(ValueError, match="urepa_similarity_threshold=1.2 can never be reached"):
         UrepaConfig.from_dict({"urepa_similarity_threshold": 1.2})
+
+
+@pytest.mark.parametrize("value", [-0.5, "-0.5", 0, 0.0, -1.7])
+def test_a_similarity_threshold_at_or_below_zero_is_refused_naming_the_loss_sign(value):
+    """A negative threshold (the logged loss, −λ·score, copied with its sign) fired the permanent cutoff at
+    the first call: the regularizer was off for the whole run, and only crepa_cutoff = 1 showed it."""
+    with pytest.raises(ValueError) as info:
+        CrepaConfig.from_dict({"crepa_enabled": True, "crepa_similarity_threshold": value})
+    message = str(info.value)
+    assert message.startswith(f"crepa_similarity_threshold={float(value):g} is outside (0, 1.73576]")
+    assert "logged crepa_loss is −λ·score" in message
+    assert ("did you mean 0.5?" in message) == (float(value) == -0.5)
+    with pytest.raises(ValueError, match=r"urepa_similarity_threshold=-0.5 is outside \(0, 1\].*"
+                                         "urepa_alignment_loss is −score"):
+        UrepaConfig.from_dict({"urepa_similarity_threshold": -0.5})
+    with pytest.raises(ValueError, match=r"crepa_similarity_threshold=-0.5 is outside \(0, 1\] \(\(0, 1 \+ Σw\]"):
+        CoefficientSchedule(lambda_=0.5, similarity_threshold=-0.5)   # the schedule alone refuses it too
 
 
 # ----------------------------------------------------------------------------------------- aliases
@@ -308,12 +396,38 @@ def test_feature_source_backbone_is_an_alias_of_backbone_mode():
                                       "crepa_use_backbone_features": True}).crepa_use_backbone_features
         assert not CrepaConfig.from_dict({**base, "crepa_feature_source": "encoder"}).crepa_use_backbone_features
         assert not CrepaConfig.from_dict({**base, "crepa_feature_source": None}).crepa_use_backbone_features
-    with pytest.raises(ValueError, match="crepa_feature_source='backbone' contradicts crepa_use_backbone_features"):
-        CrepaConfig.from_dict({**base, "crepa_feature_source": "backbone", "crepa_use_backbone_features": False})
     with pytest.raises(ValueError, match="crepa_feature_source='encoder' contradicts crepa_use_backbone_features"):
         CrepaConfig.from_dict({**base, "crepa_feature_source": "encoder", "crepa_use_backbone_features": "true"})
     with pytest.raises(ValueError, match="crepa_feature_source must be one of 'encoder', 'backbone', 'self_flow'"):
         CrepaConfig.from_dict({"crepa_feature_source": "dino"})
+
+
+def test_a_false_legacy_backbone_flag_is_unset_as_in_simpletuner(tmp_path):
+    """SimpleTuner's documented example config spells crepa_use_backbone_features = false; with
+    crepa_feature_source backbone that raised 'contradicts' from a dict or JSON file, while argparse loaded it."""
+    settings = {"crepa_enabled": True, "crepa_block_index": 4, "crepa_teacher_block_index": 12,
+                "crepa_use_backbone_features": False, "crepa_feature_source": "backbone"}
+    with no_warnings():
+        from_dict = CrepaConfig.from_dict(settings)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(settings))
+    from_args = CrepaConfig.from_args(make_parser().parse_args(
+        ["--crepa_enabled", "--crepa_block_index", "4", "--crepa_teacher_block_index", "12",
+         "--crepa_use_backbone_features", "false", "--crepa_feature_source", "backbone"]))
+    assert from_dict.crepa_use_backbone_features is True
+    assert from_dict == CrepaConfig.from_json(path) == from_args
+    assert CrepaConfig.from_dict({**settings, "crepa_use_backbone_features": "false"}) == from_dict
+
+
+@pytest.mark.parametrize("spelling, meaning", [("internal", True), ("external", False), ("Backbone ", True)])
+def test_simpletuners_feature_source_spellings(spelling, meaning):
+    base = {"crepa_enabled": True, "crepa_block_index": 4, "crepa_teacher_block_index": 12}
+    assert CrepaConfig.from_dict({**base, "crepa_feature_source": spelling}).crepa_use_backbone_features is meaning
+    args = make_parser().parse_args(["--crepa_enabled", "--crepa_block_index", "4", "--crepa_teacher_block_index",
+                                     "12", "--crepa_feature_source", spelling])
+    assert CrepaConfig.from_args(args).crepa_use_backbone_features is meaning
+    with pytest.raises(UnsupportedFeatureError, match="Self-Flow"):
+        CrepaConfig.from_dict({**base, "crepa_feature_source": "selfflow"})
 
 
 def test_backbone_mode_needs_a_distinct_teacher_block():

@@ -202,8 +202,18 @@ def test_step_cutoff_skips_decode_and_encode_but_touches_the_projector():
     assert grad is not None and torch.count_nonzero(grad) == 0
 
 
+def _aligned_at_the_first_call(reg):
+    """Negate the projector's output: the tiny models' first score, -0.075, becomes +0.075, above a
+    threshold of 0.05 (a threshold must be > 0, so a score that exceeds one is made, not a threshold lowered)."""
+    with torch.no_grad():
+        reg.projector.linear.weight.neg_()
+        reg.projector.linear.bias.neg_()
+    return reg
+
+
 def test_permanent_similarity_cutoff_stops_decoding_for_good():
-    reg, transformer, _ = _wan_reg(crepa_similarity_threshold=-1.0, crepa_similarity_ema_decay=0.5)
+    reg, transformer, _ = _wan_reg(crepa_similarity_threshold=0.05, crepa_similarity_ema_decay=0.5)
+    _aligned_at_the_first_call(reg)
     tm.tiny_forward(transformer, _latents())
     loss, logs = reg(latents=_latents(), step=0)
     assert logs["crepa_weight"] == 0.5 and reg.schedule.permanently_off
@@ -216,7 +226,8 @@ def test_permanent_similarity_cutoff_stops_decoding_for_good():
 
 
 def test_recoverable_similarity_cutoff_keeps_measuring():
-    reg, transformer, _ = _wan_reg(crepa_similarity_threshold=-1.0, crepa_threshold_mode="recoverable")
+    reg, transformer, _ = _wan_reg(crepa_similarity_threshold=0.05, crepa_threshold_mode="recoverable")
+    _aligned_at_the_first_call(reg)
     for step in range(2):
         tm.tiny_forward(transformer, _latents())
         loss, logs = reg(latents=_latents(), step=step)

@@ -24,6 +24,7 @@ import gc
 import math
 import weakref
 
+import numpy as np
 import pytest
 import torch
 import torch.utils.checkpoint
@@ -304,6 +305,7 @@ def test_a_finished_schedule_skips_the_finite_check_with_everything_else():
 def test_finite_check_flag_is_validated_and_off_by_default():
     with pytest.raises(TypeError, match="check_finite"):
         crepa(check_finite="yes")
+    assert crepa(check_finite=np.True_)[0].check_finite is True   # a numpy bool is a bool
     reg, model = crepa()
     tm.tiny_forward(model, latents())
     with pytest.warns(RuntimeWarning, match="not finite"):

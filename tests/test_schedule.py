@@ -123,9 +123,11 @@ def test_finished_means_no_later_step_can_weigh_more_than_zero():
 
 def test_zero_weights_are_respected():
     assert CoefficientSchedule(lambda_=0.0).weight(5) == 0.0
-    schedule = CoefficientSchedule(lambda_=0.5, ema_decay=0.0, similarity_threshold=0.0)
+    schedule = CoefficientSchedule(lambda_=0.5, ema_decay=0.0, similarity_threshold=1e-9)
     schedule.update(0.0)
-    assert schedule.ema == 0.0 and schedule.permanently_off  # threshold 0 reached by a score of 0
+    assert schedule.ema == 0.0 and not schedule.permanently_off  # a score of 0 is kept, below any threshold
+    with pytest.raises(ValueError, match=r"crepa_similarity_threshold=0 is outside \(0, 1\]"):
+        CoefficientSchedule(lambda_=0.5, similarity_threshold=0.0)   # the one key where 0 is refused
 
 
 @pytest.mark.parametrize("kwargs, error, fragment", [

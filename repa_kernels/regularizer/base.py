@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .. import backends
+from ..checks import check_flag   # numpy bools accepted, as everywhere a bool is
 from .capture import CaptureError, HiddenStateCapture
 from .inputs import CallInputs
 from .projector import attach_projector
@@ -55,12 +56,6 @@ def check_impl(impl: str) -> str:
     value is kept as given, so REPA_KERNELS_IMPL still applies at call time."""
     backends.requested_impl(impl)
     return impl
-
-
-def check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
-    return value
 
 
 def scalar(value: float, device: torch.device) -> torch.Tensor:

@@ -9,9 +9,18 @@ Rules, in the order they are applied:
 - Keys may carry SimpleTuner's optional leading `--`. Keys without the `crepa_`/`urepa_` prefix are
   ignored (a whole trainer config may be passed), except `max_train_steps`, which is read, and `irepa_*`
   (see below). `CrepaConfig` ignores `urepa_*` keys and `UrepaConfig` ignores `crepa_*` keys.
+- A key meant as a prefixed key but spelled otherwise (after lower-casing, `-` as `_` and stripping
+  whitespace and leading dashes it starts with `crepa_`/`urepa_`/`irepa_`, or is `max_train_steps`:
+  `crepa-lambda`, `CREPA_LAMBDA`, `" crepa_lambda"`, `-crepa_lambda`) is an unknown key, with the
+  canonical key as the suggestion: such a key was silently left out before, and λ kept its default.
+- A key given twice must agree (a dict spelling it with and without `--`, or a JSON file repeating it:
+  `from_json` reads the file's pairs, not the last value `json.load` keeps).
 - Aliases: `crepa_model` means `crepa_encoder` (when both are given with different values `crepa_model`
   wins, as in SimpleTuner, with a warning); `crepa_feature_source: "backbone"` means
-  `crepa_use_backbone_features: true`, `"encoder"` (or null) is the default path.
+  `crepa_use_backbone_features: true`, `"encoder"` (or null) is the default path; SimpleTuner's spellings
+  `internal` / `external` / `selfflow` are accepted. A false `crepa_use_backbone_features` means "not
+  set", as SimpleTuner reads it, so it never contradicts `crepa_feature_source` (a true one does, with
+  any source but backbone).
 - Keys of features this package does not implement (`crepa_self_flow*`, `crepa_feature_source:
   "self_flow"`, `irepa_*`) are accepted while they leave the feature off, with one warning per config,
   and raise `UnsupportedFeatureError` naming the feature when they turn it on for an enabled regularizer.
@@ -19,9 +28,11 @@ Rules, in the order they are applied:
 - Value types: SimpleTuner feeds its JSON configs through argparse, so strings are valid values there;
   each key's value rule (value_rules.py: Bool, Int, Float, Choice, Text) coerces them strictly and
   raises `TypeError` for a wrong type, `ValueError` for an out-of-range value, naming the key, the value
-  and the valid range. "none"/"null" is valid for keys whose default is None. JSON `null` for a key that
-  cannot be None means "not set" (the documented default), as in SimpleTuner. A value of 0 is always
-  respected.
+  and the valid range; numpy scalars count as the Python type they hold. "none"/"null" is valid for keys
+  whose default is None. JSON `null` for a key that cannot be None means "not set" (the documented
+  default), as in SimpleTuner. A value of 0 is respected, except for `*_similarity_threshold`, which
+  must lie in (0, bound] (`check_similarity_threshold`: a threshold <= 0 fires at the first call, and
+  is most often the logged loss, −λ·score, copied with its sign).
 - Cross-key rules that need only the config are checked here for an enabled regularizer: backbone mode
   needs `crepa_teacher_block_index`, different from `crepa_block_index`. Those that need the model
   (both blocks exist) belong to the regularizer; the `max_train_steps` rule belongs to the schedule.
@@ -56,6 +67,8 @@ THRESHOLD_MODES = ("permanent", "recoverable")
 ENCODER_DTYPES = ("float32", "bfloat16", "float16")
 ENCODER_TOKENS = ("patch", "cls")
 FEATURE_SOURCES = ("encoder", "backbone", "self_flow")
+# SimpleTuner's other spellings of the feature sources (helpers/training/crepa.py, CrepaFeatureSource).
+FEATURE_SOURCE_ALIASES = {"external": "encoder", "internal": "backbone", "selfflow": "self_flow"}
 DINOV2_PATCH_SIZE = 14  # the smallest encoder input side: one patch
 
 
@@ -138,10 +151,17 @@ _IREPA = _UnsupportedFeature(
 )
 
 
+def feature_source(value: Any) -> str:
+    """`crepa_feature_source` as one of FEATURE_SOURCES (SimpleTuner's aliases included)."""
+    if isinstance(value, str) and value.strip().lower() in FEATURE_SOURCE_ALIASES:
+        return FEATURE_SOURCE_ALIASES[value.strip().lower()]
+    return Choice(FEATURE_SOURCES).coerce("crepa_feature_source", value)
+
+
 def _self_flow_trigger(raw: Mapping[str, Any]) -> tuple[str | None, list[str]]:
     """(the key=value that turns Self-Flow on or None, the keys that select it besides its own)."""
     source = raw.get("crepa_feature_source")
-    selects = isinstance(source, str) and source.strip().lower() == "self_flow"
+    selects = source is not None and feature_source(source) == "self_flow"
     if "crepa_self_flow" in raw and Bool().coerce("crepa_self_flow", raw["crepa_self_flow"]):
         return "crepa_self_flow=true", ["crepa_feature_source"] if selects else []
     if selects:
@@ -159,16 +179,44 @@ def _irepa_trigger(raw: Mapping[str, Any]) -> tuple[str | None, list[str]]:
 # Shared parsing machinery.
 
 
-def _normalize_keys(data: Mapping[str, Any]) -> dict[str, Any]:
-    """Strip SimpleTuner's optional leading `--`; the same key given twice must agree."""
+class JsonObject(dict):
+    """A JSON object as read by `from_json`, with its (key, value) pairs in file order: `json.load` keeps
+    only the last value of a key given twice, so the pairs let such a file get the same error as a dict
+    that spells one key twice (`--crepa_lambda` and `crepa_lambda`)."""
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__(pairs)
+        self.pairs = list(pairs)
+
+
+KEY_PREFIXES = ("crepa_", "urepa_", "irepa_")
+
+
+def canonical_key(key: str) -> str:
+    """How a key was meant: lower case, `-` as `_`, without surrounding whitespace or leading dashes."""
+    return key.strip().lstrip("-").strip().lower().replace("-", "_")
+
+
+def _as_written(key: str) -> str:
+    """The key with SimpleTuner's optional leading `--` removed (the only accepted variation)."""
+    return key[2:] if key.startswith("--") else key
+
+
+def _normalize_keys(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+    """Strip SimpleTuner's optional leading `--`; the same key given twice must agree; a key meant as one of
+    the regularizers' keys but spelled otherwise (capitals, `-`, whitespace, one dash) is an error naming
+    the key it means, never silently left out."""
     if not isinstance(data, Mapping):
         raise TypeError(f"a config must be a mapping of key -> value, got {type(data).__name__}")
     normalized: dict[str, Any] = {}
     spelled: dict[str, str] = {}
-    for raw_key, value in data.items():
+    for raw_key, value in (data.pairs if isinstance(data, JsonObject) else data.items()):
         if not isinstance(raw_key, str):
             raise TypeError(f"config keys must be strings, got {describe_value(raw_key)}")
-        key = raw_key.lstrip("-") if raw_key.startswith("--") else raw_key
+        key = _as_written(raw_key)
+        meant = canonical_key(raw_key)
+        if key != meant and (meant.startswith(KEY_PREFIXES) or meant == "max_train_steps"):
+            _raise_misspelled(cls, raw_key, meant)
         if key in normalized and normalized[key] != value:
             raise ValueError(
                 f"config key {key!r} is given twice with different values: {spelled[key]!r}={normalized[key]!r} "
@@ -176,6 +224,21 @@ def _normalize_keys(data: Mapping[str, Any]) -> dict[str, Any]:
         normalized[key] = value
         spelled[key] = raw_key
     return normalized
+
+
+def _raise_misspelled(cls, raw_key: str, meant: str) -> None:
+    """The unknown-key error for a key whose lower-case, underscored form is (or is close to) a valid key."""
+    known = sorted(_ALL_KEYS | {"crepa_model", "crepa_feature_source"})
+    if meant in known or any(feature.owns(meant) for feature in (_SELF_FLOW, _IREPA)):
+        suggestion = meant
+    else:
+        same_prefix = [name for name in known if name.startswith(meant.split("_", 1)[0] + "_")]
+        suggestion = _closest(meant, same_prefix or known)
+    valid = sorted(name for name in _rules(cls) if name.startswith(cls.PREFIX + "_")) + sorted(cls._ALIASES)
+    raise ValueError(
+        f"unknown {cls.__name__} key {raw_key!r}; did you mean {suggestion!r}? Keys are lower case with "
+        "underscores, without spaces or a single leading dash (SimpleTuner's leading '--' is accepted). "
+        f"Valid keys: {', '.join(valid)}")
 
 
 def _closest(key: str, candidates: list[str]) -> str:
@@ -195,7 +258,7 @@ def _validate_fields(config) -> None:
 
 def _parse(cls, data: Mapping[str, Any]):
     """Shared body of CrepaConfig.from_dict / UrepaConfig.from_dict (see the module docstring)."""
-    raw = _normalize_keys(data)
+    raw = _normalize_keys(cls, data)
     prefix = cls.PREFIX + "_"
     rules = _rules(cls)
     own_keys = {key: value for key, value in raw.items() if key.startswith(prefix)}
@@ -247,7 +310,7 @@ def _parse(cls, data: Mapping[str, Any]):
 def _from_json(cls, path: str | os.PathLike):
     try:
         with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+            data = json.load(handle, object_pairs_hook=JsonObject)
     except json.JSONDecodeError as error:
         raise ValueError(f"{os.fspath(path)} is not valid JSON: {error}") from None
     if not isinstance(data, dict):
@@ -261,10 +324,6 @@ def _from_args(cls, namespace: argparse.Namespace):
     prefix = cls.PREFIX + "_"
     data = {key: value for key, value in vars(namespace).items()
             if key.startswith(prefix) or key == "max_train_steps"}
-    # A namespace holds every default, so `--crepa_feature_source backbone` would always meet
-    # crepa_use_backbone_features=False: an explicit feature source decides over that default.
-    if data.get("crepa_feature_source") is not None and data.get("crepa_use_backbone_features") is False:
-        del data["crepa_use_backbone_features"]
     return cls.from_dict(data)
 
 
@@ -278,11 +337,36 @@ def alignment_score_bound(distance: int, tau: float, cumulative: bool, normalize
     return 1.0 + 2.0 * math.exp(-1.0 / tau)
 
 
-def _check_threshold(key: str, threshold: float | None, bound: float, why: str) -> None:
-    if threshold is not None and abs(threshold) > bound:
+_LOSS_LOGS = {
+    "crepa": "crepa_loss is −λ·score",
+    "urepa": "urepa_alignment_loss is −score (urepa_loss = λ·(−score + urepa_manifold_weight·manifold))",
+}
+
+
+def check_similarity_threshold(key: str, threshold: float | None, bound: float | None = None, why: str = "") -> None:
+    """A similarity threshold must lie in (0, bound]: the score's EMA starts near 0 and rises as the student
+    aligns, so a threshold <= 0 fires at the first call (a permanent cutoff: for the whole run), and one
+    above the largest score (`alignment_score_bound`) never fires. `bound` None (a schedule built without
+    the loss options) checks the lower end only. A negative threshold is most often the logged loss
+    copied as it is (the loss is −λ·score), so the message says so."""
+    if threshold is None:
+        return
+    valid = (f"(0, {bound:.6g}]" if bound is not None
+             else "(0, 1] ((0, 1 + Σw] for CREPA without crepa_normalize_neighbour_sum)")
+    if threshold <= 0:
+        prefix = key.split("_", 1)[0]
+        loss_log = _LOSS_LOGS.get(prefix, f"{prefix}_loss is −λ·score")
+        flipped = (f": did you mean {-threshold:g}?" if threshold < 0 and (bound is None or -threshold <= bound)
+                   else "")
         raise ValueError(
-            f"{key}={threshold} can never be reached: the alignment score lies in [{-bound:.6g}, {bound:.6g}] "
-            f"{why}")
+            f"{key}={threshold:g} is outside {valid}: the threshold is compared with the EMA of the alignment "
+            f"score, which rises as the student aligns, so a value <= 0 is reached at the first call and turns "
+            f"the regularizer off for the rest of the run. The logged {loss_log}, so a threshold read off the "
+            f"loss log has the wrong sign{flipped}")
+    if bound is not None and threshold > bound:
+        raise ValueError(
+            f"{key}={threshold:g} can never be reached: the alignment score lies in [{-bound:.6g}, {bound:.6g}] "
+            f"{why}; valid thresholds are in {valid}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -367,11 +451,11 @@ class CrepaConfig(_ConfigSources):
         _validate_fields(self)
         bound = alignment_score_bound(self.crepa_adjacent_distance, self.crepa_adjacent_tau,
                                       self.crepa_cumulative_neighbors, self.crepa_normalize_neighbour_sum)
-        _check_threshold("crepa_similarity_threshold", self.crepa_similarity_threshold, bound,
-                         f"with crepa_adjacent_distance={self.crepa_adjacent_distance}, "
-                         f"crepa_adjacent_tau={self.crepa_adjacent_tau}, "
-                         f"crepa_cumulative_neighbors={self.crepa_cumulative_neighbors}, "
-                         f"crepa_normalize_neighbour_sum={self.crepa_normalize_neighbour_sum}")
+        check_similarity_threshold("crepa_similarity_threshold", self.crepa_similarity_threshold, bound,
+                                   f"with crepa_adjacent_distance={self.crepa_adjacent_distance}, "
+                                   f"crepa_adjacent_tau={self.crepa_adjacent_tau}, "
+                                   f"crepa_cumulative_neighbors={self.crepa_cumulative_neighbors}, "
+                                   f"crepa_normalize_neighbour_sum={self.crepa_normalize_neighbour_sum}")
         if self.crepa_enabled and self.crepa_use_backbone_features:
             if self.crepa_teacher_block_index is None:
                 raise ValueError(
@@ -402,17 +486,16 @@ class CrepaConfig(_ConfigSources):
             values["crepa_encoder"] = model
         source = raw.get("crepa_feature_source")
         if source is not None:
-            source = Choice(FEATURE_SOURCES).coerce("crepa_feature_source", source)
+            source = feature_source(source)
             backbone = values.get("crepa_use_backbone_features")
             backbone = None if backbone is None else Bool().coerce("crepa_use_backbone_features", backbone)
+            # The legacy flag only ever turns backbone mode on: false means "not set", as SimpleTuner reads
+            # it (its documented example config spells crepa_use_backbone_features = false whatever the source).
             if source == "backbone":
-                if backbone is False:
-                    raise ValueError("crepa_feature_source='backbone' contradicts crepa_use_backbone_features=false; "
-                                     "remove one of them")
                 values["crepa_use_backbone_features"] = True
-            elif source == "encoder" and backbone:
-                raise ValueError("crepa_feature_source='encoder' contradicts crepa_use_backbone_features=true; "
-                                 "remove one of them")
+            elif backbone:
+                raise ValueError(f"crepa_feature_source={source!r} contradicts crepa_use_backbone_features=true "
+                                 "(backbone mode); set crepa_feature_source to 'backbone' or remove the flag")
         return values
 
 
@@ -445,8 +528,8 @@ class UrepaConfig(_ConfigSources):
 
     def __post_init__(self) -> None:
         _validate_fields(self)
-        _check_threshold("urepa_similarity_threshold", self.urepa_similarity_threshold, 1.0,
-                         "(the U-REPA score is a mean cosine)")
+        check_similarity_threshold("urepa_similarity_threshold", self.urepa_similarity_threshold, 1.0,
+                                   "(the U-REPA score is a mean cosine)")
 
     @staticmethod
     def _resolve_aliases(raw: Mapping[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -481,8 +564,15 @@ def _add_group(parser: argparse.ArgumentParser, cls, title: str) -> None:
                                help=help_text)
     if cls is CrepaConfig:
         group.add_argument("--crepa_feature_source", default=None, choices=FEATURE_SOURCES,
+                           type=_argparse_feature_source,
                            help="teacher source: encoder (default) or backbone (= --crepa_use_backbone_features); "
                                 "self_flow is not implemented")
+
+
+def _argparse_feature_source(text: str) -> str:
+    """SimpleTuner's aliases (internal, external, selfflow) map to a choice; anything else is left to
+    argparse's choices check, which lists the valid ones."""
+    return FEATURE_SOURCE_ALIASES.get(text.strip().lower(), text.strip().lower())
 
 
 def add_argparse_args(parser: argparse.ArgumentParser, *, crepa: bool = True, urepa: bool = True):

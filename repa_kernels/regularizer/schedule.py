@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .config import SCHEDULE_KEYS, CrepaConfig, UrepaConfig
+from .config import SCHEDULE_KEYS, CrepaConfig, UrepaConfig, check_similarity_threshold
 from .value_rules import Float, Int
 
 __all__ = ["CoefficientSchedule"]
@@ -71,6 +71,7 @@ class CoefficientSchedule:
         self.power = checked("power", power)
         self.cutoff_step = checked("cutoff_step", cutoff_step)
         self.similarity_threshold = checked("similarity_threshold", similarity_threshold)
+        check_similarity_threshold(f"{name}_similarity_threshold", self.similarity_threshold)
         self.ema_decay = checked("similarity_ema_decay", ema_decay)
         self.threshold_mode = checked("threshold_mode", threshold_mode)
         self.max_train_steps = Int(0, nullable=True).coerce("max_train_steps", max_train_steps)

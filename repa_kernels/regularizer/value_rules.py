@@ -7,6 +7,11 @@ Strings are coerced the same strict way SimpleTuner's argparse-fed JSON configs 
 numbers from float strings ("0.5", "1e-3"), and "none"/"null" for a nullable rule. A float with an
 integral value (100.0) is accepted by an integer rule; a bool is never accepted as a number. Wrong types
 raise `TypeError`, out-of-range values `ValueError`.
+
+Scalars are accepted in the types a training script holds them in, as the kernels' own checks accept
+them (repa_kernels/checks.py): numpy bools wherever a bool is (a value read from a numpy array or a
+pandas sweep table is an np.bool_, not a bool), numpy integers and floats wherever a number is. A tensor
+is refused with how to pass its value.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..checks import describe, is_flag
+
 __all__ = ["Bool", "Choice", "Float", "Int", "Rule", "Text", "describe_value"]
 
 TRUE_STRINGS = ("true", "yes", "on", "1")
@@ -26,7 +33,8 @@ NONE_STRINGS = ("none", "null")
 
 
 def describe_value(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
+    """`value` and its type as a user writes it (numpy.bool, torch.Tensor), for an error message."""
+    return describe(value)
 
 
 class Rule:
@@ -63,8 +71,8 @@ class Bool(Rule):
         return "a bool (true/false)"
 
     def _coerce_non_null(self, key: str, value: Any) -> bool:
-        if isinstance(value, bool):
-            return value
+        if is_flag(value):
+            return bool(value)
         if isinstance(value, str):
             text = value.strip().lower()
             if text in TRUE_STRINGS:
@@ -85,7 +93,7 @@ class Int(Rule):
 
     def _coerce_non_null(self, key: str, value: Any) -> int:
         number: int | None = None
-        if isinstance(value, bool):
+        if is_flag(value):
             number = None
         elif isinstance(value, numbers.Integral):
             number = int(value)
@@ -122,7 +130,7 @@ class Float(Rule):
 
     def _coerce_non_null(self, key: str, value: Any) -> float:
         number: float | None = None
-        if isinstance(value, bool):
+        if is_flag(value):
             number = None
         elif isinstance(value, numbers.Real):
             number = float(value)
