@@ -63,20 +63,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_case(workload, provider: str, device: torch.device, settings, deadline: float, seed: int
-              ) -> tuple[list[measure.ModeResult], float]:
-    """Every mode of one (workload, provider): ([results], first call in ms)."""
-    z, y = workload.make_inputs(device, seed)
-    fn = loss_function(provider, workload)
+def _forward_backward_ms(fn, z, y, device: torch.device) -> float:
     started = time.perf_counter()
     z.grad = None
-    fn(z, y).backward()  # compiles (torch.compile, Triton) and warms up every kernel of every mode
+    fn(z, y).backward()
     _sync(device)
-    first_ms = (time.perf_counter() - started) * 1e3
+    z.grad = None
+    return (time.perf_counter() - started) * 1e3
+
+
+def time_case(workload, provider: str, device: torch.device, settings, budget: Budget, cases_left: int, seed: int
+              ) -> tuple[list[measure.ModeResult], float]:
+    """Every mode of one (workload, provider): ([results], first call in ms). The modes share an even
+    share of the phase budget left after the first calls (a compile must not eat the timing's share)."""
+    z, y = workload.make_inputs(device, seed)
+    fn = loss_function(provider, workload)
+    first_ms = _forward_backward_ms(fn, z, y, device)  # compiles (torch.compile, Triton): every mode's kernels
+    warm_s = max(_forward_backward_ms(fn, z, y, device) / 1e3, 1e-5)  # what a call costs from now on
+    deadline = time.monotonic() + budget.share(cases_left)
     results, probe = [], measure.memory_probe(device, isolated=False)
     for index, mode in enumerate(MODES):
         left = deadline - time.monotonic()
-        per_call_s = max(first_ms / 1e3 if index == 0 else results[-1].median_ms / 1e3, 1e-5)
+        ran = [r for r in results if r.status == "ok"]
+        per_call_s = max(ran[-1].median_ms / 1e3, 1e-5) if ran else warm_s
         repeats = int(left / (len(MODES) - index) / per_call_s) - settings.warmup
         if repeats < settings.min_repeats:
             results.append(measure.ModeResult(mode, status="skipped",
@@ -111,10 +120,10 @@ def run_workloads(budget: Budget, result: PhaseResult, *, settings, device: torc
             forced = forced_for(chosen, workload.dtype) if provider == "triton" else {}
             # an even share of what is left among the cases that remain (so one slow case cannot starve the rest)
             remaining = sum(1 for w, p in cases[index:] if _available(p, w, device, settings)[0])
-            deadline = time.monotonic() + budget.share(remaining)
             try:
                 with utils.forced_launch(**forced) if forced else contextlib.nullcontext():
-                    results, first_ms = time_case(workload, provider, device, settings, deadline, seed + index)
+                    results, first_ms = time_case(workload, provider, device, settings, budget, remaining,
+                                                  seed + index)
                 notes = f"first call {first_ms:.0f} ms" + (" (torch.compile)" if provider == "compiled" else "")
                 if provider == "compiled":
                     compile_estimate_s = max(compile_estimate_s, first_ms / 1e3)
