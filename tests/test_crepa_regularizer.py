@@ -285,10 +285,23 @@ def test_config_from_a_json_trainer_config(tmp_path):
     assert reg.schedule.weight(50) == 0.0 and reg.schedule.weight(25) == pytest.approx(0.25)
 
 
-def test_decaying_schedule_without_max_train_steps_says_how_to_pass_it():
-    with pytest.raises(ValueError, match="max_train_steps"):
-        CrepaRegularizer.from_config({**BASE, "crepa_scheduler": "cosine"}, transformer=tm.tiny_wan(),
-                                     vae=tm.tiny_wan_vae(), encoder=tm.tiny_dinov2())
+def test_max_train_steps_can_be_set_after_construction():
+    """diffusers trainers compute max_train_steps from epochs after accelerator.prepare(dataloader), after
+    the regularizer is built: building needs no max_train_steps; the first call whose weight needs it
+    raises (leaving nothing captured), and reg.set_max_train_steps sets it."""
+    transformer = tm.tiny_wan().train()
+    reg = CrepaRegularizer.from_config({**BASE, "crepa_scheduler": "cosine", "crepa_warmup_steps": 1},
+                                       transformer=transformer, vae=tm.tiny_wan_vae(), encoder=tm.tiny_dinov2())
+    tm.tiny_forward(transformer, _latents())
+    assert reg(latents=_latents(), step=0)[1]["crepa_weight"] == 0.0       # warmup: needs no max_train_steps
+    tm.tiny_forward(transformer, _latents())
+    with pytest.raises(ValueError, match=r"step 1 .*needs max_train_steps.*reg.set_max_train_steps\(n\)"):
+        reg(latents=_latents(), step=1)
+    assert not reg.capture.has_capture
+    reg.set_max_train_steps(21)
+    tm.tiny_forward(transformer, _latents())
+    loss, logs = reg(latents=_latents(), step=11)                         # halfway through the cosine decay
+    assert logs["crepa_weight"].item() == pytest.approx(0.25) and torch.isfinite(loss)
 
 
 def test_encoder_config_keys_reach_the_encoder():

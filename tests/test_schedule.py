@@ -77,20 +77,39 @@ def test_t2v_preset_decays_until_max_train_steps():
     assert schedule.similarity_threshold == 0.85 and schedule.threshold_mode == "permanent"
 
 
-def test_t2v_preset_without_max_train_steps_says_how_to_pass_it():
+def test_t2v_preset_without_max_train_steps_asks_for_it_at_the_first_step_that_needs_it():
+    """Trainers know max_train_steps only after accelerator.prepare(dataloader): building never needs it,
+    the warmup steps do not either; the first weight after the warmup does, and says how to set it."""
     cfg = CrepaConfig.from_dict(T2V_PRESET)
+    schedule = CoefficientSchedule.from_config(cfg)
+    assert schedule.max_train_steps is None and schedule.needs_max_train_steps
+    assert schedule.weight(50) == pytest.approx(0.25) and not schedule.finished(99)   # warmup: λ·step/100
     with pytest.raises(ValueError) as info:
-        CoefficientSchedule.from_config(cfg)
+        schedule.weight(100)
     message = str(info.value)
-    assert "crepa_scheduler='cosine' with crepa_decay_steps=0" in message
-    assert "max_train_steps > crepa_warmup_steps=100" in message and "it was not given" in message
-    assert "Pass max_train_steps=" in message and '"max_train_steps" in the trainer config' in message
+    assert "crepa_scheduler='cosine' with crepa_decay_steps=0" in message and "step 100" in message
+    assert "reg.set_max_train_steps(n)" in message and "pass max_train_steps=" in message
+    assert '"max_train_steps" in the trainer config' in message
+    with pytest.raises(ValueError, match="needs max_train_steps"):
+        schedule.at(100)
+    schedule.set_max_train_steps(10_000)
+    assert schedule.weight(5050) == pytest.approx(0.3) and schedule.weight(10_000) == pytest.approx(0.1)
+    schedule.set_max_train_steps(5_100)                       # replaced: the decay ends earlier
+    assert schedule.weight(5100) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="got max_train_steps=100"):
+        schedule.set_max_train_steps(100)                     # a known value must exceed the warmup
     with pytest.raises(ValueError, match="got max_train_steps=100"):
         CoefficientSchedule.from_config(cfg, max_train_steps=100)
-    with pytest.raises(ValueError, match="max_train_steps 0 train by epochs"):
-        CoefficientSchedule.from_config(cfg, max_train_steps=0)
-    with pytest.raises(ValueError, match="urepa_scheduler='linear' with urepa_decay_steps=0"):
-        CoefficientSchedule.from_config(UrepaConfig(urepa_scheduler="linear"))
+    assert schedule.max_train_steps == 5_100                  # a refused value changes nothing
+    epochs = CoefficientSchedule.from_config(cfg, max_train_steps=0)    # "train by epochs": not known yet
+    assert epochs.max_train_steps is None
+    with pytest.raises(ValueError, match=r"0 there means \"train by epochs\""):
+        epochs.weight(100)
+    linear = CoefficientSchedule.from_config(UrepaConfig(urepa_scheduler="linear"))
+    with pytest.raises(ValueError, match="urepa_scheduler='linear' with urepa_decay_steps=0.*step 0"):
+        linear.at(0)
+    with pytest.raises(TypeError, match="max_train_steps must be an integer >= 0 or None"):
+        linear.set_max_train_steps("many")
 
 
 def test_max_train_steps_argument_wins_over_the_config():

@@ -150,6 +150,13 @@ class AlignmentRegularizerBase(nn.Module):
         stays registered on the model (it holds trained weights)."""
         self._capture.detach()
 
+    def set_max_train_steps(self, max_train_steps: int | None) -> None:
+        """Set the run's total optimizer steps after construction (trainers that count steps from epochs
+        know it only after `accelerator.prepare(dataloader)`). A decaying schedule with `*_decay_steps` 0
+        needs it from the first call after the warmup, and raises there, not at construction, while it
+        is unset (docs/contract.md §4)."""
+        self.schedule.set_max_train_steps(max_train_steps)
+
     def get_extra_state(self) -> dict:
         return {"schedule": self.schedule.state_dict()}
 
@@ -171,10 +178,10 @@ class AlignmentRegularizerBase(nn.Module):
         backbone_block = self._teacher.block_index if isinstance(self._teacher, BackboneTeacher) else None
         try:
             inputs = CallInputs.check(latents, pixels, teacher_features, token_grid, backbone_block=backbone_block)
+            plan = self.schedule.at(step)       # raises when the weight needs a max_train_steps not set yet
         except BaseException:
             self._capture.clear()    # a call that raises leaves nothing captured
             raise
-        plan = self.schedule.at(step)
         if plan.finished:
             return self._skipped(plan.cutoff)   # inputs unused: no finite check (no host sync)
         if self.check_finite:

@@ -47,8 +47,9 @@ class CoefficientSchedule:
     power: polynomial power > 0. cutoff_step: weight 0 from this step on (0 = off). similarity_threshold:
     the EMA of the score at which the weight drops to 0 (None = off). ema_decay in [0, 1). threshold_mode:
     permanent (off for good) or recoverable (back on when the EMA falls below the threshold).
-    max_train_steps: total steps, needed by a decaying schedule with decay_steps 0. name: key prefix used
-    in error messages ("crepa" -> crepa_decay_steps).
+    max_train_steps: total steps, needed by a decaying schedule with decay_steps 0 from the first step after
+    warmup on; it may be given later (`set_max_train_steps`). name: key prefix used in error messages
+    ("crepa" -> crepa_decay_steps).
     """
 
     def __init__(self, *, lambda_: float, scheduler: str = "constant", warmup_steps: int = 0,
@@ -74,29 +75,53 @@ class CoefficientSchedule:
         check_similarity_threshold(f"{name}_similarity_threshold", self.similarity_threshold)
         self.ema_decay = checked("similarity_ema_decay", ema_decay)
         self.threshold_mode = checked("threshold_mode", threshold_mode)
-        self.max_train_steps = Int(0, nullable=True).coerce("max_train_steps", max_train_steps)
-
-        if self.scheduler != "constant" and self.decay_steps == 0:
-            if self.max_train_steps is None or self.max_train_steps <= self.warmup_steps:
-                got = ("it was not given" if self.max_train_steps is None
-                       else f"got max_train_steps={self.max_train_steps}")
-                if self.max_train_steps == 0:
-                    got += " (trainer configs with max_train_steps 0 train by epochs: pass the number of steps " \
-                           "the run will reach)"
-                raise ValueError(
-                    f"{name}_scheduler={self.scheduler!r} with {name}_decay_steps=0 decays until the end of "
-                    f"training, so it needs max_train_steps > {name}_warmup_steps={self.warmup_steps}, but "
-                    f"{got}. Pass max_train_steps=... when building the regularizer (or to "
-                    "CoefficientSchedule.from_config), or put \"max_train_steps\" in the trainer config the "
-                    f"{name}_* keys are read from, or set {name}_decay_steps to the length of the decay in steps.")
-        self._decay_length = (self.decay_steps if self.decay_steps > 0
-                              else (self.max_train_steps or 0) - self.warmup_steps)
+        self.max_train_steps: int | None = None
+        self.set_max_train_steps(max_train_steps)
 
         self.ema: float | None = None
         self._similarity_cutoff_on = False
         self._permanent_cutoff_fired = False
         self._num_updates = 0
         self._num_nonfinite = 0
+
+    # ------------------------------------------------------------------ max_train_steps
+
+    @property
+    def needs_max_train_steps(self) -> bool:
+        """A decaying schedule with decay_steps 0 decays until the end of training: max_train_steps."""
+        return self.scheduler != "constant" and self.decay_steps == 0
+
+    def set_max_train_steps(self, max_train_steps: int | None) -> None:
+        """Set (or replace) the total number of optimizer steps. Trainers often know it only after
+        `accelerator.prepare(dataloader)` (from epochs), after the regularizer is built: a schedule that
+        needs it asks for it at the first step whose weight depends on it, not before. None (or 0, a
+        trainer config's "train by epochs") leaves it unknown; a known value must exceed warmup_steps
+        when the decay runs until it."""
+        value = Int(0, nullable=True).coerce("max_train_steps", max_train_steps)
+        value = None if value == 0 else value
+        if value is not None and self.needs_max_train_steps and value <= self.warmup_steps:
+            raise ValueError(
+                f"{self.name}_scheduler={self.scheduler!r} with {self.name}_decay_steps=0 decays from the end of the "
+                f"warmup to the end of training, so it needs max_train_steps > {self.name}_warmup_steps="
+                f"{self.warmup_steps}, got max_train_steps={value}; or set {self.name}_decay_steps to the length of "
+                "the decay in steps")
+        self.max_train_steps = value
+
+    def _decay_length(self, step: int) -> int:
+        """L of SPEC §4 for a weight at `step`: decay_steps, or max_train_steps - warmup_steps."""
+        if self.decay_steps > 0:
+            return self.decay_steps
+        if self.max_train_steps is None:
+            raise ValueError(
+                f"{self.name}_scheduler={self.scheduler!r} with {self.name}_decay_steps=0 decays until the end of "
+                f"training, so the weight at step {step} (after the {self.name}_warmup_steps={self.warmup_steps} "
+                "warmup) needs max_train_steps, which is not set. Call reg.set_max_train_steps(n) (or "
+                "schedule.set_max_train_steps(n)) once the trainer knows it, e.g. after accelerator.prepare("
+                "dataloader); or pass max_train_steps=... when building the regularizer, put \"max_train_steps\" in "
+                f"the trainer config the {self.name}_* keys are read from (a value of 0 there means \"train by "
+                f"epochs\": the number is not known yet), or set {self.name}_decay_steps to the length of the decay "
+                "in steps.")
+        return self.max_train_steps - self.warmup_steps
 
     @classmethod
     def from_config(cls, cfg: CrepaConfig | UrepaConfig, max_train_steps: int | None = None) -> "CoefficientSchedule":
@@ -133,7 +158,7 @@ class CoefficientSchedule:
             return self.lambda_ * step / self.warmup_steps
         if self.scheduler == "constant":
             return self.lambda_
-        progress = min(max((step - self.warmup_steps) / self._decay_length, 0.0), 1.0)
+        progress = min(max((step - self.warmup_steps) / self._decay_length(step), 0.0), 1.0)
         start, end = self.lambda_, self.lambda_end
         if self.scheduler == "linear":
             return start + (end - start) * progress
@@ -166,7 +191,8 @@ class CoefficientSchedule:
             return self.lambda_ == 0.0
         if self.lambda_ == 0.0 and self.lambda_end == 0.0:
             return True
-        return self.lambda_end == 0.0 and step >= self.warmup_steps + self._decay_length
+        return (self.lambda_end == 0.0 and step >= self.warmup_steps
+                and step - self.warmup_steps >= self._decay_length(step))
 
     def at(self, step: int) -> StepPlan:
         """`weight`, `cutoff_active` and `finished` at `step`, as one answer."""
