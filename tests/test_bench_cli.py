@@ -194,3 +194,25 @@ def test_e2e_training_steps_encode_one_frame_per_latent_frame():
     rows = e2e.result_rows(preset, list(results.values()), {"device": "cpu", "device_name": "test"})
     assert rows[0]["step_time_vs_baseline"] == 1.0 and rows[1]["latent_frames_per_step"] == 4
     assert "encoder" in e2e.format_rows(rows)
+
+
+@pytest.mark.slow
+def test_e2e_cache_rows_decode_and_encode_only_when_cold(tmp_path):
+    import dataclasses
+
+    from repa_kernels.bench import e2e
+
+    preset = dataclasses.replace(e2e.PRESETS["tiny"], name="test", latent_shape=(2, 4, 2, 8, 8),
+                                 encoder_image_size=32,
+                                 encoder=dict(e2e.PRESETS["tiny"].encoder, image_size=32, patch_size=8))
+    results = e2e.run_cached(preset, "reference", torch.device("cpu"), steps=1, warmup=0, cache_root=tmp_path)
+    cold, warm, features = results
+    assert [r.configuration for r in results] == list(e2e.CACHED_CONFIGURATIONS)
+    assert all(r.status == "ok" and len(r.samples_ms) == 1 for r in results)
+    assert cold.frames_encoded_per_step == 2 * 2 and cold.frames_decoded_per_step == 2 * 3   # 2 latent -> 3 frames
+    assert (warm.frames_encoded_per_step, warm.frames_decoded_per_step) == (0, 0)
+    assert (features.frames_encoded_per_step, features.frames_decoded_per_step) == (0, 0)
+    assert all(math.isfinite(r.last_crepa_loss) for r in results)
+    rows = e2e.result_rows(preset, results, {"device": "cpu", "device_name": "test"})
+    assert rows[1]["vs_teacher_features"] > 0 and rows[0]["vs_teacher_features"] is None
+    assert "cached-warm" in e2e.format_rows(rows)

@@ -5,13 +5,19 @@ Configurations, each a full optimizer step (flow-matching loss [+ CREPA], backwa
   encoder / <backend>  CREPA with a DINOv2 teacher: VAE decode of the clean latents + encoder + loss
   backbone / <backend> CREPA with a deeper block of the same forward as the teacher (no decode, no encoder)
 each CREPA configuration once with the reference loss and once with the fused backend `impl="auto"`
-picks on the device (cpp on CPU, triton on CUDA), when that is not the reference itself.
+picks on the device (cpp on CPU, triton on CUDA), when that is not the reference itself. Then, with the
+fused backend only, the teacher-feature cache (one process, three rows):
+  cached-cold          every step a new key: a miss, so decode + encode as `encoder`, plus the write
+  cached-warm          keys of the cold steps again, read from the flushed shards: no decode, no encoder
+  teacher-features     the same features passed as `teacher_features=`, interleaved step by step with
+                       cached-warm so both see the same machine state; `vs_teacher_features` of the
+                       cached-warm row is the ratio of their medians (goal: at most 1.10)
 
 Figures: step time (median, p20, p80 over `steps` timed steps after `warmup`; also the process's CPU
 time per step, steadier than wall time on a shared machine), peak memory of a step
 above the state before it (models, optimizer state, inputs) and in total, and frames encoded per step,
 which must equal batch x latent frames in encoder mode (the teacher encodes one decoded frame per
-latent frame) and 0 otherwise. On CPU each configuration runs in its own subprocess and memory is
+latent frame) and 0 otherwise; frames decoded per step (the VAE's output frames; 0 on cache hits). On CPU each configuration runs in its own subprocess and memory is
 peak RSS (as in measure.py); on CUDA it comes from the allocator.
 
 Presets: `tiny` (CPU; random-init tiny Wan, Wan VAE and DINOv2, seconds per step) and `wan-1.3b`
@@ -35,6 +41,7 @@ from . import measure, report
 from .workloads import DTYPES
 
 CONFIGURATIONS = ("baseline", "encoder", "backbone")
+CACHED_CONFIGURATIONS = ("cached-cold", "cached-warm", "teacher-features")
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,7 @@ class E2EResult:
     peak_total_bytes: int | None = None
     memory_method: str = ""
     frames_encoded_per_step: float | None = None
+    frames_decoded_per_step: float | None = None
     last_crepa_loss: float | None = None
 
 
@@ -124,94 +132,180 @@ def build_models(preset: E2EPreset, device: torch.device, with_encoder: bool):
     return transformer, vae, encoder
 
 
+class TrainingRun:
+    """The models, regularizer, optimizer and fixed batch of one configuration; `step(index, **call)` is
+    one optimizer step whose regularizer call gets `latents=` and `call` (e.g. cache_keys=)."""
+
+    def __init__(self, preset: E2EPreset, configuration: str, impl: str, device: torch.device, *,
+                 max_train_steps: int, feature_cache=None) -> None:
+        from ..regularizer import CrepaRegularizer
+
+        self.device = device
+        self.transformer, vae, encoder = build_models(preset, device, with_encoder=configuration == "encoder")
+        self.regularizer = None
+        if configuration != "baseline":
+            config = {"crepa_enabled": True, "crepa_block_index": preset.block_index,
+                      "crepa_encoder_image_size": preset.encoder_image_size,
+                      "crepa_encoder_dtype": preset.encoder_dtype}
+            if configuration == "backbone":
+                config.update(crepa_use_backbone_features=True, crepa_teacher_block_index=preset.teacher_block_index)
+            cache = {} if feature_cache is None else {"feature_cache": feature_cache}
+            self.regularizer = CrepaRegularizer.from_config(config, transformer=self.transformer, vae=vae,
+                                                            encoder=encoder, max_train_steps=max_train_steps,
+                                                            impl=impl, **cache)
+        self.optimizer = torch.optim.AdamW([p for p in self.transformer.parameters() if p.requires_grad], lr=1e-5)
+        generator = torch.Generator(device="cpu").manual_seed(1)
+        self.latents = torch.randn(preset.latent_shape, generator=generator).to(device)
+        self.text = torch.randn((preset.latent_shape[0],) + preset.text_shape, generator=generator).to(device)
+        self.autocast_dtype = DTYPES[preset.autocast_dtype] if preset.autocast_dtype else None
+        self.last_loss = None
+
+    def frames(self) -> tuple[int, int]:
+        """(decoded, encoded) so far."""
+        if self.regularizer is None:
+            return 0, 0
+        return self.regularizer.frames_decoded, self.regularizer.frames_encoded
+
+    def step(self, index: int, **call) -> None:
+        latents, device = self.latents, self.device
+        noise = torch.randn_like(latents)
+        t = torch.rand(latents.shape[0], device=device)
+        noisy = (1 - t.view(-1, 1, 1, 1, 1)) * latents + t.view(-1, 1, 1, 1, 1) * noise
+        with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            prediction = self.transformer(noisy, t * 1000, self.text, return_dict=False)[0]
+            loss = torch.nn.functional.mse_loss(prediction.float(), noise - latents)
+            if self.regularizer is not None:
+                teacher_input = {"latents": latents} if "teacher_features" not in call else {}
+                crepa_loss, _ = self.regularizer(**teacher_input, **call, step=index)
+                loss = loss + crepa_loss
+                self.last_loss = float(crepa_loss.detach())
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class _Phase:
+    """Times steps of one row and counts the frames decoded and encoded during them."""
+
+    def __init__(self, name: str, run: TrainingRun, timer) -> None:
+        self.name, self.run, self.timer = name, run, timer
+        self.samples, self.cpu_samples = [], []
+        self.decoded = self.encoded = 0
+
+    def step(self, index: int, **call) -> None:
+        decoded, encoded = self.run.frames()
+        cpu_start = time.process_time()
+        self.timer.start()
+        self.run.step(index, **call)
+        self.samples.append(self.timer.stop())
+        self.cpu_samples.append((time.process_time() - cpu_start) * 1e3)
+        after = self.run.frames()
+        self.decoded += after[0] - decoded
+        self.encoded += after[1] - encoded
+        self.last_loss = self.run.last_loss
+
+    def result(self, impl: str, backend: str, **memory) -> E2EResult:
+        steps = len(self.samples)
+        return E2EResult(self.name, impl, backend, samples_ms=self.samples, cpu_samples_ms=self.cpu_samples,
+                         frames_encoded_per_step=self.encoded / steps, frames_decoded_per_step=self.decoded / steps,
+                         last_crepa_loss=self.last_loss, **memory)
+
+
 def run_configuration(preset: E2EPreset, configuration: str, impl: str, device: torch.device, *,
                       steps: int, warmup: int, isolated: bool) -> E2EResult:
     """Build the models, warm up, then time `steps` optimizer steps of one configuration."""
     if configuration not in CONFIGURATIONS:
         raise ValueError(f"configuration={configuration!r} is not valid; valid: {', '.join(CONFIGURATIONS)}")
-    from ..regularizer import CrepaRegularizer
-
     device = torch.device(device)
     backend = backends.resolve(impl, device) if configuration != "baseline" else ""
-    transformer, vae, encoder = build_models(preset, device, with_encoder=configuration == "encoder")
-    regularizer = None
-    if configuration != "baseline":
-        config = {"crepa_enabled": True, "crepa_block_index": preset.block_index,
-                  "crepa_encoder_image_size": preset.encoder_image_size,
-                  "crepa_encoder_dtype": preset.encoder_dtype}
-        if configuration == "backbone":
-            config.update(crepa_use_backbone_features=True, crepa_teacher_block_index=preset.teacher_block_index)
-        regularizer = CrepaRegularizer.from_config(config, transformer=transformer, vae=vae, encoder=encoder,
-                                                   max_train_steps=warmup + steps, impl=impl)
-    optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=1e-5)
-    generator = torch.Generator(device="cpu").manual_seed(1)
-    latents = torch.randn(preset.latent_shape, generator=generator).to(device)
-    text = torch.randn((preset.latent_shape[0],) + preset.text_shape, generator=generator).to(device)
-    autocast_dtype = DTYPES[preset.autocast_dtype] if preset.autocast_dtype else None
-    last_loss = [None]
-
-    def step(index: int) -> None:
-        noise = torch.randn_like(latents)
-        t = torch.rand(latents.shape[0], device=device)
-        noisy = (1 - t.view(-1, 1, 1, 1, 1)) * latents + t.view(-1, 1, 1, 1, 1) * noise
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            prediction = transformer(noisy, t * 1000, text, return_dict=False)[0]
-            loss = torch.nn.functional.mse_loss(prediction.float(), noise - latents)
-            if regularizer is not None:
-                crepa_loss, _ = regularizer(latents=latents, step=index)
-                loss = loss + crepa_loss
-                last_loss[0] = float(crepa_loss.detach())
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    timer = measure._Timer(device)
+    run = TrainingRun(preset, configuration, impl, device, max_train_steps=warmup + steps)
+    phase = _Phase(configuration, run, measure._Timer(device))
     for index in range(warmup):
-        step(index)
+        run.step(index)
     probe = measure.memory_probe(device, isolated)
-    frames_before = regularizer.frames_encoded if regularizer is not None else 0
     probe.start()
-    samples, cpu_samples = [], []
     for index in range(warmup, warmup + steps):
-        cpu_start = time.process_time()
-        timer.start()
-        step(index)
-        samples.append(timer.stop())
-        cpu_samples.append((time.process_time() - cpu_start) * 1e3)
+        phase.step(index)
     peak_extra = probe.stop()
-    frames = (regularizer.frames_encoded if regularizer is not None else 0) - frames_before
+    result = phase.result(impl if run.regularizer is not None else "", backend, peak_step_extra_bytes=peak_extra,
+                          peak_total_bytes=_peak_total(device, isolated), memory_method=probe.method)
+    if run.regularizer is None:
+        result.frames_decoded_per_step = 0.0
+    return result
+
+
+def _peak_total(device: torch.device, isolated: bool) -> int | None:
     if device.type == "cuda":
-        total = torch.cuda.max_memory_allocated(device)
-    elif isolated:
-        total = measure._proc_status_kib("VmHWM") * 1024
-    else:
-        total = None
-    return E2EResult(configuration, impl if regularizer is not None else "", backend, samples_ms=samples,
-                     cpu_samples_ms=cpu_samples,
-                     peak_step_extra_bytes=peak_extra, peak_total_bytes=total, memory_method=probe.method,
-                     frames_encoded_per_step=frames / steps, last_crepa_loss=last_loss[0])
+        return torch.cuda.max_memory_allocated(device)
+    if isolated:
+        return measure._proc_status_kib("VmHWM") * 1024
+    return None
+
+
+def run_cached(preset: E2EPreset, impl: str, device: torch.device, *, steps: int, warmup: int,
+               cache_root=None) -> list[E2EResult]:
+    """The three cache rows (module docstring) from one process and one model: cold steps with new keys,
+    then warm (cached) steps interleaved with teacher_features= steps of the same features."""
+    import tempfile
+
+    device = torch.device(device)
+    backend = backends.resolve(impl, device)
+    with tempfile.TemporaryDirectory(prefix="repa-e2e-cache-") as scratch:
+        root = cache_root or scratch
+        run = TrainingRun(preset, "encoder", impl, device, max_train_steps=warmup + 3 * steps + 2 * warmup,
+                          feature_cache=root)
+        timer = measure._Timer(device)
+        cold, warm, features = (_Phase(name, run, timer) for name in CACHED_CONFIGURATIONS)
+        keys = [[f"sample-{index}-{b}" for b in range(preset.latent_shape[0])] for index in range(warmup + steps)]
+        index = 0
+        for batch_keys in keys[:warmup]:
+            run.step(index, cache_keys=batch_keys)
+            index += 1
+        for batch_keys in keys[warmup:]:
+            cold.step(index, cache_keys=batch_keys)
+            index += 1
+        run.regularizer.flush_feature_cache()   # warm reads come from the shards on disk, as in a next epoch
+        cache = run.regularizer.feature_cache("latents")
+        grid = cache.get(keys[0][0]).grid
+        stored = [torch.stack([cache.get(k, grid).features.flatten(1, 2) for k in batch_keys]).float().to(device)
+                  for batch_keys in keys]
+        for repeat in range(warmup + steps):
+            timed = repeat >= warmup
+            pick = repeat % len(keys)
+            for phase, call in ((warm, {"cache_keys": keys[pick]}), (features, {"teacher_features": stored[pick]})):
+                if timed:
+                    phase.step(index, **call)
+                else:
+                    run.step(index, **call)
+                index += 1
+        run.regularizer.close_feature_cache()
+    return [phase.result(impl, backend) for phase in (cold, warm, features)]
 
 
 def run_isolated_configuration(preset: E2EPreset, configuration: str, impl: str, *, steps: int,
-                               warmup: int, timeout_s: float = 3600.0) -> E2EResult:
-    """run_configuration on CPU in its own subprocess (peak RSS belongs to that configuration)."""
+                               warmup: int, timeout_s: float = 3600.0) -> list[E2EResult]:
+    """run_configuration (or run_cached for "cached") on CPU in its own subprocess (peak RSS belongs to
+    that configuration)."""
     request = {"preset": preset.name, "configuration": configuration, "impl": impl, "steps": steps,
                "warmup": warmup}
     item, failure = measure.run_worker("repa_kernels.bench.e2e", request, timeout_s)
     if item is None:
-        return E2EResult(configuration, impl, status="failed", reason=failure)
-    return E2EResult(**item)
+        names = CACHED_CONFIGURATIONS if configuration == "cached" else (configuration,)
+        return [E2EResult(name, impl, status="failed", reason=failure) for name in names]
+    return [E2EResult(**fields) for fields in item]
 
 
 def cases(device: torch.device) -> list[tuple[str, str]]:
     """(configuration, impl) pairs: baseline, then each CREPA mode with the reference and the fused
-    backend (the latter only when `auto` does not fall back to the reference on this device)."""
+    backend (the latter only when `auto` does not fall back to the reference on this device), then the
+    feature-cache rows ("cached") with the fused backend."""
     fused = backends.resolve("auto", device)
     pairs = [("baseline", "")]
     for configuration in ("encoder", "backbone"):
         pairs.append((configuration, "reference"))
         if fused != "reference":
             pairs.append((configuration, fused))
+    pairs.append(("cached", fused))
     return pairs
 
 
@@ -222,16 +316,18 @@ def run_all(preset: E2EPreset, device: torch.device, *, steps: int, warmup: int,
             progress.set_postfix_str(f"{configuration} {impl}".strip())
         try:
             if device.type == "cpu":
-                result = run_isolated_configuration(preset, configuration, impl or "reference", steps=steps,
-                                                    warmup=warmup)
+                results.extend(run_isolated_configuration(preset, configuration, impl or "reference", steps=steps,
+                                                          warmup=warmup))
+            elif configuration == "cached":
+                results.extend(run_cached(preset, impl, device, steps=steps, warmup=warmup))
             else:
-                result = run_configuration(preset, configuration, impl or "reference", device, steps=steps,
-                                           warmup=warmup, isolated=False)
+                results.append(run_configuration(preset, configuration, impl or "reference", device, steps=steps,
+                                                 warmup=warmup, isolated=False))
+            if device.type == "cuda":
                 torch.cuda.empty_cache()
         except Exception as exc:  # one configuration failing must not hide the others
-            result = E2EResult(configuration, impl, status="failed",
-                               reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
-        results.append(result)
+            results.append(E2EResult(configuration, impl, status="failed",
+                                     reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:300]))
         if progress is not None:
             progress.update(1)
     return results
@@ -240,7 +336,7 @@ def run_all(preset: E2EPreset, device: torch.device, *, steps: int, warmup: int,
 E2E_COLUMNS = [
     "preset", "configuration", "impl", "backend", "status", "reason", "steps", "median_ms", "p20_ms", "p80_ms",
     "step_time_vs_baseline", "median_cpu_ms", "cpu_time_vs_baseline", "peak_step_extra_mb", "peak_total_mb", "memory_method", "frames_encoded_per_step",
-    "latent_frames_per_step", "last_crepa_loss", "latent_shape",
+    "frames_decoded_per_step", "latent_frames_per_step", "vs_teacher_features", "last_crepa_loss", "latent_shape",
     "device", "device_name", "threads", "torch_version", "triton_version", "package_version", "source_revision",
     "timestamp", "notes",
 ]
@@ -250,6 +346,8 @@ def result_rows(preset: E2EPreset, results: list[E2EResult], context: dict) -> l
     baseline = next((r for r in results if r.configuration == "baseline" and r.samples_ms), None)
     baseline_ms = statistics.median(baseline.samples_ms) if baseline else None
     baseline_cpu_ms = statistics.median(baseline.cpu_samples_ms) if baseline else None
+    features = next((r for r in results if r.configuration == "teacher-features" and r.samples_ms), None)
+    features_ms = statistics.median(features.samples_ms) if features else None
     rows = []
     for r in results:
         median = statistics.median(r.samples_ms) if r.samples_ms else None
@@ -264,7 +362,11 @@ def result_rows(preset: E2EPreset, results: list[E2EResult], context: dict) -> l
             "peak_step_extra_mb": None if r.peak_step_extra_bytes is None else r.peak_step_extra_bytes / 2**20,
             "peak_total_mb": None if r.peak_total_bytes is None else r.peak_total_bytes / 2**20,
             "memory_method": r.memory_method, "frames_encoded_per_step": r.frames_encoded_per_step,
-            "latent_frames_per_step": preset.latent_frames_per_step if r.configuration == "encoder" else 0,
+            "frames_decoded_per_step": r.frames_decoded_per_step,
+            "latent_frames_per_step": preset.latent_frames_per_step if r.configuration in ("encoder", "cached-cold")
+            else 0,
+            "vs_teacher_features": median / features_ms if median and features_ms and r.configuration == "cached-warm"
+            else None,
             "last_crepa_loss": r.last_crepa_loss, "latent_shape": "x".join(map(str, preset.latent_shape)),
             **context,
         })
@@ -273,11 +375,11 @@ def result_rows(preset: E2EPreset, results: list[E2EResult], context: dict) -> l
 
 def format_rows(rows: list[dict]) -> str:
     header = ["configuration", "impl", "median ms", "p20-p80 ms", "x baseline", "CPU ms", "x baseline",
-              "step peak MB", "total MB", "frames/step"]
+              "step peak MB", "total MB", "frames encoded/step", "decoded/step", "x teacher_features"]
     lines = []
     for row in rows:
         if row["status"] != "ok":
-            lines.append([row["configuration"], row["impl"], row["status"], row["reason"][:60]] + [""] * 6)
+            lines.append([row["configuration"], row["impl"], row["status"], row["reason"][:60]] + [""] * 8)
             continue
         ratio = "" if row["step_time_vs_baseline"] is None else f"{row['step_time_vs_baseline']:.2f}"
         total = "" if row["peak_total_mb"] is None else f"{row['peak_total_mb']:.0f}"
@@ -286,7 +388,9 @@ def format_rows(rows: list[dict]) -> str:
         cpu_ratio = "" if row["cpu_time_vs_baseline"] is None else f"{row['cpu_time_vs_baseline']:.2f}"
         lines.append([row["configuration"], row["impl"], f"{row['median_ms']:.1f}",
                       f"{row['p20_ms']:.1f}-{row['p80_ms']:.1f}", ratio, cpu, cpu_ratio, extra, total,
-                      f"{row['frames_encoded_per_step']:g} (expect {row['latent_frames_per_step']})"])
+                      f"{row['frames_encoded_per_step']:g} (expect {row['latent_frames_per_step']})",
+                      "" if row["frames_decoded_per_step"] is None else f"{row['frames_decoded_per_step']:g}",
+                      "" if row["vs_teacher_features"] is None else f"{row['vs_teacher_features']:.2f}"])
     return report.fixed_width(header, lines)
 
 
@@ -317,9 +421,13 @@ def write_plot(rows: list[dict], path) -> None:
 
 def _worker(request_json: str) -> int:
     request = json.loads(request_json)
-    result = run_configuration(PRESETS[request["preset"]], request["configuration"], request["impl"],
-                               torch.device("cpu"), steps=request["steps"], warmup=request["warmup"], isolated=True)
-    print(json.dumps(dataclasses.asdict(result)))
+    preset, cpu = PRESETS[request["preset"]], torch.device("cpu")
+    if request["configuration"] == "cached":
+        results = run_cached(preset, request["impl"], cpu, steps=request["steps"], warmup=request["warmup"])
+    else:
+        results = [run_configuration(preset, request["configuration"], request["impl"], cpu, steps=request["steps"],
+                                     warmup=request["warmup"], isolated=True)]
+    print(json.dumps([dataclasses.asdict(result) for result in results]))
     return 0
 
 

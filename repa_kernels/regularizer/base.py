@@ -14,7 +14,7 @@ Each regularizer adds only its construction and `_loss`."""
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from .capture import CaptureError, HiddenStateCapture
 from .inputs import CallInputs
 from .projector import attach_projector
 from .schedule import CoefficientSchedule
+from .cached_teacher import CachedTeacher
 from .teacher import BackboneTeacher
 
 
@@ -95,14 +96,21 @@ class AlignmentRegularizerBase(nn.Module):
     def _set_plain(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)   # not a submodule: kept out of state_dict and parameters()
 
-    def _attach(self, models: list[nn.Module], make_teacher, schedule: CoefficientSchedule,
+    def _attach(self, models: list[nn.Module], make_teacher, schedule: CoefficientSchedule, *,
+                feature_cache: str | os.PathLike | None = None, feature_cache_dtype: str = "bfloat16",
                 **capture_arguments) -> None:
-        """Hooks on `models`, the teacher from `make_teacher(capture, device)` and the projector from the
-        block width to the teacher's; a failure leaves no hook behind."""
+        """Hooks on `models`, the teacher from `make_teacher(capture, device)` (behind a feature cache when
+        `feature_cache` names a folder) and the projector from the block width to the teacher's; a
+        failure leaves no hook behind."""
         capture = HiddenStateCapture(models, **capture_arguments)
         try:
             device = model_device(capture.models[0])
             teacher = make_teacher(capture, device)
+            if feature_cache is not None:
+                if isinstance(teacher, BackboneTeacher):
+                    raise ValueError("backbone mode (crepa_use_backbone_features) has no encoder to cache: its "
+                                     "teacher is a block of the same forward; drop feature_cache=")
+                teacher = CachedTeacher(teacher, feature_cache, storage_dtype=feature_cache_dtype)
             projector = attach_projector(capture.models, capture.hidden_size, teacher.width,
                                          self.projector_name).to(device)
         except BaseException:
@@ -170,14 +178,18 @@ class AlignmentRegularizerBase(nn.Module):
     student_description = "captured hidden states"
 
     def forward(self, latents: torch.Tensor | None = None, *, step: int, pixels: torch.Tensor | None = None,
-                teacher_features: torch.Tensor | None = None,
-                token_grid: Sequence[int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                teacher_features: torch.Tensor | None = None, token_grid: Sequence[int] | None = None,
+                cache_keys: Sequence | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One call after the model's forward; see the regularizer's own docstring for the arguments.
 
         Returns (λ-weighted loss, a float32 scalar with grad; logs of detached scalar tensors)."""
         backbone_block = self._teacher.block_index if isinstance(self._teacher, BackboneTeacher) else None
         try:
-            inputs = CallInputs.check(latents, pixels, teacher_features, token_grid, backbone_block=backbone_block)
+            inputs = CallInputs.check(latents, pixels, teacher_features, token_grid, backbone_block=backbone_block,
+                                      cache_keys=cache_keys)
+            if inputs.cache_keys is not None and not isinstance(self._teacher, CachedTeacher):
+                raise ValueError("cache_keys= needs a feature cache: build the regularizer with feature_cache=<folder> "
+                                 "(and feature_cache_dtype=), or drop cache_keys")
             plan = self.schedule.at(step)       # raises when the weight needs a max_train_steps not set yet
         except BaseException:
             self._capture.clear()    # a call that raises leaves nothing captured
@@ -213,6 +225,44 @@ class AlignmentRegularizerBase(nn.Module):
                 f"{self.prefix}_weight": scalar(plan.weight, device),
                 f"{self.prefix}_cutoff": scalar(plan.cutoff, device)}
         return loss, self._with_ema(logs)
+
+    # ------------------------------------------------------------------ feature cache
+
+    def _cached_teacher(self, what: str) -> CachedTeacher:
+        if not isinstance(self._teacher, CachedTeacher):
+            raise ValueError(f"{what} needs a feature cache: build the regularizer with feature_cache=<folder>")
+        return self._teacher
+
+    def feature_cache(self, source: str = "latents"):
+        """The FeatureCache of `latents=` or `pixels=` calls (two identities: what makes the pixels differs)."""
+        if source not in ("latents", "pixels"):
+            raise ValueError(f"source must be 'latents' or 'pixels', got {source!r}")
+        return self._cached_teacher("feature_cache()").cache(source)
+
+    def flush_feature_cache(self) -> None:
+        """Write the buffered entries now (e.g. at the end of an epoch, so that other ranks see them); a
+        no-op without a cache."""
+        if isinstance(self._teacher, CachedTeacher):
+            self._teacher.flush()
+
+    def close_feature_cache(self) -> None:
+        """Flush and stop writing; later calls compute without storing (a no-op without a cache)."""
+        if isinstance(self._teacher, CachedTeacher):
+            self._teacher.close()
+
+    def precompute_teacher_features(self, samples: Iterable, *, source: str = "latents", progress: bool = True):
+        """Fill the feature cache before training from (key, tensor) or (key, tensor, token_grid) items of
+        one sample each, without a batch dimension: latents (C, F, H, W) / (C, H, W), or pixels in [0, 1]
+        (F, 3, H, W) / (3, H, W); the tensor may be a zero-argument callable returning it. Keys already
+        cached are skipped, so a stopped run resumes. Returns a PrecomputeReport (computed, skipped)."""
+        teacher = self._cached_teacher("precompute_teacher_features")
+        model = self._capture.models[0]
+        teacher.follow(self._device())
+        # a UNet's student grid is its mid-block's, which only the forward gives: stored without a grid
+        grid_of_latents = (lambda latents: None) if self.family.kind == "unet" else \
+            (lambda latents: self.family.latent_grid(model, latents))
+        return teacher.precompute(samples, source=source, grid_of_latents=grid_of_latents,
+                                  image_model=self.family.kind != "video", progress=progress)
 
     def _loss(self, z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """z: projected student tokens (B, T, H, W, D); y: teacher tokens (B, T, h, w, D) float32.

@@ -11,6 +11,8 @@ the transformer as `crepa_projector` so optimizers see it and PEFT can save it (
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -37,12 +39,15 @@ class CrepaRegularizer(AlignmentRegularizerBase):
     are in no state_dict. The encoder follows the projector's device at each call (the projector moves
     with the transformer, e.g. under accelerator.prepare); the VAE decodes on its own device.
 
-    The call, `reg(latents=None, *, step, pixels=None, teacher_features=None, token_grid=None)`:
+    The call, `reg(latents=None, *, step, pixels=None, teacher_features=None, token_grid=None,
+    cache_keys=None)`:
     latents: clean latents (B, C, F, H, W) / (B, C, H, W) in the trainer's normalised space; or pixels:
     clean frames in [0, 1] (B, F, 3, H, W) / (B, 3, H, W); or teacher_features: (B, T, N, D). Backbone
     mode takes none of these (latents, if given, only check the token grid). step: the optimizer step
     (Python int). token_grid: (T, H, W) of the student tokens when neither the model inputs nor the
-    latents give it. Returns (λ-weighted loss, a float32 scalar with grad; logs of detached scalar tensors).
+    latents give it. cache_keys: one key per sample (the sample id plus its crop, flip, bucket, frames)
+    when built with feature_cache= (cached_teacher.py): a hit decodes and encodes nothing. Returns
+    (λ-weighted loss, a float32 scalar with grad; logs of detached scalar tensors).
     """
 
     projector_name = PROJECTOR_NAME
@@ -51,7 +56,8 @@ class CrepaRegularizer(AlignmentRegularizerBase):
 
     def __init__(self, config: CrepaConfig, *, transformer, vae=None, encoder: str | nn.Module | None = None,
                  tae=None, denormalize: Denormalize | None = None, max_train_steps: int | None = None,
-                 hidden_size: int | None = None, impl: str = "auto", check_finite: bool = False) -> None:
+                 hidden_size: int | None = None, impl: str = "auto", check_finite: bool = False,
+                 feature_cache: str | os.PathLike | None = None, feature_cache_dtype: str = "bfloat16") -> None:
         """config: a CrepaConfig (`from_config` also takes a dict or a JSON path).
 
         transformer: the diffusers transformer, or a list of transformers sharing one projector.
@@ -61,7 +67,9 @@ class CrepaRegularizer(AlignmentRegularizerBase):
         config's); hidden_size: width of the block outputs when the model config does not give it;
         impl: kernel backend ("auto", "triton", "cpp", "reference"); check_finite: raise FloatingPointError
         on NaN/Inf in the inputs, the captured hidden states or the teacher tokens (one host sync each;
-        off by default, when non-finite values propagate to the loss and stay out of the EMA).
+        off by default, when non-finite values propagate to the loss and stay out of the EMA);
+        feature_cache: a folder for the teacher-feature cache (None: no cache); feature_cache_dtype: its
+        storage dtype, "bfloat16", "float16" or "float32".
         """
         super().__init__()
         self._init_settings(config, impl, check_finite)
@@ -92,7 +100,8 @@ class CrepaRegularizer(AlignmentRegularizerBase):
                 drop_encoder_of_vae=config.crepa_drop_vae_encoder)
 
         self._attach(models, make_teacher, schedule, block_index=config.crepa_block_index,
-                     teacher_block_index=teacher_index, hidden_size=hidden_size)
+                     teacher_block_index=teacher_index, hidden_size=hidden_size, feature_cache=feature_cache,
+                     feature_cache_dtype=feature_cache_dtype)
 
     def _loss(self, z: torch.Tensor, y: torch.Tensor):
         z, y = align_tokens(z, y, self.alignment)

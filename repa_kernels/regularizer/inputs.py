@@ -10,9 +10,11 @@ before the VAE decodes or the encoder runs (both cost far more than these checks
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
+from .feature_cache import canonical_key
 from .grids import TokenGrid, parse_token_grid
 
 TEACHER_INPUTS = ("latents", "pixels", "teacher_features")
@@ -51,6 +53,20 @@ def check_teacher_features(features) -> torch.Tensor:
     return features
 
 
+def check_cache_keys(keys, batch: int) -> tuple[str, ...]:
+    """One feature-cache key per sample (a str, or a dict / list of JSON values), canonical."""
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
+        raise TypeError(f"cache_keys must be a list with one key per sample (str or a dict / list of JSON values), "
+                        f"got {type(keys).__name__}")
+    if len(keys) != batch:
+        raise ValueError(f"cache_keys has {len(keys)} keys but the batch has {batch} samples: pass one key per sample")
+    canonical = tuple(canonical_key(key) for key in keys)
+    if len(set(canonical)) != len(canonical):
+        raise ValueError(f"cache_keys repeats a key within one batch ({list(canonical)}): a key names one sample "
+                         "with its augmentation, so two different samples need two keys")
+    return canonical
+
+
 @dataclass(frozen=True)
 class CallInputs:
     """One call's checked inputs: `pixels` is (B, F, 3, H, W), `teacher_features` (B, T, N, D), `token_grid`
@@ -64,12 +80,14 @@ class CallInputs:
     token_grid: TokenGrid | None
     teacher_input: str | None
     teacher_batch: int | None
+    cache_keys: tuple[str, ...] | None = None
 
     @classmethod
     def check(cls, latents=None, pixels=None, teacher_features=None, token_grid=None, *,
-              backbone_block: int | None = None) -> "CallInputs":
+              backbone_block: int | None = None, cache_keys=None) -> "CallInputs":
         """backbone_block: the teacher block in backbone mode, which takes no teacher input (latents, if
-        given, only check the token grid); None when exactly one teacher input is required."""
+        given, only check the token grid); None when exactly one teacher input is required. cache_keys:
+        one feature-cache key per sample of the latents / pixels (canonical strings afterwards)."""
         given = [name for name, v in zip(TEACHER_INPUTS, (latents, pixels, teacher_features)) if v is not None]
         if backbone_block is not None:
             if pixels is not None or teacher_features is not None:
@@ -85,5 +103,11 @@ class CallInputs:
                   "pixels": None if pixels is None else check_pixels(pixels),
                   "teacher_features": None if teacher_features is None else check_teacher_features(teacher_features)}
         teacher_batch = None if teacher_input is None else inputs[teacher_input].shape[0]
+        if cache_keys is not None:
+            if teacher_input not in ("latents", "pixels"):
+                raise ValueError(f"cache_keys= names the samples whose latents or pixels the teacher would encode; "
+                                 f"this call has {'no teacher input (backbone mode)' if teacher_input is None else 'teacher_features='}, "
+                                 "so there is nothing to cache: drop cache_keys")
+            cache_keys = check_cache_keys(cache_keys, teacher_batch)
         return cls(**inputs, token_grid=None if token_grid is None else parse_token_grid(token_grid),
-                   teacher_input=teacher_input, teacher_batch=teacher_batch)
+                   teacher_input=teacher_input, teacher_batch=teacher_batch, cache_keys=cache_keys)

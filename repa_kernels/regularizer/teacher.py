@@ -99,18 +99,24 @@ class EncoderTeacher:
             return self.features.tokens(inputs, captured, grid, device)
         self.follow(device)
         if inputs.pixels is not None:
-            return self._encode_selected(inputs.pixels, grid.frames)
+            return self.encode_frames(inputs.pixels, grid.frames)
         return self.from_latents(inputs.latents, grid.frames)
 
-    def from_latents(self, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents -> frames (B, F, 3, H, W) in [0, 1], counted in frames_decoded."""
         frames = self.decoder.decode(latents)
         self.frames_decoded += frames.shape[0] * frames.shape[1]
-        return self._encode_selected(frames, num_frames)
+        return frames
+
+    def from_latents(self, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
+        return self.encode_frames(self.decode(latents), num_frames)
 
     def from_pixels(self, pixels: torch.Tensor, num_frames: int) -> torch.Tensor:
-        return self._encode_selected(check_pixels(pixels), num_frames)
+        return self.encode_frames(check_pixels(pixels), num_frames)
 
-    def _encode_selected(self, frames: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def encode_frames(self, frames: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """frames (B, F, 3, H, W) in [0, 1] -> (B, T, h, w, D) float32: the frames at
+        select_frames(F, num_frames), resized to the encoder's input size and encoded."""
         batch, total = frames.shape[:2]
         if total < num_frames:
             raise ValueError(f"{total} frames were given but the student has {num_frames} frames; every student "

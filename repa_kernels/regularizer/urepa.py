@@ -12,6 +12,8 @@ encoder's patch grid (project first, then upsample, as the U-REPA paper does); t
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -35,10 +37,11 @@ class UrepaRegularizer(AlignmentRegularizerBase):
     schedule state; the projector lives on the UNet as `urepa_projector` and is saved with it (or with a
     PEFT adapter via `modules_to_save`). The encoder and VAE are in no state_dict.
 
-    The call, `reg(latents=None, *, step, pixels=None, teacher_features=None, token_grid=None)`: latents
+    The call, `reg(latents=None, *, step, pixels=None, teacher_features=None, token_grid=None,
+    cache_keys=None)`: latents
     (B, C, H, W) normalised, or pixels (B, 3, H, W) in [0, 1], or teacher_features (B, N, D) / (B, 1, N, D);
     step: the optimizer step. token_grid is accepted for symmetry with CrepaRegularizer and must match the
-    mid-block grid when given. Returns (λ-weighted loss with grad; logs of detached scalar tensors).
+    mid-block grid when given; cache_keys as in CrepaRegularizer. Returns (λ-weighted loss with grad; logs of detached scalar tensors).
     """
 
     student_description = "mid-block hidden states"
@@ -50,7 +53,8 @@ class UrepaRegularizer(AlignmentRegularizerBase):
     def __init__(self, config: UrepaConfig, *, unet, vae=None, encoder: str | nn.Module | None = None, tae=None,
                  denormalize: Denormalize | None = None, max_train_steps: int | None = None,
                  hidden_size: int | None = None, encoder_dtype: str = "float32", impl: str = "auto",
-                 check_finite: bool = False) -> None:
+                 check_finite: bool = False, feature_cache: str | os.PathLike | None = None,
+                 feature_cache_dtype: str = "bfloat16") -> None:
         """config: a UrepaConfig (`from_config` also takes a dict or a JSON path); unet: the UNet or a
         list of UNets sharing one projector; encoder overrides `urepa_model`; encoder_dtype: its compute
         dtype; the other arguments as in `CrepaRegularizer`."""
@@ -69,7 +73,8 @@ class UrepaRegularizer(AlignmentRegularizerBase):
                 use_tae=config.urepa_use_tae, video=False, use_tae_key="urepa_use_tae")
 
         self._attach(models, make_teacher, schedule, block_index=0, hidden_size=hidden_size,
-                     block_key="the UNet mid_block")
+                     block_key="the UNet mid_block", feature_cache=feature_cache,
+                     feature_cache_dtype=feature_cache_dtype)
 
     def _loss(self, z: torch.Tensor, y: torch.Tensor):
         z = resample_grid(z, tuple(y.shape[2:4]))      # project first, then upsample to the encoder grid
