@@ -21,11 +21,11 @@ from torch import nn
 
 from .. import backends
 from ..checks import check_flag   # numpy bools accepted, as everywhere a bool is
+from .cached_teacher import CachedTeacher
 from .capture import CaptureError, HiddenStateCapture
 from .inputs import CallInputs
 from .projector import attach_projector
 from .schedule import CoefficientSchedule
-from .cached_teacher import CachedTeacher
 from .teacher import BackboneTeacher
 
 
