@@ -10,7 +10,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 import tiny_models as tm
-from repa_kernels.regularizer.capture import HiddenStateCapture
+from repa_kernels.regularizer.capture import HiddenStateCapture, attached_capture
 from repa_kernels.regularizer.families import FAMILIES, CaptureError, detect_family, grid_from_latents, unwrap_model
 from repa_kernels.regularizer.grids import tokens_to_grid
 
@@ -323,11 +323,11 @@ def test_several_models_share_one_capture_and_the_latest_forward_wins():
     tm.tiny_forward(low, latents)
     got = capture.consume()
     assert got.model is low
+    capture.detach()     # one capture per model at a time
     alone = _capture_once(low, latents, block=1)
     assert torch.allclose(got.student, alone.student)
     with pytest.raises(CaptureError, match="one family"):
         HiddenStateCapture([tm.tiny_wan(), tm.tiny_sd3()], 0)
-    capture.detach()
 
 
 def test_a_wrapper_that_calls_forward_directly_still_captures():
@@ -375,6 +375,54 @@ def test_capture_works_on_a_torch_compiled_model():
     assert got.student.shape == (1, 8, 16) and got.student.requires_grad and got.grid == (2, 2, 2)
     (got.student.square().mean() + 0 * out.sum()).backward()
     assert model.blocks[0].ffn.net[0].proj.weight.grad.abs().sum() > 0
+    capture.detach()     # one capture per model at a time
     eager = _capture_once(model, latents)
     assert torch.allclose(eager.student, got.student, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["wan", "unet"])
+def test_a_deep_copy_of_a_hooked_model_runs_as_a_plain_model(family):
+    import copy
+    model = ALL_BUILDERS[family]()
+    capture = HiddenStateCapture([model], 0)
+    latents = _latents(family != "unet")
+    ema = copy.deepcopy(model)           # how trainers make EMA copies
+    with torch.no_grad():
+        out_copy = tm.tiny_forward(ema, latents)
+        assert not capture.has_capture   # the copy's hooks capture nothing, into nothing
+        out = tm.tiny_forward(model, latents)
+    assert torch.equal(out_copy, out) and capture.consume().model is model
+    shallow = copy.copy(model)           # shares the hook dicts: the model-level hook ignores it
+    with torch.no_grad():
+        tm.tiny_forward(shallow, latents)
     capture.detach()
+    assert attached_capture(ema) is None
+    HiddenStateCapture([ema], 0).detach()   # the copy takes a capture of its own
+
+
+def test_saving_a_hooked_model_whole_gives_a_plain_model():
+    import io
+    model = tm.tiny_unet()
+    capture = HiddenStateCapture([model], 0)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    latents = _latents(False)
+    with torch.no_grad():
+        assert torch.equal(tm.tiny_forward(loaded, latents), tm.tiny_forward(model, latents))
+    assert capture.consume().model is model
+    capture.detach()
+
+
+def test_a_second_capture_on_a_model_is_refused_until_the_first_detaches():
+    model = tm.tiny_wan()
+    first = HiddenStateCapture([model], 1, owner="a CrepaRegularizer (block 1)")
+    with pytest.raises(CaptureError, match=r"already has a CrepaRegularizer \(block 1\) attached.*detach\(\)"):
+        HiddenStateCapture([tm.tiny_wan(), model], 0)
+    first.detach()
+    second = HiddenStateCapture([model], 0)
+    with torch.no_grad():
+        tm.tiny_forward(model, _latents(True))
+    assert second.has_capture and not first.has_capture
+    second.detach()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import gc
 import math
+import re
 import weakref
 
 import numpy as np
@@ -445,6 +446,38 @@ def test_detach_restores_forward_and_gradients_exactly(mode):
         assert torch.equal(after_grads[name], before_grads[name]), name
     with pytest.raises(CaptureError, match="no hidden states captured"):
         reg(**call, step=1)
+
+
+@pytest.mark.parametrize("kind", ["crepa", "urepa"])
+def test_a_second_regularizer_on_a_model_is_refused_and_a_deep_copy_trains_alone(kind):
+    """Building another regularizer on a hooked model (a notebook cell run twice) names the one attached and
+    detach(); an EMA copy made with copy.deepcopy runs as a plain model beside the regularizer."""
+    import copy
+    if kind == "urepa":
+        model, lat, call = tm.tiny_unet().train(), randn(2, 4, 8, 8, seed=6), dict(teacher_features=randn(2, 16, 16))
+
+        def build():
+            return UrepaRegularizer.from_config(UREPA, unet=model, encoder=tm.tiny_dinov2(), max_train_steps=100)
+    else:
+        model, lat, call = tm.tiny_wan().train(), latents(), dict(teacher_features=features())
+
+        def build():
+            return crepa(transformer=model, vae=None)[0]
+    first = build()
+    name = "UrepaRegularizer (block 0)" if kind == "urepa" else "CrepaRegularizer (block 1)"
+    with pytest.raises(CaptureError, match=rf"already has a {re.escape(name)} attached.*reg\.detach\(\)"):
+        build()
+    ema = copy.deepcopy(model)
+    tm.tiny_forward(model, lat)
+    with torch.no_grad():
+        tm.tiny_forward(ema, lat)            # after the model's forward: it must not replace the capture
+    loss, _ = first(**call, step=0)
+    assert loss.requires_grad
+    first.detach()
+    second = build()
+    tm.tiny_forward(model, lat)
+    assert second.capture.has_capture and not first.capture.has_capture
+    second.detach()
 
 
 # ---- compiled transformer -------------------------------------------------------------------------------

@@ -102,7 +102,8 @@ class AlignmentRegularizerBase(nn.Module):
         """Hooks on `models`, the teacher from `make_teacher(capture, device)` (behind a feature cache when
         `feature_cache` names a folder) and the projector from the block width to the teacher's; a
         failure leaves no hook behind."""
-        capture = HiddenStateCapture(models, **capture_arguments)
+        capture = HiddenStateCapture(models, owner=f"a {type(self).__name__} (block {capture_arguments['block_index']})",
+                                     **capture_arguments)
         try:
             device = model_device(capture.models[0])
             teacher = make_teacher(capture, device)

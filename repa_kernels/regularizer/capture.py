@@ -11,6 +11,15 @@ Hooks sit on the underlying module, so a `torch.compile`d model (whole-model or 
 same tensors (tested with the aot_eager backend). A wrapper that calls `model.forward(...)` directly
 (PEFT's tuner wrappers) bypasses the model-level hook: the blocks still capture (the latest call wins)
 and the token grid then comes from the latents passed to the regularizer.
+
+Copies of a hooked model: every hook is a `_CaptureHook`, which a `copy.deepcopy` (trainers' EMA copies)
+or a pickle (`torch.save(model)`) turns into `inert_hook`, so the copy runs as a plain model and captures
+nothing (a deep-copied bound method would have copied the whole capture, keyed by the original model's
+id: `KeyError` at the copy's first forward). A model-level hook that meets a model it was not registered
+on (a shallow `copy.copy`, which shares the hook dicts) ignores it.
+
+One capture per model: a second capture on a model whose hooks are still attached is refused, naming
+its owner and `detach()` (both would capture every forward, the first one unseen).
 """
 
 from __future__ import annotations
@@ -24,6 +33,41 @@ from torch import nn
 
 from .families import BlockOutput, CaptureError, ModelFamily, SequenceLayout, detect_family, unwrap_model
 from .grids import TokenGrid
+
+
+def inert_hook(*args, **kwargs) -> None:
+    """What a capture hook becomes in a deep copy or a pickle of the model: does nothing."""
+    return None
+
+
+def _inert_hook() -> Any:   # unpickling target (a module-level callable that pickle can name)
+    return inert_hook
+
+
+class _CaptureHook:
+    """A hook registered by a HiddenStateCapture: calls `function`; inert in copies and pickles of the
+    model (see the module docstring). `capture` is its owner (read by the one-capture-per-model check)."""
+
+    def __init__(self, capture: "HiddenStateCapture", function) -> None:
+        self.capture = capture
+        self.function = function
+
+    def __call__(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+    def __deepcopy__(self, memo) -> Any:
+        return inert_hook
+
+    def __reduce__(self):
+        return (_inert_hook, ())
+
+
+def attached_capture(model: nn.Module) -> "HiddenStateCapture | None":
+    """The capture whose hooks are attached to `model` (itself, not a copy), or None."""
+    for hook in list(getattr(model, "_forward_pre_hooks", {}).values()):
+        if isinstance(hook, _CaptureHook) and hook.capture.attached and any(m is model for m in hook.capture.models):
+            return hook.capture
+    return None
 
 
 def _in_backward() -> bool:
@@ -63,12 +107,14 @@ class HiddenStateCapture:
     """Forward hooks on one block (and a teacher block in backbone mode) of one or several models.
 
     models: the denoisers (all of one family; several share one capture, e.g. Wan 2.2's two experts).
-    block_index: student block; teacher_block_index: backbone-mode teacher block or None.
+    block_index: student block; teacher_block_index: backbone-mode teacher block or None. owner: what
+    holds this capture, named when another capture on the same model is refused.
     """
 
     def __init__(self, models: list[nn.Module], block_index: int, *, teacher_block_index: int | None = None,
                  family: ModelFamily | None = None, hidden_size: int | None = None,
-                 block_key: str = "crepa_block_index", teacher_key: str = "crepa_teacher_block_index") -> None:
+                 block_key: str = "crepa_block_index", teacher_key: str = "crepa_teacher_block_index",
+                 owner: str = "a HiddenStateCapture") -> None:
         if not models:
             raise ValueError("at least one model is needed")
         if hidden_size is not None:
@@ -79,6 +125,14 @@ class HiddenStateCapture:
                 raise ValueError(f"hidden_size must be a positive integer (the width of the block outputs), got "
                                  f"{hidden_size}")
         self.models = [unwrap_model(m) for m in models]
+        self.owner = owner
+        for model in self.models:
+            existing = attached_capture(model)
+            if existing is not None:
+                raise CaptureError(
+                    f"{type(model).__name__} already has {existing.owner} attached (its hooks capture every forward "
+                    f"of the model): call detach() on that regularizer (reg.detach()) before building another on "
+                    "the same model, or keep using the one you have")
         families = {detect_family(m).name for m in self.models}
         if len(families) > 1:
             raise CaptureError(f"models sharing one regularizer must be of one family, got {sorted(families)}")
@@ -97,29 +151,33 @@ class HiddenStateCapture:
         self._state = _ForwardState()
         self._handles: list[Any] = []
         for model in self.models:
-            self._handles.append(model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
-            self._handles.append(model.register_forward_hook(self._model_post_hook, always_call=True))
+            self._handles.append(model.register_forward_pre_hook(self._hook(self._model_pre_hook), with_kwargs=True))
+            self._handles.append(model.register_forward_hook(self._hook(self._model_post_hook), always_call=True))
             blocks = self.family.blocks(model)
-            self._handles.append(blocks[block_index].register_forward_hook(
-                self._block_hook("student", model, self.family.block_output_of(model, block_index)),
+            self._handles.append(blocks[block_index].register_forward_hook(self._hook(
+                self._block_hook("student", model, self.family.block_output_of(model, block_index))),
                 with_kwargs=True))
             if teacher_block_index is not None:
-                self._handles.append(blocks[teacher_block_index].register_forward_hook(
-                    self._block_hook("teacher", model, self.family.block_output_of(model, teacher_block_index)),
+                self._handles.append(blocks[teacher_block_index].register_forward_hook(self._hook(
+                    self._block_hook("teacher", model, self.family.block_output_of(model, teacher_block_index))),
                     with_kwargs=True))
 
     # ------------------------------------------------------------------ hooks
 
+    def _hook(self, function) -> _CaptureHook:
+        return _CaptureHook(self, function)
+
     def _model_pre_hook(self, model, args, kwargs):
-        if _in_backward():
-            return None
+        signature = self._signatures.get(id(model))
+        if signature is None or _in_backward():
+            return None      # a shallow copy of a hooked model (shares the hook dicts), or a recomputation
         state = self._state
         state.reset()
         state.open = True
         state.grad_enabled = torch.is_grad_enabled()
         state.model = model
         try:
-            bound = self._signatures[id(model)].bind_partial(*args, **kwargs).arguments
+            bound = signature.bind_partial(*args, **kwargs).arguments
         except TypeError:
             bound = dict(kwargs)
             if args:
