@@ -5,6 +5,7 @@ from .capture import HiddenStateCapture
 from .config import CrepaConfig, UrepaConfig, add_argparse_args
 from .crepa import CrepaRegularizer
 from .families import FAMILIES, CaptureError, ModelFamily
+from .flow_latents import clean_latents_from_flow_target
 from .encoder import ENCODER_HUB_IDS, EncoderLoadError, FrozenEncoder
 from .projector import AlignmentProjector
 from .schedule import CoefficientSchedule
@@ -25,4 +26,5 @@ __all__ = [
     "UrepaConfig",
     "UrepaRegularizer",
     "add_argparse_args",
+    "clean_latents_from_flow_target",
 ]
