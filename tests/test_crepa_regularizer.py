@@ -345,8 +345,8 @@ def test_default_impl_auto():
 
 
 def test_facade_errors():
-    with pytest.raises(ValueError, match="crepa_enabled is false"):
-        CrepaRegularizer.from_config({**BASE, "crepa_enabled": False}, transformer=tm.tiny_wan())
+    with pytest.raises(ValueError, match=r"crepa_enabled is false: CrepaRegularizer.from_config\(...\) gives a no-op"):
+        CrepaRegularizer(CrepaConfig.from_dict({**BASE, "crepa_enabled": False}), transformer=tm.tiny_wan())
     with pytest.raises(TypeError, match="CrepaConfig, a dict or a path"):
         CrepaRegularizer.from_config(3, transformer=tm.tiny_wan())
     with pytest.raises(ValueError, match="UrepaRegularizer"):

@@ -32,7 +32,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 import tiny_models as tm
-from repa_kernels.regularizer import CaptureError, CrepaRegularizer, UrepaRegularizer
+from repa_kernels.regularizer import CaptureError, CrepaConfig, CrepaRegularizer, UrepaRegularizer
 from repa_kernels.regularizer.config import UnsupportedFeatureError
 
 CREPA = {"crepa_enabled": True, "crepa_block_index": 1, "crepa_encoder_image_size": 16}
@@ -129,8 +129,12 @@ BAD_BUILDS = [
      ValueError, ["max_train_steps", "-5"]),
     ("config_wrong_type", lambda: CrepaRegularizer.from_config([1], transformer=tm.tiny_wan()), TypeError,
      ["cfg must be a CrepaConfig, a dict or a path to a JSON file, got list"]),
-    ("config_disabled", lambda: CrepaRegularizer.from_config({**CREPA, "crepa_enabled": False}, transformer=tm.tiny_wan()),
-     ValueError, ["crepa_enabled is false"]),
+    ("config_disabled_in_the_constructor",
+     lambda: CrepaRegularizer(CrepaConfig.from_dict({**CREPA, "crepa_enabled": False}), transformer=tm.tiny_wan()),
+     ValueError, ["crepa_enabled is false", "from_config(...) gives a no-op regularizer"]),
+    ("config_disabled_misspelled_argument",
+     lambda: CrepaRegularizer.from_config({**CREPA, "crepa_enabled": False}, transformer=tm.tiny_wan(), vea=None),
+     TypeError, ["CrepaRegularizer.from_config", "vea"]),
     ("encoder_missing_offline", lambda: CrepaRegularizer.from_config(CREPA, transformer=tm.tiny_wan(),
                                                                      encoder="/nonexistent/dinov2"), Exception,
      ["/nonexistent/dinov2", "does not exist"]),

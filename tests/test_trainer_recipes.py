@@ -78,3 +78,24 @@ def test_readme_lists_the_log_keys_a_call_returns(kind):
     _, logs = skipping(**call, step=0)
     assert set(logs) == {f"{kind}_loss", f"{kind}_weight", f"{kind}_cutoff"} and set(logs) <= listed
     skipping.detach()
+
+
+@pytest.mark.parametrize("kind", ["crepa", "urepa"])
+def test_a_disabled_config_gives_a_no_op_regularizer(kind):
+    """README's lines run unchanged without the flag: no hooks, no parameters, empty state, loss 0, no logs."""
+    model = tm.tiny_wan().train() if kind == "crepa" else tm.tiny_unet().train()
+    lat = randn(2, 4, 3, 4, 6) if kind == "crepa" else randn(2, 4, 8, 8)
+    hooks = [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()]
+    keys = {f"{kind}_enabled": False, f"{kind}_scheduler": "cosine"}   # would need max_train_steps if enabled
+    if kind == "crepa":
+        reg = CrepaRegularizer.from_config(keys, transformer=model, vae=tm.tiny_wan_vae())
+    else:
+        reg = UrepaRegularizer.from_config(keys, unet=model, vae=None)
+    assert not reg.enabled and list(reg.parameters()) == [] and reg.state_dict() == {}
+    assert [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()] == hooks
+    pred = tm.tiny_forward(model, lat)
+    reg_loss, logs = reg(latents=lat, step=0)
+    assert logs == {} and reg_loss.dtype == torch.float32 and reg_loss.shape == () and float(reg_loss) == 0.0
+    (pred.square().mean() + reg_loss).backward()
+    reg.load_state_dict(reg.state_dict())
+    reg.detach()

@@ -107,8 +107,8 @@ def test_image_tiny_autoencoder():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="urepa_enabled is false"):
-        UrepaRegularizer.from_config({"urepa_enabled": False}, unet=tm.tiny_unet())
+    with pytest.raises(ValueError, match="urepa_enabled is false: UrepaRegularizer.from_config"):
+        UrepaRegularizer(UrepaConfig.from_dict({"urepa_enabled": False}), unet=tm.tiny_unet())
     with pytest.raises(ValueError, match="CrepaRegularizer"):
         UrepaRegularizer.from_config(BASE, unet=tm.tiny_wan(), encoder=tm.tiny_dinov2())
     with pytest.raises(TypeError, match="UrepaConfig"):

@@ -13,6 +13,7 @@ Each regularizer adds only its construction and `_loss`."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -23,6 +24,7 @@ from .. import backends
 from ..checks import check_flag   # numpy bools accepted, as everywhere a bool is
 from .cached_teacher import CachedTeacher
 from .capture import CaptureError, HiddenStateCapture
+from .disabled import DisabledRegularizer
 from .inputs import CallInputs
 from .projector import attach_projector
 from .schedule import CoefficientSchedule
@@ -71,13 +73,23 @@ class AlignmentRegularizerBase(nn.Module):
 
     projector_name = ""
     prefix = ""
+    enabled = True    # False on the DisabledRegularizer a disabled config gives
     config_class: type = type(None)   # CrepaConfig / UrepaConfig
 
     @classmethod
     def from_config(cls, cfg, **arguments):
         """cfg: a config object, a dict (a whole trainer config is fine) or a JSON file path; the other
-        keyword arguments are the constructor's."""
-        return cls(load_config(cfg, cls.config_class), **arguments)
+        keyword arguments are the constructor's. A config with `{prefix}_enabled` false gives a
+        `DisabledRegularizer` (disabled.py: loss 0, no logs, no hooks, no parameters); the keyword
+        names are still checked against the constructor's."""
+        config = load_config(cfg, cls.config_class)
+        if not getattr(config, f"{config.PREFIX}_enabled"):
+            try:
+                inspect.signature(cls.__init__).bind(None, config, **arguments)
+            except TypeError as error:
+                raise TypeError(f"{cls.__name__}.from_config: {error}") from None
+            return DisabledRegularizer(config, cls.__name__)
+        return cls(config, **arguments)
 
     def _init_settings(self, config, impl: str, check_finite: bool) -> None:
         """Validate and keep the settings both regularizers share."""
@@ -87,8 +99,8 @@ class AlignmentRegularizerBase(nn.Module):
             raise TypeError(f"config must be a {config_class.__name__} (use {name}.from_config for dicts and JSON "
                             f"files), got {type(config).__name__}")
         if not getattr(config, f"{prefix}_enabled"):
-            raise ValueError(f"{prefix}_enabled is false: build the regularizer only when the config turns it on "
-                             f"(if cfg.{prefix}_enabled: reg = {name}.from_config(...))")
+            raise ValueError(f"{prefix}_enabled is false: {name}.from_config(...) gives a no-op regularizer for a "
+                             f"disabled config; the constructor builds only an enabled one")
         self.config = config
         self.impl = check_impl(impl)
         self.check_finite = check_flag("check_finite", check_finite)
