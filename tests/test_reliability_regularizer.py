@@ -198,7 +198,39 @@ BAD_CALLS = [
      ["pixels must be a floating-point tensor in [0, 1]", "torch.uint8"]),
     ("pixels_too_few_frames", dict(pixels=torch.rand(2, 2, 3, 16, 24), step=0), ValueError,
      ["2 frames were given but the student has 3 frames"]),
+    ("pixels_portrait_on_a_landscape_grid", dict(pixels=torch.rand(2, 5, 3, 32, 16), step=0), ValueError,
+     ["pixels of shape (2, 5, 3, 32, 16)", "token grid (3, 2, 3)", "stretched"]),
 ]
+
+
+@pytest.mark.parametrize("case", ["unet_latents_wider", "unet_pixels_wider", "pixart_pixels_portrait",
+                                  "unet_latents_rounded"])
+def test_a_teacher_input_of_another_aspect_or_size_is_refused_not_stretched(case):
+    """U-REPA compares the latents with the forward's grid (CREPA always did); pixels whose aspect is not
+    the token grid's are refused in both, naming both shapes; one token of rounding per side is fine."""
+    if case.startswith("unet"):
+        model = tm.tiny_unet()
+        reg = UrepaRegularizer.from_config(UREPA, unet=model, encoder=tm.tiny_dinov2(), vae=tm.tiny_image_vae())
+        forward = randn(2, 4, 8, 8)      # mid-block grid (1, 4, 4)
+    else:
+        model = tm.tiny_pixart()
+        reg = crepa(transformer=model, vae=None)[0]
+        forward = randn(2, 4, 8, 12)     # token grid (1, 4, 6)
+    tm.tiny_forward(model, forward)
+    call = {"unet_latents_wider": dict(latents=randn(2, 4, 8, 16)),
+            "unet_pixels_wider": dict(pixels=torch.rand(2, 3, 64, 128)),
+            "pixart_pixels_portrait": dict(pixels=torch.rand(2, 3, 48, 32)),
+            "unet_latents_rounded": dict(latents=randn(2, 4, 7, 9))}[case]
+    if case == "unet_latents_rounded":
+        assert torch.isfinite(reg(**call, step=0)[0])
+        return
+    expected = {"unet_latents_wider": ["latents of shape (2, 4, 8, 16)", "mid-block grid (1, 4, 4)"],
+                "unet_pixels_wider": ["pixels of shape (2, 1, 3, 64, 128)", "token grid (1, 4, 4)"],
+                "pixart_pixels_portrait": ["pixels of shape (2, 1, 3, 48, 32)", "token grid (1, 4, 6)"]}[case]
+    with pytest.raises(ValueError) as info:
+        reg(**call, step=0)
+    for fragment in expected:
+        assert fragment in str(info.value), f"{fragment!r} missing from: {info.value}"
 
 
 @pytest.mark.parametrize("case_id, kwargs, error, fragments", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])

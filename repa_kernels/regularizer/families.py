@@ -85,7 +85,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .grids import TokenGrid, image_grid_from_aspect, tokens_to_grid, unpermute_local_blocks
+from .grids import TokenGrid, check_pixels_fit_grid, image_grid_from_aspect, tokens_to_grid, unpermute_local_blocks
 from .inputs import CallInputs
 
 KANDINSKY5_LOCAL_BLOCK = 8
@@ -364,6 +364,20 @@ def _config_value(config, key: str):
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _check_unet_latents(model: nn.Module, latents: torch.Tensor, grid: TokenGrid) -> None:
+    """Latents (B, C, H, W) of the forward's size give the mid-block grid: each down block with a
+    downsampler halves a side (a stride-2 convolution rounds up, a pooling down), so the mid-block side
+    lies between floor(H / 2^n) and ceil(H / 2^n)."""
+    factor = 2 ** sum(1 for block in getattr(model, "down_blocks", ()) if getattr(block, "downsamplers", None))
+    for side, size in (("rows", grid.height), ("columns", grid.width)):
+        latent = latents.shape[2] if side == "rows" else latents.shape[3]
+        if not latent // factor <= size <= -(-latent // factor):
+            raise ValueError(f"latents of shape {tuple(latents.shape)} do not give the mid-block grid {tuple(grid)} "
+                             f"(frames, rows, columns) of the UNet's forward (its {factor}x downsampling makes "
+                             f"{latent} latent {side} {latent // factor} or {-(-latent // factor)} tokens): pass the "
+                             "clean latents of the batch the UNet just saw")
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -529,8 +543,13 @@ class ModelFamily:
             if inputs.token_grid is not None and inputs.token_grid != grid:
                 raise ValueError(f"token_grid={tuple(inputs.token_grid)} disagrees with the mid-block grid "
                                  f"{tuple(grid)}")
-            if inputs.latents is not None and inputs.latents.dim() != 4:
-                raise ValueError(f"latents for a UNet must be (B, C, H, W), got shape {tuple(inputs.latents.shape)}")
+            if inputs.latents is not None:
+                if inputs.latents.dim() != 4:
+                    raise ValueError(f"latents for a UNet must be (B, C, H, W), got shape "
+                                     f"{tuple(inputs.latents.shape)}")
+                _check_unet_latents(captured.model, inputs.latents, grid)
+            if inputs.pixels is not None:
+                check_pixels_fit_grid(tuple(inputs.pixels.shape), grid, "the mid-block")
             return grid
         latents = inputs.latents
         if latents is not None:
@@ -552,6 +571,8 @@ class ModelFamily:
         if grid is None:
             raise ValueError(f"cannot tell the token grid of the {self.name} hidden states: pass latents= "
                              "(their shape gives it) or token_grid=(frames, rows, columns)")
+        if inputs.pixels is not None:
+            check_pixels_fit_grid(tuple(inputs.pixels.shape), grid, "the forward")
         return grid
 
     def image_tokens(self, tokens: torch.Tensor, grid: TokenGrid, what: str,

@@ -68,6 +68,24 @@ def image_grid_from_aspect(num_tokens: int, height: int, width: int, what: str, 
     return TokenGrid(1, rows, num_tokens // rows)
 
 
+def check_pixels_fit_grid(pixels_shape: tuple[int, ...], grid: TokenGrid, grid_source: str) -> None:
+    """Refuse pixels whose aspect ratio is not the token grid's (they would be stretched onto it).
+
+    The grid's sides are whole tokens rounded from the image (floor or ceil of the latent size over the
+    patch size or the downsampling), so each true side lies within one token of the grid's: pixels
+    (H, W) fit a grid (h, w) when (h − 1)/(w + 1) <= H/W <= (h + 1)/(w − 1). On a 64 x 64 grid that is
+    about 3%; portrait 32 x 16 frames on a landscape 2 x 3 grid (2.0 against 2/3) are refused."""
+    height, width = pixels_shape[-2], pixels_shape[-1]
+    aspect = height / width
+    low = max(grid.height - 1, 0) / (grid.width + 1)
+    high = (grid.height + 1) / (grid.width - 1) if grid.width > 1 else math.inf
+    if not low <= aspect <= high:
+        raise ValueError(f"pixels of shape {tuple(pixels_shape)} ({height}x{width}, aspect {aspect:.3g}) do not "
+                         f"fit the token grid {tuple(grid)} (frames, rows, columns) of {grid_source} (aspect "
+                         f"{grid.height / grid.width:.3g}, one token of rounding allowed per side): they would be "
+                         "stretched. Pass the frames of the batch the model saw, at its aspect ratio")
+
+
 def select_frames(num_source: int, num_target: int) -> list[int]:
     """Indices of `num_target` frames out of `num_source`, nearest on an even spacing.
 
