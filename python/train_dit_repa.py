@@ -10,8 +10,8 @@ REPA for images is CREPA with one frame: the same `CrepaRegularizer` and `crepa_
 keys have nothing to act on). Out of the box the transformer, VAE and DINOv2 are tiny and random-init;
 the lines marked REAL MODEL show what to put instead. The four regularizer lines are marked (1) to (4):
 
-  (1) build the regularizer after the models and BEFORE the optimizer and `accelerator.prepare` (it
-      registers `crepa_projector` on the transformer, so the optimizer and checkpoints see it);
+  (1) build the regularizer after the models, give its parameters (the projector) to the optimizer and
+      register it for checkpointing (`save_state` then saves its projector and schedule state);
   (2) the usual forward (a hook captures block `crepa_block_index`; for Flux the double blocks come
       first, then the single blocks, as one sequence of indices, and text tokens are removed);
   (3) the regularizer call with this batch's clean latents (or `pixels=`, which skips the VAE decode);
@@ -167,13 +167,17 @@ def main(argv=None) -> int:
     vae.to(accelerator.device)
     cfg = CrepaConfig.from_args(args)
 
-    # (1) the regularizer, before the optimizer and accelerator.prepare
+    # (1) the regularizer, before the optimizer
     reg = None
     if cfg.crepa_enabled:
         reg = CrepaRegularizer.from_config(cfg, transformer=transformer, vae=vae, encoder=build_encoder(cfg, args.seed),
                                            max_train_steps=args.steps)
-        accelerator.register_for_checkpointing(reg)          # the schedule state (EMA, cutoff) resumes exactly
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.lr)   # includes transformer.crepa_projector
+        reg.to(accelerator.device)                    # where the prepared model will run
+        accelerator.register_for_checkpointing(reg)   # save_state / load_state: its projector and schedule
+    # the projector is the regularizer's own: its parameters go to the optimizer beside the model's (it
+    # averages its own gradients across processes; nothing to prepare or wrap)
+    params = list(transformer.parameters()) + (list(reg.parameters()) if reg is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
 
     # REAL MODEL: your image dataset (B, 3, H, W) in [0, 1] and your text encoders' outputs (T5 for PixArt;
     # CLIP-L/G + T5 for SD3; CLIP-L pooled + T5 for Flux) instead of the fixed random ones below.
@@ -207,7 +211,7 @@ def main(argv=None) -> int:
                     loss = loss + reg_loss                                                # (4)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(transformer.parameters(), 1.0)
+                    accelerator.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:

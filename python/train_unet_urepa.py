@@ -9,8 +9,8 @@ to the encoder grid) and adds a manifold loss that matches the token-to-token si
 λ · (−mean cosine + urepa_manifold_weight · manifold). Out of the box the UNet, VAE and DINOv2 are tiny and
 random-init; the lines marked REAL MODEL show what to put instead. The four regularizer lines are marked:
 
-  (1) build the regularizer after the models and BEFORE the optimizer and `accelerator.prepare` (it
-      registers `urepa_projector` on the UNet, so the optimizer and checkpoints see it);
+  (1) build the regularizer after the models, give its parameters (the projector) to the optimizer and
+      register it for checkpointing (`save_state` then saves its projector and schedule state);
   (2) the usual UNet forward (a hook captures the mid-block output);
   (3) the regularizer call with this batch's clean latents (or `pixels=`, which skips the VAE decode);
   (4) add its loss to the diffusion loss.
@@ -108,13 +108,17 @@ def main(argv=None) -> int:
     vae.to(accelerator.device)
     cfg = UrepaConfig.from_args(args)
 
-    # (1) the regularizer, before the optimizer and accelerator.prepare
+    # (1) the regularizer, before the optimizer
     reg = None
     if cfg.urepa_enabled:
         reg = UrepaRegularizer.from_config(cfg, unet=unet, vae=vae, encoder=build_encoder(cfg, args.seed),
                                            max_train_steps=args.steps)
-        accelerator.register_for_checkpointing(reg)          # the schedule state (EMA, cutoff) resumes exactly
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.lr)      # includes unet.urepa_projector
+        reg.to(accelerator.device)                    # where the prepared model will run
+        accelerator.register_for_checkpointing(reg)   # save_state / load_state: its projector and schedule
+    # the projector is the regularizer's own: its parameters go to the optimizer beside the model's (it
+    # averages its own gradients across processes; nothing to prepare or wrap)
+    params = list(unet.parameters()) + (list(reg.parameters()) if reg is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
 
     # REAL MODEL: your image dataset (B, 3, H, W) in [0, 1] and your CLIP text encoder's output instead of
     # the fixed random caption below.
@@ -144,7 +148,7 @@ def main(argv=None) -> int:
                     loss = loss + reg_loss                                                # (4)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+                    accelerator.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:

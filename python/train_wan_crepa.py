@@ -9,9 +9,10 @@ Out of the box everything is tiny and random-init (transformer, VAE, DINOv2 teac
 laptop CPU; the lines marked REAL MODEL show what to put instead. What the regularizer needs from a
 trainer is four lines, marked (1) to (4):
 
-  (1) build the regularizer after the models and BEFORE the optimizer, `accelerator.prepare`, DDP or PEFT
-      wrapping: it registers its projector on the transformer as `crepa_projector`, so the optimizer
-      trains it and checkpoints / PEFT (`modules_to_save=["crepa_projector"]`) save it;
+  (1) build the regularizer after the models (and after any `requires_grad_(False)`, `.to(dtype)` or PEFT
+      `add_adapter`: none of them reach its projector, which stays trainable and float32), give its
+      parameters to the optimizer and register it for checkpointing (`save_state` saves its projector and
+      schedule state; it averages the projector's gradients across processes itself);
   (2) run the transformer's forward as usual: a hook captures block `crepa_block_index`;
   (3) call the regularizer with the clean latents of the same batch (or `pixels=` when the trainer has the
       clean frames, which skips the VAE decode) and the optimizer step;
@@ -153,13 +154,17 @@ def main(argv=None) -> int:
     vae.to(accelerator.device)
     cfg = CrepaConfig.from_args(args)
 
-    # (1) the regularizer, before the optimizer and accelerator.prepare
+    # (1) the regularizer, before the optimizer
     reg = None
     if cfg.crepa_enabled:
         reg = CrepaRegularizer.from_config(cfg, transformer=transformer, vae=vae, encoder=build_encoder(cfg, args.seed),
                                            max_train_steps=args.steps)
-        accelerator.register_for_checkpointing(reg)          # the schedule state (EMA, cutoff) resumes exactly
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.lr)   # includes transformer.crepa_projector
+        reg.to(accelerator.device)                    # where the prepared model will run
+        accelerator.register_for_checkpointing(reg)   # save_state / load_state: its projector and schedule
+    # the projector is the regularizer's own: its parameters go to the optimizer beside the model's (it
+    # averages its own gradients across processes; nothing to prepare or wrap)
+    params = list(transformer.parameters()) + (list(reg.parameters()) if reg is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
 
     # REAL MODEL: your video dataset of clean clips (B, F, 3, H, W) in [0, 1], and your text encoder's output
     # (umT5 for Wan, T5 for LTX) instead of the fixed random caption below.
@@ -191,7 +196,7 @@ def main(argv=None) -> int:
                     loss = loss + reg_loss                                                # (4)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(transformer.parameters(), 1.0)
+                    accelerator.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 optimizer.zero_grad()
             if accelerator.sync_gradients:
@@ -202,7 +207,7 @@ def main(argv=None) -> int:
                 if step >= args.steps:
                     break
     if args.output_dir:
-        accelerator.save_state(args.output_dir)   # includes crepa_projector (on the transformer) and the schedule
+        accelerator.save_state(args.output_dir)   # the model, and the regularizer's projector and schedule
     accelerator.end_training()
     return 0
 

@@ -445,8 +445,8 @@ def _state_of(model):
 @pytest.mark.parametrize("mode", ["encoder", "backbone", "urepa"])
 def test_detach_restores_forward_and_gradients_exactly(mode):
     """Pristine model vs the same model after attach, a training step and detach(): the same hooks, the same
-    forward output and the same gradients of a diffusion loss, bit for bit. The projector stays registered
-    (it holds trained weights) but takes no part in the forward."""
+    forward output and the same gradients of a diffusion loss, bit for bit. The projector (the regularizer's
+    own) takes no part in the forward."""
     if mode == "urepa":
         model, lat = tm.tiny_unet().train(), randn(2, 4, 8, 8, seed=6)
     else:
@@ -534,11 +534,12 @@ def test_regularizer_on_a_compiled_transformer_matches_eager():
             loss, logs = reg(teacher_features=features(seed=step), step=step)
             (loss + pred.square().mean()).backward()
             losses.append(loss.detach())
-        return losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        named = [*model.named_parameters(), *(("reg." + n, p) for n, p in reg.named_parameters())]
+        return losses, {n: p.grad.clone() for n, p in named if p.grad is not None}
 
     eager_losses, eager_grads = run(False)
     compiled_losses, compiled_grads = run(True)
     assert torch.allclose(torch.stack(compiled_losses), torch.stack(eager_losses), rtol=1e-6, atol=1e-8)
-    assert compiled_grads.keys() == eager_grads.keys() and any("crepa_projector" in n for n in eager_grads)
+    assert compiled_grads.keys() == eager_grads.keys() and any(n.startswith("reg.projector.") for n in eager_grads)
     for name in eager_grads:
         assert torch.allclose(compiled_grads[name], eager_grads[name], rtol=1e-5, atol=1e-7), name

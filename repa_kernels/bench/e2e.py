@@ -153,7 +153,10 @@ class TrainingRun:
             self.regularizer = CrepaRegularizer.from_config(config, transformer=self.transformer, vae=vae,
                                                             encoder=encoder, max_train_steps=max_train_steps,
                                                             impl=impl, **cache)
-        self.optimizer = torch.optim.AdamW([p for p in self.transformer.parameters() if p.requires_grad], lr=1e-5)
+        trainable = [p for p in self.transformer.parameters() if p.requires_grad]
+        if self.regularizer is not None:
+            trainable += list(self.regularizer.parameters())   # the projector is the regularizer's own
+        self.optimizer = torch.optim.AdamW(trainable, lr=1e-5)
         generator = torch.Generator(device="cpu").manual_seed(1)
         self.latents = torch.randn(preset.latent_shape, generator=generator).to(device)
         self.text = torch.randn((preset.latent_shape[0],) + preset.text_shape, generator=generator).to(device)

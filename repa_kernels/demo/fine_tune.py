@@ -417,8 +417,9 @@ def _run(args: argparse.Namespace) -> int:
         reg = CrepaRegularizer.from_config(_crepa_config(args, image_size), transformer=models.transformer,
                                            vae=None if args.backbone else models.vae,
                                            encoder=encoder, max_train_steps=args.steps, impl=args.backend)
-        # after the regularizer: it registered `crepa_projector` on the transformer, so this sees it
-        optimizer = torch.optim.AdamW(models.transformer.parameters(), lr=args.lr, weight_decay=0.0)
+        # the projector is the regularizer's own: its parameters join the transformer's
+        optimizer = torch.optim.AdamW([*models.transformer.parameters(), *reg.parameters()], lr=args.lr,
+                                      weight_decay=0.0)
         caption = caption_embedding(max(args.batch_size, HELD_OUT_CLIPS), args.seed).to(device)
         batches = Batches(train_latents, args.batch_size, args.seed)
 

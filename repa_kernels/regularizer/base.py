@@ -14,7 +14,9 @@ Each regularizer adds only its construction and `_loss`."""
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -26,7 +28,7 @@ from .cached_teacher import CachedTeacher
 from .capture import CaptureError, HiddenStateCapture
 from .disabled import DisabledRegularizer
 from .inputs import CallInputs
-from .projector import attach_projector
+from .projector import AlignmentProjector, projector_entries
 from .schedule import CoefficientSchedule
 from .teacher import BackboneTeacher
 
@@ -67,11 +69,16 @@ def scalar(value: float, device: torch.device) -> torch.Tensor:
 
 
 class AlignmentRegularizerBase(nn.Module):
-    """Holds the capture, the projector (registered on the model(s), not on this module) and the
-    schedule. `state_dict()` is the schedule state only; the projector's weights are saved with the
-    model they are registered on (`<name>.*` keys), or with a PEFT adapter via `modules_to_save`."""
+    """Holds the capture, the projector and the schedule.
 
-    projector_name = ""
+    The projector is this module's only submodule: `parameters()` are what the optimizer must get besides
+    the model's, `state_dict()` is the projector's weights (`projector.*`) plus the schedule state
+    (`_extra_state`, a uint8 tensor of JSON so safetensors checkpoints hold it), and the trainer wraps this
+    module as it wraps a model (`accelerator.prepare(reg)`, DDP, FSDP2's `fully_shard`) so the projector's
+    gradients are synchronised. The model, the frozen encoder and the VAE are held by reference only: in
+    no state_dict, no parameters(), no `.to()`."""
+
+    projector_name = ""   # where this package (and SimpleTuner) used to put the projector on the model
     prefix = ""
     enabled = True    # False on the DisabledRegularizer a disabled config gives
     config_class: type = type(None)   # CrepaConfig / UrepaConfig
@@ -124,17 +131,19 @@ class AlignmentRegularizerBase(nn.Module):
                     raise ValueError("backbone mode (crepa_use_backbone_features) has no encoder to cache: its "
                                      "teacher is a block of the same forward; drop feature_cache=")
                 teacher = CachedTeacher(teacher, feature_cache, storage_dtype=feature_cache_dtype)
-            projector = attach_projector(capture.models, capture.hidden_size, teacher.width,
-                                         self.projector_name).to(device)
         except BaseException:
             capture.detach()
             raise
         self.family = capture.family
         self.teacher_description = teacher.description
         self._set_plain("_capture", capture)
-        self._set_plain("projector", projector)
         self._set_plain("_teacher", teacher)
+        self.projector = AlignmentProjector(capture.hidden_size, teacher.width).to(device)
         self.schedule = schedule
+        self._warned_frozen = False
+        # A state dict that keeps the projector under its old name on the model (`crepa_projector.*`,
+        # this package's earlier checkpoints and SimpleTuner's) loads through load_state_dict too.
+        self._register_load_state_dict_pre_hook(self._rename_legacy_projector_keys)
 
     @property
     def capture(self) -> HiddenStateCapture:
@@ -159,16 +168,9 @@ class AlignmentRegularizerBase(nn.Module):
     def frames_decoded(self) -> int:
         return self._teacher.frames_decoded
 
-    def live_projector(self, model: nn.Module | None = None) -> nn.Module:
-        """The module the model holds under the projector's name: the projector itself, or the wrapper
-        PEFT put there for `modules_to_save` (whose trainable copy must be the one that runs)."""
-        model = model if model is not None else self._capture.models[0]
-        live = getattr(model, self.projector_name, None)
-        return self.projector if live is None else live
-
     def detach(self) -> None:
         """Remove the hooks (the model runs exactly as before) and drop any captured tensors. The projector
-        stays registered on the model (it holds trained weights)."""
+        and the schedule stay with this module (save them with `state_dict()`)."""
         self._capture.detach()
 
     def set_max_train_steps(self, max_train_steps: int | None) -> None:
@@ -178,13 +180,55 @@ class AlignmentRegularizerBase(nn.Module):
         is unset (docs/contract.md §4)."""
         self.schedule.set_max_train_steps(max_train_steps)
 
-    def get_extra_state(self) -> dict:
-        return {"schedule": self.schedule.state_dict()}
+    # ------------------------------------------------------------------ saving and loading
 
-    def set_extra_state(self, state: dict) -> None:
+    def load_projector_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load only the projector's weights, from any of the layouts it has been saved in: this module's
+        `state_dict()` (`projector.*`), a model state dict of this package's earlier versions or of
+        SimpleTuner (`crepa_projector.norm.*` / `crepa_projector.0.*` among the model's keys), or the
+        projector's own state dict. Strict: every projector tensor must be there with its shape."""
+        entries = projector_entries(state_dict, self.projector_name)
+        if not entries:
+            raise KeyError(f"no projector weights in the given state dict: expected keys under "
+                           f"'{self.projector_name}.' or 'projector.' (e.g. {self.projector_name}.norm.weight or "
+                           f"SimpleTuner's {self.projector_name}.0.weight); got {len(state_dict)} keys such as "
+                           f"{sorted(state_dict)[:4]}")
+        self.projector.load_state_dict(entries)
+
+    def _rename_legacy_projector_keys(self, state_dict, prefix, *args) -> None:
+        old = f"{prefix}{self.projector_name}."
+        for key in [k for k in state_dict if k.startswith(old)]:
+            state_dict[f"{prefix}projector.{key[len(old):]}"] = state_dict.pop(key)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The schedule state and what it belongs to, as JSON in a uint8 tensor: a plain tensor, so the
+        state dict saves with safetensors (accelerate's default) as well as with torch.save."""
+        state = {"regularizer": self.prefix, "schedule": self.schedule.state_dict()}
+        return torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        if isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1:
+            try:
+                state = json.loads(bytes(state.tolist()).decode())
+            except ValueError as exc:
+                raise ValueError(f"regularizer extra state is not the JSON this package writes: {exc}") from None
         if not isinstance(state, dict) or "schedule" not in state:
-            raise ValueError(f"regularizer extra state must be a dict with a 'schedule' entry, got {state!r}")
+            raise ValueError(f"regularizer extra state must hold a 'schedule' entry (from a regularizer's "
+                             f"state_dict()), got {state!r}")
+        owner = state.get("regularizer")
+        if owner is None:
+            warnings.warn(f"{type(self).__name__}: the schedule state names no regularizer (saved by an earlier "
+                          f"repa_kernels or by another trainer); loading it as {self.prefix} state",
+                          UserWarning, stacklevel=3)
+        elif owner != self.prefix:
+            raise ValueError(f"this schedule state belongs to a {owner} regularizer; {type(self).__name__} keeps "
+                             f"{self.prefix} state (load each regularizer's state_dict into its own kind)")
         self.schedule.load_state_dict(state["schedule"])
+
+    def __getstate__(self):
+        raise TypeError(f"a {type(self).__name__} cannot be pickled (it holds hooks on the model and references to "
+                        "the encoder and VAE): checkpoint reg.state_dict() (or "
+                        "accelerator.register_for_checkpointing(reg) / accelerator.prepare(reg)), never the object")
 
     # ------------------------------------------------------------------ the call
 
@@ -226,7 +270,13 @@ class AlignmentRegularizerBase(nn.Module):
                              f"{captured.student.shape[0]}: pass the latents / pixels of the same batch as the "
                              "forward")   # checked before the teacher decodes or encodes anything
         device = self._device()
-        z = self.live_projector(captured.model)(
+        if captured.student.device != device:
+            raise ValueError(f"the captured hidden states are on {captured.student.device} but the projector is on "
+                             f"{device}: move the regularizer where the model runs (reg.to(device)), before the "
+                             "optimizer is built")
+        if torch.is_grad_enabled() and captured.model.training:
+            self._warn_if_frozen()
+        z = self.projector(
             self.family.image_tokens(captured.student, grid, self.student_description, captured.model))
         y = self._teacher.tokens(inputs, captured, grid, device)
         self._require_finite(step, **{"the captured hidden states": captured.student, "the teacher tokens": y})
@@ -291,6 +341,14 @@ class AlignmentRegularizerBase(nn.Module):
             if tensor is not None and not bool(torch.isfinite(tensor).all()):
                 raise FloatingPointError(f"{name} contains NaN or Inf at step {step} (check_finite=True)")
 
+    def _warn_if_frozen(self) -> None:
+        if self._warned_frozen or any(p.requires_grad for p in self.projector.parameters()):
+            return
+        self._warned_frozen = True
+        warnings.warn(f"{type(self).__name__}: the projector is frozen (requires_grad=False) in a training call, so "
+                      f"it stays at its initial weights. Call reg.requires_grad_(True) after freezing, and give "
+                      f"reg.parameters() to the optimizer", UserWarning, stacklevel=3)
+
     def _device(self) -> torch.device:
         return self.projector.linear.weight.device
 
@@ -298,8 +356,7 @@ class AlignmentRegularizerBase(nn.Module):
         """No later call can weigh more than 0: nothing is decoded, encoded or compared. The projector's
         parameters still get a zero gradient, so DDP sees them used."""
         self._capture.clear()
-        live = self.live_projector(self._capture.last_model)
-        loss = sum(p.float().sum() for p in live.parameters() if p.requires_grad) * 0.0
+        loss = sum(p.float().sum() for p in self.projector.parameters() if p.requires_grad) * 0.0
         if not isinstance(loss, torch.Tensor):   # nothing trainable (e.g. frozen for evaluation)
             loss = scalar(0.0, self._device())
         device = self._device()

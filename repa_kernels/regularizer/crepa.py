@@ -5,8 +5,8 @@
     reg_loss, logs = reg(latents=clean_latents, step=global_step)
     (diffusion_loss + reg_loss).backward()
 
-Build it before the optimizer, `accelerator.prepare`, DDP or PEFT wrapping: it registers the projector on
-the transformer as `crepa_projector` so optimizers see it and PEFT can save it (`modules_to_save`).
+The projector is the regularizer's own (projector.py): give `reg.parameters()` to the optimizer, wrap
+`reg` as the model is wrapped (`accelerator.prepare(reg)`, DDP, `fully_shard`), save `reg.state_dict()`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .schedule import CoefficientSchedule
 from .teacher import BackboneTeacher, EncoderTeacher
 from .vae import Denormalize
 
-PROJECTOR_NAME = "crepa_projector"
+PROJECTOR_NAME = "crepa_projector"   # its key prefix in older checkpoints (on the model), ours and SimpleTuner's
 
 
 class CrepaRegularizer(AlignmentRegularizerBase):
@@ -33,11 +33,10 @@ class CrepaRegularizer(AlignmentRegularizerBase):
 
     Call after the transformer's forward: `reg(latents=..., step=...)` (or `pixels=` / `teacher_features=`)
     returns `(weighted_loss, logs)`; logs are detached scalar tensors (SPEC §6). The module's state_dict
-    holds the schedule state (EMA, cutoff), so a resumed run continues exactly; the projector lives on
-    the transformer as `crepa_projector` and is saved with it (or with a PEFT adapter listing it in
-    `modules_to_save`; the regularizer then runs PEFT's trainable copy). The frozen encoder and the VAE
-    are in no state_dict. The encoder follows the projector's device at each call (the projector moves
-    with the transformer, e.g. under accelerator.prepare); the VAE decodes on its own device.
+    holds the projector's weights and the schedule state (EMA, cutoff), so a resumed run continues
+    exactly; its parameters() are the projector's. The frozen encoder and the VAE are in no state_dict.
+    The encoder follows the projector's device at each call (`reg.to(device)` or accelerator.prepare(reg)
+    moves it); the VAE decodes on its own device.
 
     The call, `reg(latents=None, *, step, pixels=None, teacher_features=None, token_grid=None,
     cache_keys=None)`:
@@ -60,7 +59,7 @@ class CrepaRegularizer(AlignmentRegularizerBase):
                  feature_cache: str | os.PathLike | None = None, feature_cache_dtype: str = "bfloat16") -> None:
         """config: a CrepaConfig (`from_config` also takes a dict or a JSON path).
 
-        transformer: the diffusers transformer, or a list of transformers sharing one projector.
+        transformer: the diffusers transformer, or a list of transformers sharing one projector (Wan 2.2's experts).
         vae: the trainer's VAE, needed for `latents=` calls; encoder: overrides `crepa_encoder` (a name,
         hub id, local path or a Dinov2 module); tae: tiny decoder for `crepa_use_tae`; denormalize: latent
         denormalisation for VAE classes without a known rule; max_train_steps: total steps (wins over the

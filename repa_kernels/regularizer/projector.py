@@ -1,17 +1,41 @@
-"""The trainable projector from the denoiser's hidden size to the teacher's width (SPEC §7)."""
+"""The trainable projector from the denoiser's hidden size to the teacher's width (SPEC §7).
+
+Its home is the regularizer, not the model: `reg.parameters()` go to the optimizer and `reg.state_dict()`
+saves it (with the schedule state). Its gradients are averaged across data-parallel ranks by the projector
+itself (a hook on each parameter's gradient, one all_reduce each), as DDP averages the model's: nothing to
+wrap, whatever wraps the model (DDP, FSDP2 with a bf16 model, DeepSpeed), and wrapping it anyway only
+averages equal values again. Under gradient accumulation each micro-batch's share is averaged as it
+arrives (a mean is linear, so the accumulated gradient is the same; a few MB per micro-batch). Nothing is
+added to the model, so the model's state dict, `save_pretrained`,
+`from_pretrained` + strict `load_state_dict` (diffusers' resume hooks) and PEFT LoRA exports (which
+diffusers refuses when a non-LoRA module is in them) see the model exactly as it was; a trainer's
+`model.requires_grad_(False)`, PEFT's `add_adapter` freezing and `model.to(bf16)` cannot reach it.
+
+It stays float32 by construction: a conversion to another dtype (`.to(torch.bfloat16)`, `.half()`)
+raises instead of happening, since AdamW on bf16 weights is not what the float32 contract promises.
+Older state dicts load too: this package's earlier layout on the model (`crepa_projector.norm.*`,
+`.linear.*`) and SimpleTuner's `nn.Sequential(LayerNorm, Linear)` (`crepa_projector.0.*`, `.1.*`).
+"""
 
 from __future__ import annotations
+
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ranks import mean_across_ranks
+
+# SimpleTuner's nn.Sequential(LayerNorm, Linear) keys -> ours
+_SEQUENTIAL_LAYOUT = {"0.": "norm.", "1.": "linear."}
+
 
 class AlignmentProjector(nn.Module):
     """LayerNorm(C) + Linear(C, D), computed in float32 with autocast disabled.
 
-    x: (..., C) of any float dtype -> (..., D) float32. Parameters are created in float32; if a later
-    `.to(dtype)` casts them, the forward still computes in float32 (autograd casts the gradients back).
+    x: (..., C) of any float dtype -> (..., D) float32. Parameters are float32 and stay so: a dtype
+    conversion raises (device moves are fine). A state dict in SimpleTuner's `0.*` / `1.*` layout loads.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -20,6 +44,19 @@ class AlignmentProjector(nn.Module):
         self.out_features = out_features
         self.norm = nn.LayerNorm(in_features, dtype=torch.float32)
         self.linear = nn.Linear(in_features, out_features, dtype=torch.float32)
+        self._register_load_state_dict_pre_hook(_accept_sequential_layout, with_module=True)
+        for parameter in self.parameters():
+            parameter.register_hook(mean_across_ranks)   # before accumulation into .grad
+
+    def _apply(self, fn, recurse=True):
+        # `fn` is what .to() / .half() / .cuda() apply to every tensor: try it on an empty float32 probe
+        # first, so a dtype conversion is refused before any parameter changes.
+        probe = fn(torch.empty(0, dtype=torch.float32, device=self.linear.weight.device))
+        if isinstance(probe, torch.Tensor) and probe.dtype != torch.float32:
+            raise TypeError(f"the alignment projector stays float32 (it computes in float32 whatever the model's "
+                            f"dtype, and its optimizer must update float32 weights); it was asked to become "
+                            f"{probe.dtype}. Move it with .to(device) only, and cast the model, not the regularizer")
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -33,27 +70,27 @@ class AlignmentProjector(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, compute_dtype=float32"
 
 
-def attach_projector(models: list[nn.Module], in_features: int, out_features: int,
-                     name: str) -> AlignmentProjector:
-    """The projector registered on every model as attribute `name` (crepa_projector / urepa_projector), so
-    the models' parameters(), state_dict() and PEFT `modules_to_save` include it.
 
-    A projector of the right shape already registered there (a regularizer built again on the same model)
-    is reused, so its trained weights carry over; anything else under that name is an error.
-    """
-    projector = None
-    for model in models:
-        existing = getattr(model, name, None)
-        if existing is None:
-            continue
-        if not (isinstance(existing, AlignmentProjector) and existing.in_features == in_features
-                and existing.out_features == out_features) or (projector is not None and existing is not projector):
-            raise ValueError(f"{type(model).__name__} already has an attribute {name!r} ({existing!r}) that is not a "
-                             f"projector {in_features} -> {out_features} shared by all models; remove it "
-                             f"(delattr(model, {name!r})) before building the regularizer")
-        projector = existing
-    if projector is None:
-        projector = AlignmentProjector(in_features, out_features)
-    for model in models:
-        model.add_module(name, projector)
-    return projector
+
+def _accept_sequential_layout(module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: rename SimpleTuner's `<prefix>0.*` / `<prefix>1.*` keys to ours in place."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        for theirs, ours in _SEQUENTIAL_LAYOUT.items():
+            if rest.startswith(theirs):
+                state_dict[prefix + ours + rest[len(theirs):]] = state_dict.pop(key)
+
+
+def projector_entries(state_dict: Mapping[str, torch.Tensor], legacy_name: str) -> dict[str, torch.Tensor]:
+    """The projector's tensors out of a state dict that holds them under `legacy_name.` (a model state dict
+    saved by this package before the projector moved to the regularizer, or a SimpleTuner checkpoint), or
+    as the regularizer's own `projector.` keys, or bare (`norm.weight`, `0.weight`, ...). Keys are returned
+    without that prefix; an empty dict when the state dict has none of these."""
+    def projector_key(rest: str) -> bool:
+        return rest.split(".", 1)[0] in ("norm", "linear", "0", "1")
+
+    for prefix in (f"{legacy_name}.", "projector."):
+        found = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and projector_key(k[len(prefix):])}
+        if found:
+            return found
+    return dict(state_dict) if state_dict and all(projector_key(k) for k in state_dict) else {}

@@ -26,7 +26,7 @@ from .schedule import CoefficientSchedule
 from .teacher import EncoderTeacher
 from .vae import Denormalize
 
-PROJECTOR_NAME = "urepa_projector"
+PROJECTOR_NAME = "urepa_projector"   # its key prefix in older checkpoints (on the model)
 
 
 class UrepaRegularizer(AlignmentRegularizerBase):
@@ -34,8 +34,8 @@ class UrepaRegularizer(AlignmentRegularizerBase):
 
     Call after the UNet's forward: `reg(latents=..., step=...)` (or `pixels=` / `teacher_features=`)
     returns `(weighted_loss, logs)`; logs are detached scalar tensors (SPEC §6). The state_dict holds the
-    schedule state; the projector lives on the UNet as `urepa_projector` and is saved with it (or with a
-    PEFT adapter via `modules_to_save`). The encoder and VAE are in no state_dict.
+    projector's weights and the schedule state; parameters() are the projector's (give them to the
+    optimizer). The encoder and VAE are in no state_dict.
 
     The call, `reg(latents=None, *, step, pixels=None, teacher_features=None, token_grid=None,
     cache_keys=None)`: latents

@@ -1,8 +1,10 @@
 """Distributed training worker for tests/test_distributed.py (torch.multiprocessing.spawn target).
 
-Every rank builds the same tiny Wan + CrepaRegularizer (before wrapping, as the README says), wraps the
-model in DDP (or FSDP2 `fully_shard`), trains on its half of each step's batch and saves, per step, the
-logs and the gradients of every parameter, and the final weights, to OUT_DIR/rank{r}.pt.
+Every rank builds the same tiny Wan + CrepaRegularizer, wraps the model in DDP (or FSDP2 `fully_shard`)
+and leaves the regularizer unwrapped (its projector averages its own gradients across ranks), trains on
+its half of each step's batch and saves, per step, the logs and the gradients of every parameter, and the final
+weights, to OUT_DIR/{mode}_rank{r}.pt. Mode "fsdp_bf16" casts the model to bfloat16 after the regularizer
+exists (as trainers do); the projector stays float32.
 `single_process_run` does the same on the whole batch without torch.distributed: the ground truth.
 """
 
@@ -46,25 +48,32 @@ def step_batch(step: int):
     return latents, text, features, target
 
 
-def build(threshold: float):
+def build(threshold: float, dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)
     model = tm.tiny_wan().train()
     reg = CrepaRegularizer.from_config({**CONFIG, "crepa_similarity_threshold": threshold}, transformer=model,
                                        encoder=tm.tiny_dinov2(), max_train_steps=STEPS, impl="auto")
+    model.to(dtype)                 # a trainer's cast after the regularizer exists: the projector stays fp32
     return model, reg
+
+
+def named_parameters(model, reg):
+    """The model's parameters and the regularizer's (its projector), as `projector.*`."""
+    return [*model.named_parameters(), *reg.named_parameters()]
 
 
 def train(model, runner, reg, rows: slice, optimizer) -> dict:
     """runner: the model itself, or its DDP / FSDP wrapper. Returns per-step logs and gradients."""
     records = {}
+    dtype = next(model.parameters()).dtype
     for step in range(STEPS):
         latents, text, features, target = (t[rows] for t in step_batch(step))
         optimizer.zero_grad(set_to_none=True)
-        pred = runner(latents, torch.full((latents.shape[0],), 500.0), text, return_dict=False)[0]
+        pred = runner(latents.to(dtype), torch.full((latents.shape[0],), 500.0), text.to(dtype), return_dict=False)[0]
         reg_loss, logs = reg(teacher_features=features, step=step)
-        ((pred - target).square().mean() + reg_loss).backward()
+        ((pred.float() - target).square().mean() + reg_loss).backward()
         grads = {}
-        for name, p in model.named_parameters():
+        for name, p in named_parameters(model, reg):
             if p.grad is not None:
                 g = p.grad
                 grads[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
@@ -73,20 +82,20 @@ def train(model, runner, reg, rows: slice, optimizer) -> dict:
     return records
 
 
-def weights(model) -> dict:
+def weights(model, reg) -> dict:
     return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in model.named_parameters()}
+            for n, p in named_parameters(model, reg)}
 
 
-def make_optimizer(model) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=LR)
+def make_optimizer(model, reg) -> torch.optim.Optimizer:
+    return torch.optim.SGD([p for _, p in named_parameters(model, reg)], lr=LR)
 
 
-def single_process_run(threshold: float) -> dict:
-    model, reg = build(threshold)
-    optimizer = make_optimizer(model)
+def single_process_run(threshold: float, dtype: torch.dtype = torch.float32) -> dict:
+    model, reg = build(threshold, dtype)
+    optimizer = make_optimizer(model, reg)
     records = train(model, model, reg, slice(None), optimizer)
-    return {"records": records, "weights": weights(model)}
+    return {"records": records, "weights": weights(model, reg)}
 
 
 def run(rank: int, world_size: int, init_file: str, out_dir: str, modes: tuple[str, ...], threshold: float) -> None:
@@ -96,21 +105,22 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, modes: tuple[s
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         for mode in modes:
-            model, reg = build(threshold)
+            model, reg = build(threshold, torch.bfloat16 if mode == "fsdp_bf16" else torch.float32)
             if mode == "ddp":
                 from torch.nn.parallel import DistributedDataParallel
                 runner = DistributedDataParallel(model)           # find_unused_parameters=False: strict
-            elif mode == "fsdp":
+            elif mode in ("fsdp", "fsdp_bf16"):
                 from torch.distributed.fsdp import fully_shard
                 for block in model.blocks:
                     fully_shard(block)
                 runner = fully_shard(model)
             else:
                 raise ValueError(f"unknown mode {mode!r}")
-            optimizer = make_optimizer(model)
+            optimizer = make_optimizer(model, reg)
             per_rank = BATCH // world_size
             records = train(model, runner, reg, slice(rank * per_rank, (rank + 1) * per_rank), optimizer)
-            torch.save({"records": records, "weights": weights(model), "schedule": reg.schedule.state_dict()},
+            torch.save({"records": records, "weights": weights(model, reg), "schedule": reg.schedule.state_dict(),
+                        "projector_dtypes": sorted({str(p.dtype) for p in reg.parameters()})},
                        os.path.join(out_dir, f"{mode}_rank{rank}.pt"))
             reg.detach()
             dist.barrier()

@@ -3,10 +3,10 @@
     python resume_worker.py full   --steps N --save-at K --checkpoint CKPT --out OUT [--threshold X]
     python resume_worker.py resume --steps N --checkpoint CKPT --out OUT [--threshold X]
 
-`full` runs steps 0..N-1 and, before step K, saves the model (with its registered `crepa_projector`),
-the optimizer and the regularizer state_dict to CKPT. `resume` builds everything afresh in this new
+`full` runs steps 0..N-1 and, before step K, saves the model, the optimizer and the regularizer
+state_dict (its projector and schedule) to CKPT. `resume` builds everything afresh in this new
 process, loads CKPT and runs steps K..N-1. Both write, per step, the losses and the regularizer logs,
-and at the end the model's state_dict, to OUT (torch.save). Every input is a function of the step, so
+and at the end the model's and the regularizer's state_dicts, to OUT (torch.save). Every input is a function of the step, so
 the two runs see the same data.
 """
 
@@ -40,7 +40,7 @@ def build(steps: int, threshold: float | None):
     transformer = tm.tiny_wan().train()
     reg = CrepaRegularizer.from_config({**CONFIG, "crepa_similarity_threshold": threshold}, transformer=transformer,
                                        vae=tm.tiny_wan_vae(), encoder=tm.tiny_dinov2(), max_train_steps=steps)
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=3e-2, weight_decay=0.01)  # includes the projector
+    optimizer = torch.optim.AdamW([*transformer.parameters(), *reg.parameters()], lr=3e-2, weight_decay=0.01)
     return transformer, reg, optimizer
 
 
@@ -79,7 +79,7 @@ def main() -> None:
             torch.save({"model": transformer.state_dict(), "optimizer": optimizer.state_dict(),
                         "regularizer": reg.state_dict(), "step": step}, args.checkpoint)
         records[step] = train_step(transformer, reg, optimizer, step)
-    torch.save({"records": records, "model": transformer.state_dict(),
+    torch.save({"records": records, "model": transformer.state_dict(), "regularizer": reg.state_dict(),
                 "schedule": reg.schedule.state_dict()}, args.out)
 
 
