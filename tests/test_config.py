@@ -29,14 +29,16 @@ SPEC_CREPA_DEFAULTS = {
     "crepa_use_backbone_features": False, "crepa_teacher_block_index": None, "crepa_scheduler": "constant",
     "crepa_warmup_steps": 0, "crepa_decay_steps": 0, "crepa_lambda_end": 0.0, "crepa_power": 1.0,
     "crepa_cutoff_step": 0, "crepa_similarity_threshold": None, "crepa_similarity_ema_decay": 0.99,
-    "crepa_threshold_mode": "permanent", "max_train_steps": None,
+    "crepa_threshold_mode": "permanent",
+    "irepa_enabled": False, "irepa_spatial_norm_alpha": 0.6, "irepa_projector_kernel_size": 3, "max_train_steps": None,
 }
 SPEC_UREPA_DEFAULTS = {
     "urepa_enabled": False, "urepa_lambda": 0.5, "urepa_manifold_weight": 3.0, "urepa_model": "dinov2_vitg14",
     "urepa_encoder_image_size": 518, "urepa_use_tae": False, "urepa_scheduler": "constant",
     "urepa_warmup_steps": 0, "urepa_decay_steps": 0, "urepa_lambda_end": 0.0, "urepa_power": 1.0,
     "urepa_cutoff_step": 0, "urepa_similarity_threshold": None, "urepa_similarity_ema_decay": 0.99,
-    "urepa_threshold_mode": "permanent", "max_train_steps": None,
+    "urepa_threshold_mode": "permanent",
+    "irepa_enabled": False, "irepa_spatial_norm_alpha": 0.6, "irepa_projector_kernel_size": 3, "max_train_steps": None,
 }
 T2V_PRESET = {"crepa_scheduler": "cosine", "crepa_lambda": 0.5, "crepa_warmup_steps": 100, "crepa_decay_steps": 0,
               "crepa_lambda_end": 0.1, "crepa_similarity_threshold": 0.85, "crepa_threshold_mode": "permanent"}
@@ -447,7 +449,6 @@ def test_backbone_mode_needs_a_distinct_teacher_block():
     ({"crepa_feature_source": "self_flow"}, "Self-Flow"),
     ({"crepa_self_flow": True, "crepa_self_flow_mask_ratio": 0.25}, "Self-Flow"),
     ({"crepa_self_flow": "true"}, "Self-Flow"),
-    ({"irepa_enabled": True, "irepa_spatial_norm_alpha": 0.6, "irepa_projector_kernel_size": 3}, "iREPA"),
 ])
 def test_unimplemented_feature_turned_on_is_an_error_naming_it(data, feature):
     with pytest.raises(UnsupportedFeatureError, match=f"turns on {feature}.*does not implement"):
@@ -461,21 +462,16 @@ def test_self_flow_doc_preset_is_an_error():
         CrepaConfig.from_dict(preset)
 
 
-def test_irepa_is_an_error_for_an_enabled_urepa():
-    with pytest.raises(UnsupportedFeatureError, match="irepa_enabled=true turns on iREPA"):
-        UrepaConfig.from_dict({"urepa_enabled": True, "irepa_enabled": True})
-
-
 def test_unimplemented_keys_left_off_give_exactly_one_warning():
     data = {"crepa_enabled": True, "crepa_self_flow": False, "crepa_self_flow_mask_ratio": 0.1,
-            "crepa_feature_source": "encoder", "irepa_enabled": False, "irepa_spatial_norm_alpha": 0.6}
+            "crepa_feature_source": "encoder"}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cfg = CrepaConfig.from_dict(data)
     assert cfg.crepa_enabled
     assert len(caught) == 1 and issubclass(caught[0].category, ConfigWarning)
     message = str(caught[0].message)
-    for key in ("crepa_self_flow", "crepa_self_flow_mask_ratio", "irepa_enabled", "irepa_spatial_norm_alpha"):
+    for key in ("crepa_self_flow", "crepa_self_flow_mask_ratio"):
         assert key in message
     assert "crepa_feature_source" not in message  # 'encoder' is implemented
 

@@ -28,7 +28,8 @@ from .cached_teacher import CachedTeacher
 from .capture import CaptureError, HiddenStateCapture
 from .disabled import DisabledRegularizer
 from .inputs import CallInputs
-from .projector import AlignmentProjector, projector_entries
+from .grids import spatially_normalize
+from .projector import build_projector, projector_entries
 from .schedule import CoefficientSchedule
 from .teacher import BackboneTeacher
 
@@ -138,7 +139,11 @@ class AlignmentRegularizerBase(nn.Module):
         self.teacher_description = teacher.description
         self._set_plain("_capture", capture)
         self._set_plain("_teacher", teacher)
-        self.projector = AlignmentProjector(capture.hidden_size, teacher.width).to(device)
+        # iREPA (irepa_enabled): a convolution over the token grid, and the teacher spatially normalised
+        irepa = self.config.irepa_enabled
+        self.projector = build_projector(capture.hidden_size, teacher.width,
+                                         self.config.irepa_projector_kernel_size if irepa else None).to(device)
+        self.teacher_spatial_norm_alpha = self.config.irepa_spatial_norm_alpha if irepa else None
         self.schedule = schedule
         self._warned_frozen = False
         # A state dict that keeps the projector under its old name on the model (`crepa_projector.*`,
@@ -279,6 +284,8 @@ class AlignmentRegularizerBase(nn.Module):
         z = self.projector(
             self.family.image_tokens(captured.student, grid, self.student_description, captured.model))
         y = self._teacher.tokens(inputs, captured, grid, device)
+        if self.teacher_spatial_norm_alpha is not None:
+            y = spatially_normalize(y, self.teacher_spatial_norm_alpha)
         self._require_finite(step, **{"the captured hidden states": captured.student, "the teacher tokens": y})
 
         loss, score, logs = self._loss(z, y)
@@ -350,7 +357,7 @@ class AlignmentRegularizerBase(nn.Module):
                       f"reg.parameters() to the optimizer", UserWarning, stacklevel=3)
 
     def _device(self) -> torch.device:
-        return self.projector.linear.weight.device
+        return next(self.projector.parameters()).device
 
     def _skipped(self, cutoff: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """No later call can weigh more than 0: nothing is decoded, encoded or compared. The projector's

@@ -21,8 +21,12 @@ Rules, in the order they are applied:
   `internal` / `external` / `selfflow` are accepted. A false `crepa_use_backbone_features` means "not
   set", as SimpleTuner reads it, so it never contradicts `crepa_feature_source` (a true one does, with
   any source but backbone).
+- iREPA's keys (`irepa_enabled`, `irepa_spatial_norm_alpha`, `irepa_projector_kernel_size`) belong to
+  both configs: iREPA rides on whichever regularizer is on (CREPA/REPA for transformers, U-REPA for
+  UNets), and `add_argparse_args` registers them once. `irepa_enabled` with neither regularizer on in the
+  same config is an error naming both switches.
 - Keys of features this package does not implement (`crepa_self_flow*`, `crepa_feature_source:
-  "self_flow"`, `irepa_*`) are accepted while they leave the feature off, with one warning per config,
+  "self_flow"`) are accepted while they leave the feature off, with one warning per config,
   and raise `UnsupportedFeatureError` naming the feature when they turn it on for an enabled regularizer.
 - Any other unknown `crepa_*`/`urepa_*` key raises `ValueError` naming the closest valid key.
 - Value types: SimpleTuner feeds its JSON configs through argparse, so strings are valid values there;
@@ -144,12 +148,6 @@ _SELF_FLOW = _UnsupportedFeature(
     key_prefixes=("crepa_self_flow",),
     remedy="set crepa_self_flow to false and crepa_feature_source to 'encoder' or 'backbone'",
 )
-_IREPA = _UnsupportedFeature(
-    name="iREPA (convolutional projector with spatially normalised teacher features)",
-    key_prefixes=("irepa",),
-    remedy="set irepa_enabled to false",
-)
-
 
 def feature_source(value: Any) -> str:
     """`crepa_feature_source` as one of FEATURE_SOURCES (SimpleTuner's aliases included)."""
@@ -169,12 +167,6 @@ def _self_flow_trigger(raw: Mapping[str, Any]) -> tuple[str | None, list[str]]:
     return None, []
 
 
-def _irepa_trigger(raw: Mapping[str, Any]) -> tuple[str | None, list[str]]:
-    if "irepa_enabled" in raw and Bool().coerce("irepa_enabled", raw["irepa_enabled"]):
-        return "irepa_enabled=true", []
-    return None, []
-
-
 # ---------------------------------------------------------------------------------------------------
 # Shared parsing machinery.
 
@@ -190,6 +182,35 @@ class JsonObject(dict):
 
 
 KEY_PREFIXES = ("crepa_", "urepa_", "irepa_")
+IREPA_PREFIX = "irepa_"   # shared by both configs: iREPA rides on the regularizer that is on
+
+
+def _irepa_key(name: str) -> Any:
+    """iREPA's keys with SimpleTuner's names and defaults; each config declares them (the same fields)."""
+    return {
+        "irepa_enabled": _key(False, Bool(), "iREPA: a k x k convolutional projector over the student's token grid "
+                                             "and a spatially normalised teacher (rides on crepa/urepa_enabled)"),
+        "irepa_spatial_norm_alpha": _key(0.6, Float(0.0, maximum=1.0), "iREPA: teacher y' = (y - alpha * mean) / (std + 1e-6) "
+                                                               "over each frame's patch tokens; 1.0 removes the mean"),
+        "irepa_projector_kernel_size": _key(3, Int(1), "iREPA: kernel size k (odd) of the convolutional projector"),
+    }[name]
+
+
+def _check_irepa_host(raw: Mapping[str, Any]) -> None:
+    """irepa_enabled needs a regularizer to ride on, in the same config."""
+    if not ("irepa_enabled" in raw and Bool().coerce("irepa_enabled", raw["irepa_enabled"])):
+        return
+    hosts = [key for key in ("crepa_enabled", "urepa_enabled")
+             if key in raw and Bool().coerce(key, raw[key])]
+    if not hosts:
+        raise ValueError("irepa_enabled=true rides on a regularizer, but neither crepa_enabled nor urepa_enabled is "
+                         "true: turn on crepa_enabled (transformers: REPA/CREPA) or urepa_enabled (UNets: U-REPA)")
+
+
+def check_irepa_kernel_size(value: int) -> None:
+    if value % 2 == 0:
+        raise ValueError(f"irepa_projector_kernel_size must be odd (the convolution keeps the token grid with "
+                         f"padding k // 2), got {value}; valid: 1, 3, 5, ...")
 
 
 def canonical_key(key: str) -> str:
@@ -229,7 +250,7 @@ def _normalize_keys(cls, data: Mapping[str, Any]) -> dict[str, Any]:
 def _raise_misspelled(cls, raw_key: str, meant: str) -> None:
     """The unknown-key error for a key whose lower-case, underscored form is (or is close to) a valid key."""
     known = sorted(_ALL_KEYS | {"crepa_model", "crepa_feature_source"})
-    if meant in known or any(feature.owns(meant) for feature in (_SELF_FLOW, _IREPA)):
+    if meant in known or _SELF_FLOW.owns(meant):
         suggestion = meant
     else:
         same_prefix = [name for name in known if name.startswith(meant.split("_", 1)[0] + "_")]
@@ -261,7 +282,7 @@ def _parse(cls, data: Mapping[str, Any]):
     raw = _normalize_keys(cls, data)
     prefix = cls.PREFIX + "_"
     rules = _rules(cls)
-    own_keys = {key: value for key, value in raw.items() if key.startswith(prefix)}
+    own_keys = {key: value for key, value in raw.items() if key.startswith((prefix, IREPA_PREFIX))}
     enabled_value = own_keys.get(f"{cls.PREFIX}_enabled")
     enabled = False if enabled_value is None else Bool().coerce(f"{cls.PREFIX}_enabled", enabled_value)
 
@@ -295,6 +316,7 @@ def _parse(cls, data: Mapping[str, Any]):
     if "max_train_steps" in raw:
         values["max_train_steps"] = raw["max_train_steps"]
 
+    _check_irepa_host(raw)
     values = cls._resolve_aliases(raw, values)
     # JSON null for a key that cannot be None means "not set", as in SimpleTuner.
     values = {key: value for key, value in values.items() if value is not None or rules[key].nullable}
@@ -323,7 +345,10 @@ def _from_args(cls, namespace: argparse.Namespace):
         raise TypeError(f"from_args expects an argparse.Namespace, got {type(namespace).__name__}")
     prefix = cls.PREFIX + "_"
     data = {key: value for key, value in vars(namespace).items()
-            if key.startswith(prefix) or key == "max_train_steps"}
+            if key.startswith((prefix, IREPA_PREFIX)) or key == "max_train_steps"}
+    other = "urepa_enabled" if cls.PREFIX == "crepa" else "crepa_enabled"
+    if data.get("irepa_enabled") and not data.get(f"{cls.PREFIX}_enabled") and getattr(namespace, other, False):
+        data.pop("irepa_enabled")   # argparse holds both regularizers' keys: iREPA rides on the other one
     return cls.from_dict(data)
 
 
@@ -442,10 +467,13 @@ class CrepaConfig(_ConfigSources):
     crepa_similarity_threshold: float | None = _schedule_key("crepa", "similarity_threshold")
     crepa_similarity_ema_decay: float = _schedule_key("crepa", "similarity_ema_decay")
     crepa_threshold_mode: str = _schedule_key("crepa", "threshold_mode")
+    irepa_enabled: bool = _irepa_key("irepa_enabled")
+    irepa_spatial_norm_alpha: float = _irepa_key("irepa_spatial_norm_alpha")
+    irepa_projector_kernel_size: int = _irepa_key("irepa_projector_kernel_size")
     max_train_steps: int | None = _key(None, Int(0, nullable=True), _MAX_TRAIN_STEPS_HELP)
 
     _ALIASES: ClassVar[tuple[str, ...]] = ("crepa_model", "crepa_feature_source")
-    _UNSUPPORTED: ClassVar[tuple] = ((_SELF_FLOW, _self_flow_trigger), (_IREPA, _irepa_trigger))
+    _UNSUPPORTED: ClassVar[tuple] = ((_SELF_FLOW, _self_flow_trigger),)
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -456,6 +484,15 @@ class CrepaConfig(_ConfigSources):
                                    f"crepa_adjacent_tau={self.crepa_adjacent_tau}, "
                                    f"crepa_cumulative_neighbors={self.crepa_cumulative_neighbors}, "
                                    f"crepa_normalize_neighbour_sum={self.crepa_normalize_neighbour_sum}")
+        check_irepa_kernel_size(self.irepa_projector_kernel_size)
+        if self.crepa_enabled and self.irepa_enabled:
+            if self.crepa_encoder_tokens == "cls" or not self.crepa_spatial_align:
+                which = ("crepa_encoder_tokens='cls'" if self.crepa_encoder_tokens == "cls"
+                         else "crepa_spatial_align=false")
+                raise ValueError(f"irepa_enabled=true with {which}: iREPA normalises the teacher over each frame's "
+                                 "patch tokens and convolves the student's token grid, and one token per frame has "
+                                 "no spatial spread (its std is undefined); use crepa_encoder_tokens='patch' and "
+                                 "crepa_spatial_align=true, or irepa_enabled=false")
         if self.crepa_enabled and self.crepa_use_backbone_features:
             if self.crepa_teacher_block_index is None:
                 raise ValueError(
@@ -521,15 +558,19 @@ class UrepaConfig(_ConfigSources):
     urepa_similarity_threshold: float | None = _schedule_key("urepa", "similarity_threshold")
     urepa_similarity_ema_decay: float = _schedule_key("urepa", "similarity_ema_decay")
     urepa_threshold_mode: str = _schedule_key("urepa", "threshold_mode")
+    irepa_enabled: bool = _irepa_key("irepa_enabled")
+    irepa_spatial_norm_alpha: float = _irepa_key("irepa_spatial_norm_alpha")
+    irepa_projector_kernel_size: int = _irepa_key("irepa_projector_kernel_size")
     max_train_steps: int | None = _key(None, Int(0, nullable=True), _MAX_TRAIN_STEPS_HELP)
 
     _ALIASES: ClassVar[tuple[str, ...]] = ()
-    _UNSUPPORTED: ClassVar[tuple] = ((_IREPA, _irepa_trigger),)
+    _UNSUPPORTED: ClassVar[tuple] = ()
 
     def __post_init__(self) -> None:
         _validate_fields(self)
         check_similarity_threshold("urepa_similarity_threshold", self.urepa_similarity_threshold, 1.0,
                                    "(the U-REPA score is a mean cosine)")
+        check_irepa_kernel_size(self.irepa_projector_kernel_size)
 
     @staticmethod
     def _resolve_aliases(raw: Mapping[str, Any], values: dict[str, Any]) -> dict[str, Any]:
@@ -547,6 +588,8 @@ def _add_group(parser: argparse.ArgumentParser, cls, title: str) -> None:
     for f in dataclasses.fields(cls):
         if f.name == "max_train_steps":  # the trainer's own option; from_args reads it when present
             continue
+        if f.name.startswith(IREPA_PREFIX) and f"--{f.name}" in parser._option_string_actions:
+            continue                     # shared by both configs: registered by the first group
         rule: Rule = f.metadata["rule"]
         help_text = f"{f.metadata['help']} (default: {f.default})"
         names = [f"--{f.name}"]

@@ -31,7 +31,38 @@ from .ranks import mean_across_ranks
 _SEQUENTIAL_LAYOUT = {"0.": "norm.", "1.": "linear."}
 
 
-class AlignmentProjector(nn.Module):
+class _Float32Projector(nn.Module):
+    """What both projectors share: float32 parameters that stay float32, autocast off in the forward, and
+    gradients averaged across ranks as they arrive."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+
+    def _finish_init(self) -> None:
+        for parameter in self.parameters():
+            parameter.register_hook(mean_across_ranks)   # before accumulation into .grad
+
+    def _apply(self, fn, recurse=True):
+        # `fn` is what .to() / .half() / .cuda() apply to every tensor: try it on an empty float32 probe
+        # first, so a dtype conversion is refused before any parameter changes.
+        probe = fn(torch.empty(0, dtype=torch.float32, device=next(self.parameters()).device))
+        if isinstance(probe, torch.Tensor) and probe.dtype != torch.float32:
+            raise TypeError(f"the alignment projector stays float32 (it computes in float32 whatever the model's "
+                            f"dtype, and its optimizer must update float32 weights); it was asked to become "
+                            f"{probe.dtype}. Move it with .to(device) only, and cast the model, not the regularizer")
+        return super()._apply(fn, recurse)
+
+    def _check_width(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"projector expects width {self.in_features}, got shape {tuple(x.shape)}")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, compute_dtype=float32"
+
+
+class AlignmentProjector(_Float32Projector):
     """LayerNorm(C) + Linear(C, D), computed in float32 with autocast disabled.
 
     x: (..., C) of any float dtype -> (..., D) float32. Parameters are float32 and stay so: a dtype
@@ -39,37 +70,56 @@ class AlignmentProjector(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features)
         self.norm = nn.LayerNorm(in_features, dtype=torch.float32)
         self.linear = nn.Linear(in_features, out_features, dtype=torch.float32)
         self._register_load_state_dict_pre_hook(_accept_sequential_layout, with_module=True)
-        for parameter in self.parameters():
-            parameter.register_hook(mean_across_ranks)   # before accumulation into .grad
-
-    def _apply(self, fn, recurse=True):
-        # `fn` is what .to() / .half() / .cuda() apply to every tensor: try it on an empty float32 probe
-        # first, so a dtype conversion is refused before any parameter changes.
-        probe = fn(torch.empty(0, dtype=torch.float32, device=self.linear.weight.device))
-        if isinstance(probe, torch.Tensor) and probe.dtype != torch.float32:
-            raise TypeError(f"the alignment projector stays float32 (it computes in float32 whatever the model's "
-                            f"dtype, and its optimizer must update float32 weights); it was asked to become "
-                            f"{probe.dtype}. Move it with .to(device) only, and cast the model, not the regularizer")
-        return super()._apply(fn, recurse)
+        self._finish_init()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"projector expects width {self.in_features}, got shape {tuple(x.shape)}")
+        self._check_width(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = F.layer_norm(x.float(), (self.in_features,), self.norm.weight.float(), self.norm.bias.float(),
                              self.norm.eps)
             return F.linear(x, self.linear.weight.float(), self.linear.bias.float())
 
+
+class ConvAlignmentProjector(_Float32Projector):
+    """iREPA's projector: a k x k Conv2d(C, D) over each frame's token grid, in float32, autocast off.
+
+    x: (B, T, H, W, C) of any float dtype -> (B, T, H, W, D) float32. Frames are convolved independently
+    (no temporal mixing: CREPA's neighbour terms stay the only cross-frame coupling); padding k // 2 keeps
+    the grid, rectangular or not. Costs k*k times the Linear's FLOPs."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: int) -> None:
+        super().__init__(in_features, out_features)
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 1 (the grid keeps its size with padding k // 2), "
+                             f"got {kernel_size}")
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv2d(in_features, out_features, kernel_size, padding=kernel_size // 2, dtype=torch.float32)
+        self._finish_init()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_width(x)
+        if x.dim() != 5:
+            raise ValueError(f"the convolutional projector takes tokens on their grid (B, T, H, W, C), got shape "
+                             f"{tuple(x.shape)}")
+        b, t, h, w, c = x.shape
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            frames = x.float().reshape(b * t, h, w, c).permute(0, 3, 1, 2)
+            out = F.conv2d(frames, self.conv.weight.float(), self.conv.bias.float(), padding=self.kernel_size // 2)
+        return out.permute(0, 2, 3, 1).reshape(b, t, h, w, self.out_features)
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, compute_dtype=float32"
+        return f"{super().extra_repr()}, kernel_size={self.kernel_size}"
 
 
+def build_projector(in_features: int, out_features: int, conv_kernel_size: int | None) -> _Float32Projector:
+    """LayerNorm + Linear, or iREPA's convolution when `conv_kernel_size` is given."""
+    if conv_kernel_size is None:
+        return AlignmentProjector(in_features, out_features)
+    return ConvAlignmentProjector(in_features, out_features, conv_kernel_size)
 
 
 def _accept_sequential_layout(module, state_dict, prefix, *args) -> None:
@@ -87,7 +137,7 @@ def projector_entries(state_dict: Mapping[str, torch.Tensor], legacy_name: str) 
     as the regularizer's own `projector.` keys, or bare (`norm.weight`, `0.weight`, ...). Keys are returned
     without that prefix; an empty dict when the state dict has none of these."""
     def projector_key(rest: str) -> bool:
-        return rest.split(".", 1)[0] in ("norm", "linear", "0", "1")
+        return rest.split(".", 1)[0] in ("norm", "linear", "conv", "0", "1")
 
     for prefix in (f"{legacy_name}.", "projector."):
         found = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and projector_key(k[len(prefix):])}
