@@ -76,9 +76,9 @@ def test_the_teacher_is_normalised_before_the_loss():
     reg, model, loss, logs = _wan_call("reference")
     features = randn(2, 3, 15, 16, seed=1)
     normalised = spatial_norm_float64(features.reshape(2, 3, 3, 5, 16), 0.6).float().reshape(2, 3, 15, 16)
+    reg.detach()
     plain = CrepaRegularizer.from_config({**CREPA, "irepa_spatial_norm_alpha": 0.0}, transformer=model,
                                          encoder=tm.tiny_dinov2(), impl="reference")
-    reg.detach()
     plain.projector.load_state_dict(reg.projector.state_dict())
     # alpha 0 still divides by the std: undo it by feeding features whose per-frame std is 1 already
     tm.tiny_forward(model, randn(2, 4, 3, 4, 6, seed=0))
