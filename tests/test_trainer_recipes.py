@@ -99,3 +99,61 @@ def test_a_disabled_config_gives_a_no_op_regularizer(kind):
     (pred.square().mean() + reg_loss).backward()
     reg.load_state_dict(reg.state_dict())
     reg.detach()
+
+
+class CustomVAE(torch.nn.Module):
+    """A VAE of no diffusers class: decode gives (B, 3, 4H, 4W) in [-1, 1], or a wrong layout."""
+
+    def __init__(self, layout="images"):
+        super().__init__()
+        self.layout = layout
+
+    def decode(self, z):
+        frames = torch.tanh(z[:, :3]).repeat_interleave(4, -1).repeat_interleave(4, -2)
+        return frames[0] if self.layout == "unbatched" else frames
+
+
+def test_the_vae_or_a_decode_callable_can_be_given_after_construction():
+    from repa_kernels.regularizer.vae import LatentDecoder
+    model, vae, lat = tm.tiny_wan().train(), tm.tiny_wan_vae(), randn(2, 4, 3, 4, 6)
+    reg = CrepaRegularizer.from_config({"crepa_enabled": True, "crepa_block_index": 1,
+                                        "crepa_encoder_image_size": 16}, transformer=model, encoder=tm.tiny_dinov2())
+    tm.tiny_forward(model, lat)
+    with pytest.raises(ValueError, match=r"reg\.set_vae\(vae\) / reg\.set_decoder\(decode\)"):
+        reg(latents=lat, step=0)
+    reg.set_vae(vae)                                     # loaded inside the loop
+    tm.tiny_forward(model, lat)
+    with_vae, _ = reg(latents=lat, step=0)
+    reference = LatentDecoder(vae=vae, video=True)
+    reg.set_decoder(lambda z: reference.decode(z))       # (B, F, 3, H, W) in [0, 1]
+    tm.tiny_forward(model, lat)
+    with_decode, _ = reg(latents=lat, step=0)
+    assert torch.allclose(with_vae, with_decode) and reg.frames_decoded == 2 * 2 * 5
+    reg.set_decoder(lambda z: reference.decode(z).permute(0, 2, 1, 3, 4))   # a diffusers layout, by mistake
+    tm.tiny_forward(model, lat)
+    with pytest.raises(ValueError, match=r"returned shape \(2, 3, 5, 16, 24\).*permute\(0, 2, 1, 3, 4\).*"
+                                         r"frames: a float tensor in \[0, 1\], \(B, F, 3, H, W\)"):
+        reg(latents=lat, step=0)
+    reg.detach()
+
+
+def test_a_custom_vae_class_works_through_decode_and_a_wrong_layout_names_the_contract():
+    unet, lat = tm.tiny_unet().train(), randn(2, 4, 8, 8)
+    keys = {"urepa_enabled": True, "urepa_encoder_image_size": 16}
+    with pytest.raises(ValueError, match="not a VAE class with a known latent normalisation"):
+        UrepaRegularizer.from_config(keys, unet=unet, encoder=tm.tiny_dinov2(), vae=CustomVAE())
+    custom = CustomVAE()
+    reg = UrepaRegularizer.from_config(keys, unet=unet, encoder=tm.tiny_dinov2(),
+                                       decode=lambda z: custom.decode(z) * 0.5 + 0.5)
+    tm.tiny_forward(unet, lat)
+    loss, _ = reg(latents=lat, step=0)
+    assert torch.isfinite(loss) and reg.frames_decoded == 2
+    reg.set_vae(CustomVAE("unbatched"), denormalize=lambda z: z)   # the VAE path: its own layout check
+    tm.tiny_forward(unet, lat)
+    with pytest.raises(ValueError, match=r"CustomVAE.decode returned shape \(3, 32, 32\).*B=2.*pass "
+                                         r"decode=<callable> \(reg.set_decoder\(decode\)\): decode\(latents\)"):
+        reg(latents=lat, step=0)
+    with pytest.raises(ValueError, match="decode= does the whole decode"):
+        UrepaRegularizer.from_config(keys, unet=tm.tiny_unet(), encoder=tm.tiny_dinov2(), vae=custom,
+                                     decode=custom.decode)
+    reg.detach()

@@ -173,6 +173,28 @@ class AlignmentRegularizerBase(nn.Module):
     def frames_decoded(self) -> int:
         return self._teacher.frames_decoded
 
+    # ------------------------------------------------------------------ the decoder, settable later
+
+    def set_vae(self, vae, *, denormalize=None) -> None:
+        """Give (or replace) the VAE that decodes `latents=` calls, for trainers that load it after building
+        the regularizer; as the constructor's `vae=` / `denormalize=` (a class of no known normalisation
+        needs `denormalize=`, or use `set_decoder`)."""
+        teacher = self._decoding_teacher("set_vae")
+        teacher.set_decoder(teacher.decoder.with_vae(vae, denormalize))
+
+    def set_decoder(self, decode) -> None:
+        """Decode `latents=` calls with `decode`, a callable for any VAE class (vae.DECODE_CONTRACT):
+        latents as the regularizer is given them -> frames in [0, 1], (B, F, 3, H, W) for video or
+        (B, 3, H, W) for images. Replaces a VAE given before."""
+        teacher = self._decoding_teacher("set_decoder")
+        teacher.set_decoder(teacher.decoder.with_decode(decode))
+
+    def _decoding_teacher(self, method: str):
+        if isinstance(self._teacher, BackboneTeacher):
+            raise ValueError(f"{method}: backbone mode (crepa_use_backbone_features) takes its teacher from block "
+                             f"{self._teacher.block_index} and decodes nothing")
+        return self._teacher
+
     def detach(self) -> None:
         """Remove the hooks (the model runs exactly as before) and drop any captured tensors. The projector
         and the schedule stay with this module (save them with `state_dict()`)."""

@@ -77,6 +77,10 @@ class CachedTeacher:
         return self.teacher.encoder
 
     @property
+    def decoder(self):
+        return self.teacher.decoder
+
+    @property
     def width(self) -> int:
         return self.teacher.width
 
@@ -94,6 +98,14 @@ class CachedTeacher:
 
     def follow(self, device: torch.device) -> None:
         self.teacher.follow(device)
+
+    def set_decoder(self, decoder) -> None:
+        """Another decoder: latents now decode to other pixels, so the latents cache (whose identity
+        names the decoder) is written out and reopened under the new identity at its next use."""
+        latents_cache = self._caches.pop("latents", None)
+        if latents_cache is not None:
+            latents_cache.close()
+        self.teacher.set_decoder(decoder)
 
     def cache(self, source: str) -> FeatureCache:
         """The cache of `source` ("pixels" or "latents"), opened on first use."""

@@ -56,7 +56,8 @@ class CrepaRegularizer(AlignmentRegularizerBase):
     def __init__(self, config: CrepaConfig, *, transformer, vae=None, encoder: str | nn.Module | None = None,
                  tae=None, denormalize: Denormalize | None = None, max_train_steps: int | None = None,
                  hidden_size: int | None = None, impl: str = "auto", check_finite: bool = False,
-                 feature_cache: str | os.PathLike | None = None, feature_cache_dtype: str = "bfloat16") -> None:
+                 feature_cache: str | os.PathLike | None = None, feature_cache_dtype: str = "bfloat16",
+                 decode=None) -> None:
         """config: a CrepaConfig (`from_config` also takes a dict or a JSON path).
 
         transformer: the diffusers transformer, or a list of transformers sharing one projector (Wan 2.2's experts).
@@ -68,7 +69,9 @@ class CrepaRegularizer(AlignmentRegularizerBase):
         on NaN/Inf in the inputs, the captured hidden states or the teacher tokens (one host sync each;
         off by default, when non-finite values propagate to the loss and stay out of the EMA);
         feature_cache: a folder for the teacher-feature cache (None: no cache); feature_cache_dtype: its
-        storage dtype, "bfloat16", "float16" or "float32".
+        storage dtype, "bfloat16", "float16" or "float32"; decode: instead of vae=, a callable for a VAE of
+        any class, latents -> frames in [0, 1] (vae.DECODE_CONTRACT). The VAE or decode callable can also
+        be given after construction: `set_vae(vae)` / `set_decoder(decode)`.
         """
         super().__init__()
         self._init_settings(config, impl, check_finite)
@@ -96,7 +99,7 @@ class CrepaRegularizer(AlignmentRegularizerBase):
                 tokens=config.crepa_encoder_tokens, image_size=config.crepa_encoder_image_size,
                 frames_batch_size=config.crepa_encoder_frames_batch_size, vae=vae, tae=tae, denormalize=denormalize,
                 use_tae=config.crepa_use_tae, video=capture.family.kind == "video",
-                drop_encoder_of_vae=config.crepa_drop_vae_encoder)
+                drop_encoder_of_vae=config.crepa_drop_vae_encoder, decode=decode)
 
         self._attach(models, make_teacher, schedule, block_index=config.crepa_block_index,
                      teacher_block_index=teacher_index, hidden_size=hidden_size, feature_cache=feature_cache,

@@ -70,19 +70,28 @@ class EncoderTeacher:
         self.description = description
         self.features = FeatureTeacher(encoder.hidden_size, encoder.tokens == "cls")
         self.frames_decoded = 0
+        self.drop_encoder_of_vae = False   # crepa_drop_vae_encoder: also for a VAE set later
 
     @classmethod
     def build(cls, source, *, device: torch.device, dtype: str, tokens: str, image_size: int,
               frames_batch_size: int = -1, vae=None, tae=None, denormalize=None, use_tae: bool = False,
-              video: bool, use_tae_key: str = "crepa_use_tae", drop_encoder_of_vae: bool = False) -> "EncoderTeacher":
+              video: bool, use_tae_key: str = "crepa_use_tae", drop_encoder_of_vae: bool = False,
+              decode=None) -> "EncoderTeacher":
         """The encoder (a name, hub id, local path or Dinov2 module) on `device`, and the latent decoder."""
-        frozen = FrozenEncoder.load(source, dtype=dtype, frames_batch_size=frames_batch_size, tokens=tokens).to(device)
         decoder = LatentDecoder(vae=vae, tae=tae, denormalize=denormalize, use_tae=use_tae, video=video,
-                                use_tae_key=use_tae_key)
+                                use_tae_key=use_tae_key, decode=decode)
+        frozen = FrozenEncoder.load(source, dtype=dtype, frames_batch_size=frames_batch_size, tokens=tokens).to(device)
+        teacher = cls(frozen, decoder, image_size, f"encoder {source if isinstance(source, str) else type(source).__name__}")
+        teacher.drop_encoder_of_vae = drop_encoder_of_vae
         if drop_encoder_of_vae and vae is not None:
             drop_vae_encoder(vae)
-        return cls(frozen, decoder, image_size,
-                   f"encoder {source if isinstance(source, str) else type(source).__name__}")
+        return teacher
+
+    def set_decoder(self, decoder: LatentDecoder) -> None:
+        """Decode later `latents=` calls with `decoder` (the trainer's VAE given after construction)."""
+        if self.drop_encoder_of_vae and decoder.vae is not None:
+            drop_vae_encoder(decoder.vae)
+        self.decoder = decoder
 
     @property
     def frames_encoded(self) -> int:

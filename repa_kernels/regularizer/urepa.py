@@ -54,7 +54,7 @@ class UrepaRegularizer(AlignmentRegularizerBase):
                  denormalize: Denormalize | None = None, max_train_steps: int | None = None,
                  hidden_size: int | None = None, encoder_dtype: str = "float32", impl: str = "auto",
                  check_finite: bool = False, feature_cache: str | os.PathLike | None = None,
-                 feature_cache_dtype: str = "bfloat16") -> None:
+                 feature_cache_dtype: str = "bfloat16", decode=None) -> None:
         """config: a UrepaConfig (`from_config` also takes a dict or a JSON path); unet: the UNet or a
         list of UNets sharing one projector; encoder overrides `urepa_model`; encoder_dtype: its compute
         dtype; the other arguments as in `CrepaRegularizer`."""
@@ -70,7 +70,7 @@ class UrepaRegularizer(AlignmentRegularizerBase):
             return EncoderTeacher.build(
                 config.urepa_model if encoder is None else encoder, device=device, dtype=encoder_dtype, tokens="patch",
                 image_size=config.urepa_encoder_image_size, vae=vae, tae=tae, denormalize=denormalize,
-                use_tae=config.urepa_use_tae, video=False, use_tae_key="urepa_use_tae")
+                use_tae=config.urepa_use_tae, video=False, use_tae_key="urepa_use_tae", decode=decode)
 
         self._attach(models, make_teacher, schedule, block_index=0, hidden_size=hidden_size,
                      block_key="the UNet mid_block", feature_cache=feature_cache,

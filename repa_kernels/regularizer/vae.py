@@ -31,6 +31,13 @@ import torch
 from torch import nn
 
 Denormalize = Callable[[torch.Tensor], torch.Tensor]
+Decode = Callable[[torch.Tensor], torch.Tensor]
+
+# The contract of a `decode=` callable (README, docs/contract.md §7), quoted by every error about it.
+DECODE_CONTRACT = ("decode(latents) -> frames: latents as the regularizer is given them, (B, C, F, H, W) for video "
+                   "or (B, C, H, W) for images, in the trainer's normalised space (denormalise inside decode); "
+                   "frames: a float tensor in [0, 1], (B, F, 3, H, W) for video or (B, 3, H, W) for images, with "
+                   "the same B (the layout and range pixels= takes); run under no_grad")
 
 SUPPORTED_VAES = ("AutoencoderKLWan", "AutoencoderKLQwenImage", "AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video",
                   "AutoencoderKLHunyuanVideo", "AutoencoderKLHunyuanVideo15", "AutoencoderDC", "AutoencoderKLFlux2",
@@ -139,15 +146,30 @@ class LatentDecoder:
     vae: the trainer's VAE (used unless use_tae). tae: tiny decoder for crepa_use_tae: a diffusers
     AutoencoderTiny (image models) or any module / callable mapping denormalised latents (B, C, F, H, W)
     to frames in [-1, 1] (B, 3, F', H', W') like a diffusers decoder (tensor, tuple or `.sample`).
-    denormalize: overrides the class rule. video: whether the denoiser is a video model.
+    denormalize: overrides the class rule. video: whether the denoiser is a video model. decode: a
+    callable that does it all (DECODE_CONTRACT), for VAE classes of any other kind; excludes vae, tae
+    and denormalize. `with_vae` / `with_decode` give the decoder a trainer sets after construction.
     """
 
     def __init__(self, *, vae=None, tae=None, denormalize: Denormalize | None = None, use_tae: bool = False,
-                 video: bool, use_tae_key: str = "crepa_use_tae") -> None:
+                 video: bool, use_tae_key: str = "crepa_use_tae", decode: Decode | None = None) -> None:
         if denormalize is not None and not callable(denormalize):
             raise TypeError(f"denormalize must be a callable latents -> latents, got {type(denormalize).__name__}")
         self.video = video
         self.use_tae = use_tae
+        self.use_tae_key = use_tae_key
+        self.vae, self.tae = vae, tae
+        self.custom = decode is not None
+        if decode is not None:
+            if not callable(decode):
+                raise TypeError(f"decode must be a callable ({DECODE_CONTRACT}), got {type(decode).__name__}")
+            given = [name for name, value in (("vae", vae), ("tae", tae), ("denormalize", denormalize)) if value
+                     is not None]
+            if given or use_tae:
+                raise ValueError(f"decode= does the whole decode ({DECODE_CONTRACT}); do not pass it with "
+                                 f"{', '.join(given) or use_tae_key + '=true'}")
+            self.decoder, self.denormalize = decode, None
+            return
         if use_tae:
             if tae is None:
                 if video:
@@ -183,12 +205,23 @@ class LatentDecoder:
                 return param.dtype, param.device
         return torch.float32, None
 
+    def with_vae(self, vae, denormalize: Denormalize | None = None) -> "LatentDecoder":
+        """This decoder's settings with another VAE (a tiny decoder given at construction stays in use)."""
+        return LatentDecoder(vae=vae, tae=self.tae, denormalize=denormalize, use_tae=self.use_tae, video=self.video,
+                             use_tae_key=self.use_tae_key)
+
+    def with_decode(self, decode: Decode) -> "LatentDecoder":
+        return LatentDecoder(decode=decode, video=self.video, use_tae_key=self.use_tae_key)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents (B, C, F, H, W) or (B, C, H, W) -> frames (B, F, 3, H', W') float32 in [0, 1]."""
         if self.decoder is None:
             raise ValueError("latents were given but the regularizer has no VAE: pass vae=<the trainer's VAE> "
-                             "when building it, or call it with pixels= or teacher_features= instead")
+                             "(or decode=<callable>) when building it, or set one later with reg.set_vae(vae) / "
+                             "reg.set_decoder(decode), or call it with pixels= or teacher_features= instead")
+        if self.custom:
+            return self._decode_custom(latents)
         expected = latent_channels(self.decoder) if isinstance(self.decoder, nn.Module) else None
         if expected is not None and latents.shape[1] != expected:
             what = ("the latents Flux2Pipeline packs, (B, 4C, H/2, W/2) after its 2x2 patchify"
@@ -213,7 +246,26 @@ class LatentDecoder:
         frames = frames.float()
         if frames.dim() == 4:
             frames = frames.unsqueeze(2)
-        if frames.dim() != 5 or frames.shape[1] != 3:
-            raise ValueError(f"the decoder returned shape {tuple(frames.shape)}; expected (B, 3, F, H, W) or "
-                             "(B, 3, H, W)")
+        if frames.dim() != 5 or frames.shape[1] != 3 or frames.shape[0] != latents.shape[0]:
+            raise ValueError(f"{type(self.decoder).__name__}.decode returned shape {tuple(frames.shape)} for latents "
+                             f"{tuple(latents.shape)}; a VAE's decode must give (B, 3, F, H, W) or (B, 3, H, W) "
+                             f"in [-1, 1] with B={latents.shape[0]} (a tensor, a tuple or an object with .sample), "
+                             f"as diffusers VAEs do. For a VAE of another kind pass decode=<callable> "
+                             f"(reg.set_decoder(decode)): {DECODE_CONTRACT}")
         return (frames.permute(0, 2, 1, 3, 4) * 0.5 + 0.5).clamp_(0.0, 1.0)
+
+    def _decode_custom(self, latents: torch.Tensor) -> torch.Tensor:
+        frames = self.decoder(latents.detach())
+        name = getattr(self.decoder, "__qualname__", type(self.decoder).__name__)
+        if not isinstance(frames, torch.Tensor) or not frames.is_floating_point():
+            raise TypeError(f"decode={name} returned {frames.dtype if isinstance(frames, torch.Tensor) else type(frames).__name__}; "
+                            f"expected {DECODE_CONTRACT}")
+        channels = frames.shape[2] if frames.dim() == 5 else (frames.shape[1] if frames.dim() == 4 else None)
+        if channels != 3 or frames.shape[0] != latents.shape[0]:
+            hint = (" (that is the (B, 3, F, H, W) layout of a diffusers decoder: permute(0, 2, 1, 3, 4), and map "
+                    "[-1, 1] to [0, 1])" if frames.dim() == 5 and frames.shape[1] == 3 and frames.shape[2] != 3
+                    else "")
+            raise ValueError(f"decode={name} returned shape {tuple(frames.shape)} for latents {tuple(latents.shape)}"
+                             f"{hint}; expected {DECODE_CONTRACT}")
+        frames = frames.float()
+        return frames.unsqueeze(1) if frames.dim() == 4 else frames
