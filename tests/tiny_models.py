@@ -250,6 +250,61 @@ def tiny_dinov2(with_registers: bool = False, patch_size: int = 4):
     return _seeded(lambda: Dinov2Model(Dinov2Config(**common)))
 
 
+# Tiny vision teachers beyond DINOv2: token stride 4 each (Qwen-VL: patch 2 x merge 2), width 16 (Qwen-VL: 24
+# after the merger), one or two layers. SigLIP / SigLIP2 / Qwen-VL are the whole checkpoints (text model or
+# language model included), as the hub holds them.
+_TINY_VIT = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+_TINY_TEXT = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64)
+
+
+def tiny_dinov3(num_register_tokens: int = 4):
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+    return _seeded(lambda: DINOv3ViTModel(DINOv3ViTConfig(patch_size=4, image_size=16,
+                                                          num_register_tokens=num_register_tokens, **_TINY_VIT)))
+
+
+def tiny_siglip():
+    """A whole SiglipModel (vision + text): the teacher takes its vision model."""
+    from transformers import SiglipConfig, SiglipModel
+    return _seeded(lambda: SiglipModel(SiglipConfig(text_config=_TINY_TEXT,
+                                                    vision_config=dict(image_size=16, patch_size=4, **_TINY_VIT))))
+
+
+def tiny_siglip2():
+    """A whole Siglip2Model (NaFlex vision + text), 16 position embeddings (a 4x4 grid)."""
+    from transformers import Siglip2Config, Siglip2Model
+    return _seeded(lambda: Siglip2Model(Siglip2Config(text_config=_TINY_TEXT,
+                                                      vision_config=dict(num_patches=16, patch_size=4, **_TINY_VIT))))
+
+
+def tiny_vit():
+    from transformers import ViTConfig, ViTModel
+    return _seeded(lambda: ViTModel(ViTConfig(image_size=16, patch_size=4, **_TINY_VIT)))
+
+
+_TINY_QWEN_TEXT = dict(hidden_size=24, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, vocab_size=64)
+
+
+def tiny_qwen2_5_vl():
+    """A whole Qwen2_5_VLForConditionalGeneration: vision tower (patch 2, merge 2, windows of 2x2 merged
+    tokens, block 1 full attention) and a one-layer language model."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=24, patch_size=2,
+                  window_size=8, fullatt_block_indexes=[1])
+    return _seeded(lambda: Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(text_config=_TINY_QWEN_TEXT, vision_config=vision, bos_token_id=0, eos_token_id=1)))
+
+
+def tiny_qwen3_vl():
+    """A whole Qwen3VLForConditionalGeneration: vision tower (patch 2, merge 2, a 4x4 position grid, one
+    deepstack layer) and a one-layer language model."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=24, patch_size=2,
+                  num_position_embeddings=16, deepstack_visual_indexes=[0])
+    return _seeded(lambda: Qwen3VLForConditionalGeneration(
+        Qwen3VLConfig(text_config={**_TINY_QWEN_TEXT, "head_dim": 12}, vision_config=vision)))
+
 # --------------------------------------------------------------------------------------------------
 # One forward per family from unpacked latents.
 

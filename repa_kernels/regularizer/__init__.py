@@ -10,6 +10,7 @@ from .encoder import ENCODER_HUB_IDS, EncoderLoadError, FrozenEncoder
 from .projector import AlignmentProjector
 from .schedule import CoefficientSchedule
 from .urepa import UrepaRegularizer
+from .vision_teachers import Preprocessing, VisionTeacher, register_teacher
 
 __all__ = [
     "FAMILIES",
@@ -23,8 +24,11 @@ __all__ = [
     "FrozenEncoder",
     "HiddenStateCapture",
     "ModelFamily",
+    "Preprocessing",
     "UrepaConfig",
     "UrepaRegularizer",
+    "VisionTeacher",
     "add_argparse_args",
     "clean_latents_from_flow_target",
+    "register_teacher",
 ]
