@@ -88,8 +88,8 @@ def _key(default: Any, rule: Rule, help: str) -> Any:
     return field(default=default, metadata={"rule": rule, "help": help})
 
 
-_ENCODER_HELP = ("frozen vision encoder: dinov2_vits14 / vitb14 / vitl14 / vitg14 (and _reg variants), "
-                 "a Hugging Face hub id, or a local directory")
+_ENCODER_HELP = ("frozen vision teacher: a short name (dinov2_vitg14, dinov3_vitl16, siglip2_so400m_patch16_naflex, "
+                 "qwen2.5-vl-7b, qwen3-vl-4b, ...; docs/teachers.md), a Hugging Face hub id, or a local directory")
 _MAX_TRAIN_STEPS_HELP = ("total optimizer steps of the run (a whole trainer config's max_train_steps); "
                          "needed when a decaying schedule has decay_steps 0")
 

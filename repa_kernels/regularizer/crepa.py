@@ -62,7 +62,7 @@ class CrepaRegularizer(AlignmentRegularizerBase):
 
         transformer: the diffusers transformer, or a list of transformers sharing one projector (Wan 2.2's experts).
         vae: the trainer's VAE, needed for `latents=` calls; encoder: overrides `crepa_encoder` (a name,
-        hub id, local path or a Dinov2 module); tae: tiny decoder for `crepa_use_tae`; denormalize: latent
+        hub id, local path or a teacher's module); tae: tiny decoder for `crepa_use_tae`; denormalize: latent
         denormalisation for VAE classes without a known rule; max_train_steps: total steps (wins over the
         config's); hidden_size: width of the block outputs when the model config does not give it;
         impl: kernel backend ("auto", "triton", "cpp", "reference"); check_finite: raise FloatingPointError

@@ -1,4 +1,4 @@
-"""The frozen teacher encoder (SPEC §7): any vision model with a declared adapter (vision_teachers.py).
+"""The frozen teacher encoder (docs/contract.md §7, docs/teachers.md): any vision model with a declared adapter.
 
 `crepa_encoder` / `urepa_model` accept a short name (dinov2_vitg14, dinov3_vitl16, siglip2_so400m_patch16_naflex,
 qwen2.5-vl-7b, ...: `ENCODER_HUB_IDS`), a Hugging Face hub id, or a local directory saved with

@@ -77,7 +77,7 @@ class EncoderTeacher:
               frames_batch_size: int = -1, vae=None, tae=None, denormalize=None, use_tae: bool = False,
               video: bool, use_tae_key: str = "crepa_use_tae", drop_encoder_of_vae: bool = False,
               decode=None) -> "EncoderTeacher":
-        """The encoder (a name, hub id, local path or Dinov2 module) on `device`, and the latent decoder."""
+        """The encoder (a name, hub id, local path or a teacher's module) on `device`, and the latent decoder."""
         decoder = LatentDecoder(vae=vae, tae=tae, denormalize=denormalize, use_tae=use_tae, video=video,
                                 use_tae_key=use_tae_key, decode=decode)
         frozen = FrozenEncoder.load(source, dtype=dtype, frames_batch_size=frames_batch_size, tokens=tokens).to(device)
