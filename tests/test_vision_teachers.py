@@ -18,6 +18,7 @@ from repa_kernels.regularizer import (CrepaRegularizer, EncoderLoadError, Frozen
                                       VisionTeacher, register_teacher)
 from repa_kernels.regularizer import vision_teachers
 from repa_kernels.regularizer.checkpoint_tensors import INDEX_FILE
+from repa_kernels.regularizer.grids import teacher_input_size
 
 BUILDERS = {"dinov3": tm.tiny_dinov3, "siglip": tm.tiny_siglip, "siglip2": tm.tiny_siglip2, "vit": tm.tiny_vit,
             "qwen2_5_vl": tm.tiny_qwen2_5_vl, "qwen3_vl": tm.tiny_qwen3_vl}
@@ -137,12 +138,13 @@ def test_siglip2_naflex_matches_its_processor_and_model_with_padding_dropped(sav
 def test_siglip2_resize_rule_is_its_processors():
     from transformers.models.siglip2.image_processing_pil_siglip2 import get_image_size_for_max_num_patches
 
-    teacher = vision_teachers.teacher_for_model_type("siglip2_vision_model")
-    config = tm.tiny_siglip2().vision_model.config
     for height, width, size in ((480, 832, 512), (37, 1000, 64), (512, 512, 256)):
-        budget = round(size * size / 16)
-        assert teacher.input_size(height, width, size, config) == \
-            get_image_size_for_max_num_patches(height, width, 4, budget)
+        budget = round(size * size / 256)
+        assert teacher_input_size("naflex", height, width, size, 16) == \
+            get_image_size_for_max_num_patches(height, width, 16, budget)
+    assert teacher_input_size("naflex", 480, 832, 512, 16) == (384, 672)      # 24 x 42 = 1008 <= 1024 patches
+    with pytest.raises(ValueError, match="resize rule must be one of area, square, naflex, got 'crop'"):
+        teacher_input_size("crop", 8, 8, 16, 4)
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])

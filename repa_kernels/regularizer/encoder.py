@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import ENCODER_DTYPES as ENCODER_DTYPE_NAMES, ENCODER_TOKENS
+from .grids import teacher_input_size
 from .vision_teachers import (IMAGENET_MEAN, IMAGENET_STD, TEACHER_HUB_IDS, Preprocessing, VisionTeacher,
                               checkpoint_preprocessing, supported_model_types, teacher_for_model_type,
                               teacher_for_module)
@@ -135,6 +136,7 @@ class FrozenEncoder(nn.Module):
         self.patch_size = teacher.token_stride(config)
         self.hidden_size = teacher.width(config)
         self.num_prefix_tokens = teacher.prefix_tokens(config)
+        self.resize = teacher.resize
         self.preprocessing = preprocessing or teacher.preprocessing
         self.register_buffer("mean", torch.tensor(self.preprocessing.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.preprocessing.std).view(1, 3, 1, 1), persistent=False)
@@ -165,7 +167,7 @@ class FrozenEncoder(nn.Module):
     def input_size(self, height: int, width: int, image_size: int) -> tuple[int, int]:
         """The encoder input (h, w) for frames of height x width pixels at the configured size S, by the
         teacher's resize rule; both multiples of `patch_size`."""
-        return self.teacher.input_size(height, width, image_size, self.model.config)
+        return teacher_input_size(self.resize, height, width, image_size, self.patch_size)
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
@@ -181,10 +183,11 @@ class FrozenEncoder(nn.Module):
         for start in range(0, frames.shape[0], step):
             chunk = frames[start:start + step].to(device=device, dtype=torch.float32)
             chunk = ((chunk - self.mean) / self.std).to(self.dtype)
-            if self.tokens == "cls":
-                hidden = self.teacher.cls_tokens(self.model, chunk)
-            else:
-                hidden = self.teacher.patch_tokens(self.model, chunk)
+            if self.tokens == "patch" and self.teacher.patch_tokens is not None:
+                hidden = self.teacher.patch_tokens(self.model, chunk)     # its own forward and layout
+            else:                                                          # prefix tokens, then patches
+                hidden = self.model(pixel_values=chunk, **self.teacher.forward_kwargs).last_hidden_state
+                hidden = hidden[:, :1] if self.tokens == "cls" else hidden[:, self.num_prefix_tokens:]
             outputs.append(hidden.float())
             self.frames_encoded += chunk.shape[0]
         return torch.cat(outputs)

@@ -115,6 +115,29 @@ def encoder_input_size(height: int, width: int, image_size: int, patch_size: int
     return side(height), side(width)
 
 
+
+RESIZE_RULES = ("area", "square", "naflex")
+
+
+def teacher_input_size(rule: str, height: int, width: int, image_size: int, stride: int) -> tuple[int, int]:
+    """A teacher's input (h, w) for a frame of height x width pixels and the configured size S, both
+    multiples of its token stride (docs/teachers.md):
+    "area":   `encoder_input_size` (about S x S pixels of area, the frame's aspect ratio);
+    "square": S x S rounded to the stride (SigLIP's processor);
+    "naflex": SigLIP2's processor rule for a budget of round(S²/stride²) patches (the largest scale whose
+              sides, rounded up to the patch, fit the budget)."""
+    if rule == "area":
+        return encoder_input_size(height, width, image_size, stride)
+    if rule == "square":
+        side = max(stride, int(math.floor(image_size / stride + 0.5)) * stride)
+        return side, side
+    if rule == "naflex":
+        from transformers.models.siglip2.image_processing_pil_siglip2 import get_image_size_for_max_num_patches
+
+        budget = max(1, round(image_size * image_size / (stride * stride)))
+        return get_image_size_for_max_num_patches(height, width, stride, budget)
+    raise ValueError(f"resize rule must be one of {', '.join(RESIZE_RULES)}, got {rule!r}")
+
 def resample_grid(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, T, H, W, C) -> (B, T, h, w, C), per frame on the 2-D grid.
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .encoder import FrozenEncoder
-from .grids import TokenGrid, image_grid_from_aspect, select_frames
+from .grids import TokenGrid, image_grid_from_aspect, select_frames, teacher_input_size
 from .inputs import CallInputs, check_pixels
 from .vae import LatentDecoder, drop_vae_encoder
 
@@ -131,7 +131,8 @@ class EncoderTeacher:
             raise ValueError(f"{total} frames were given but the student has {num_frames} frames; every student "
                              "frame needs a frame to align to")
         picked = frames[:, select_frames(total, num_frames)].flatten(0, 1)
-        height, width = self.encoder.input_size(picked.shape[-2], picked.shape[-1], self.image_size)
+        height, width = teacher_input_size(self.encoder.resize, picked.shape[-2], picked.shape[-1],
+                                           self.image_size, self.encoder.patch_size)
         picked = picked.to(device=self.encoder.mean.device, dtype=torch.float32)
         if (height, width) != tuple(picked.shape[-2:]):
             picked = F.interpolate(picked, size=(height, width), mode="bilinear", align_corners=False,

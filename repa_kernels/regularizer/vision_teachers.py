@@ -11,7 +11,8 @@ An adapter (`VisionTeacher`) says everything the frozen encoder needs to know ab
 - where the patch tokens sit in its output (CLS, register, pooled and padding tokens dropped), and
   their width.
 
-Resize rules, for a frame of h x w pixels and the configured size S (`*_encoder_image_size`):
+Resize rules (`grids.teacher_input_size`), for a frame of h x w pixels and the configured size S
+(`*_encoder_image_size`):
 - "area":   about S*S pixels of area at the frame's aspect ratio, each side rounded to the nearest
             multiple of the stride (DINOv2 / DINOv3 / ViT, and Qwen-VL, whose own `smart_resize` uses
             the same nearest rounding to multiples of 28 / 32);
@@ -21,9 +22,11 @@ Resize rules, for a frame of h x w pixels and the configured size S (`*_encoder_
 The token grid is then (h'/stride, w'/stride), row-major, for every teacher: the regularizer lays
 the tokens on it and resamples the student onto it (or it onto the student).
 
-Adding a teacher is one entry: a `VisionTeacher(...)` (or a small subclass when the forward is not
-`model(pixel_values=...).last_hidden_state` with prefix tokens first) passed to `register_teacher`.
-README "Teachers" lists the built-in ones.
+Adding a teacher is one entry: a `VisionTeacher(...)` (or a small subclass with its own `patch_tokens`
+when the forward is not `model(pixel_values=...).last_hidden_state` with prefix tokens first) passed to
+`register_teacher`. docs/teachers.md lists the built-in ones. The common layout is pure data that
+`FrozenEncoder` reads (prefix count, forward keyword arguments), so one call of a DINO-like teacher
+enters this module only when the encoder is built.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 from torch import nn
 
 from .checkpoint_tensors import load_prefixed_tensors
-from .grids import encoder_input_size
+from .grids import RESIZE_RULES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,7 +48,6 @@ HALF_MEAN = (0.5, 0.5, 0.5)                  # SigLIP, SigLIP2, Qwen3-VL: x -> 2
 HALF_STD = (0.5, 0.5, 0.5)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # Qwen2.5-VL
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-RESIZE_RULES = ("area", "square", "naflex")
 
 
 @dataclass(frozen=True)
@@ -125,28 +127,12 @@ class VisionTeacher:
     def prefix_tokens(self, config) -> int:
         return int(self._prefix_tokens(config))
 
-    def input_size(self, height: int, width: int, image_size: int, config) -> tuple[int, int]:
-        """The encoder input (h, w) for a frame of height x width pixels (see the module docstring)."""
-        stride = self.token_stride(config)
-        if self.resize == "area":
-            return encoder_input_size(height, width, image_size, stride)
-        if self.resize == "square":
-            side = max(stride, int(math.floor(image_size / stride + 0.5)) * stride)
-            return side, side
-        from transformers.models.siglip2.image_processing_pil_siglip2 import get_image_size_for_max_num_patches
-
-        budget = max(1, round(image_size * image_size / (stride * stride)))
-        return get_image_size_for_max_num_patches(height, width, stride, budget)
-
     # ------------------------------------------------------------------ tokens
-    def patch_tokens(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (N, 3, h, w), normalised, in the model's dtype -> (N, h/s * w/s, D) patch tokens."""
-        hidden = model(pixel_values=pixels, **self.forward_kwargs).last_hidden_state
-        return hidden[:, self.prefix_tokens(model.config):]
-
-    def cls_tokens(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, 1, D): the CLS token (only where `has_cls`)."""
-        return model(pixel_values=pixels, **self.forward_kwargs).last_hidden_state[:, :1]
+    # The common layout (`model(pixel_values=x, **forward_kwargs).last_hidden_state`, prefix tokens
+    # first) is read by FrozenEncoder from the data above; a teacher whose forward or layout differs
+    # defines patch_tokens(model, pixels): normalised frames (N, 3, h, w) in the model's dtype ->
+    # (N, h/s * w/s, D) patch tokens in row-major order.
+    patch_tokens: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
 
 class Siglip2Teacher(VisionTeacher):
