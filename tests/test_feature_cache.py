@@ -73,6 +73,7 @@ def test_each_identity_field_changes_the_folder_and_a_changed_one_misses(tmp_pat
     cache.close()
     changes = dict(encoder="other", encoder_weights="1" * 64, encoder_dtype="bfloat16", image_size=64,
                    tokens="cls", patch_size=14, storage_dtype="float16", pixel_source="AutoencoderKLWan:abc",
+                   resize="square", normalization="mean=[0.5, 0.5, 0.5] std=[0.5, 0.5, 0.5]",
                    preprocessing="other/2", frame_selection="other/2")
     digests = {IDENTITY.digest}
     for field, value in changes.items():
@@ -96,6 +97,7 @@ def test_weights_fingerprint_sees_one_changed_weight():
     ("storage_dtype", "int8", "storage_dtype must be one of bfloat16, float16, float32, got 'int8'"),
     ("image_size", 0, "image_size must be a positive integer, got 0"),
     ("tokens", "all", "tokens must be one of patch, cls, got 'all'"),
+    ("resize", "crop", "resize must be one of area, square, naflex, got 'crop'"),
     ("encoder", "", "encoder must be a non-empty string"),
 ])
 def test_a_bad_identity_names_the_field_and_the_value(field, value, message):
@@ -128,6 +130,9 @@ def test_a_hit_whose_grid_disagrees_is_a_miss_with_a_warning(tmp_path):
     assert cache.get("b", (2, 6, 6)) is not None
     with pytest.warns(RuntimeWarning, match=r"teacher grid \(2, 4, 4\).*this call has \(2, 3, 5\)"):
         assert cache.get("b", (2, 6, 10)) is None
+    square = FeatureCache(tmp_path, dataclasses.replace(IDENTITY, resize="square"))   # S x S whatever the aspect
+    square.put("b", torch.randn(2, 4, 4, 8), grid=None, frame_indices=[0, 4], source_frames=5)
+    assert square.get("b", (2, 6, 10)) is not None
 
 
 def test_float16_overflow_is_not_stored(tmp_path):

@@ -11,10 +11,10 @@ features rounded to the storage dtype; misses the live float32 features (what th
 cache); the two differ by that rounding only.
 
 The identity (feature_cache.CacheIdentity) is built from the teacher itself: the encoder's name and
-weight hash, dtype, image size, token mode and patch size; for `latents=` calls also the decoder (its
-class, weight hash and the config values its denormalisation reads, or the `denormalize` callable's
-name), so pixels and latents of one sample are separate entries and a different VAE misses. The hashes
-are taken when the first keyed call of each kind arrives.
+weight hash, dtype, image size, token mode, patch size, resize rule and mean / std; for `latents=`
+calls also the decoder (its class, weight hash and the config values its denormalisation reads, or the
+`denormalize` callable's name), so pixels and latents of one sample are separate entries and a
+different VAE misses. The hashes are taken when the first keyed call of each kind arrives.
 """
 
 from __future__ import annotations
@@ -116,7 +116,9 @@ class CachedTeacher:
                 encoder=self.encoder_name, encoder_weights=weights_fingerprint(encoder.model),
                 encoder_dtype=str(encoder.dtype).removeprefix("torch."), image_size=self.teacher.image_size,
                 tokens=encoder.tokens, patch_size=encoder.patch_size, storage_dtype=self.storage_dtype,
-                pixel_source="pixels" if source == "pixels" else decoder_source(self.teacher.decoder))
+                pixel_source="pixels" if source == "pixels" else decoder_source(self.teacher.decoder),
+                resize=encoder.resize, normalization=f"mean={list(encoder.preprocessing.mean)} "
+                                                     f"std={list(encoder.preprocessing.std)}")
             cache = self._caches[source] = FeatureCache(self.root, identity, **self.options)
         return cache
 

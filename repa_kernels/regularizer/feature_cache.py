@@ -7,9 +7,10 @@ pixels differ: crop box, flip, resolution bucket, frame indices); a hit loads th
 decoded or encoded.
 
 Identity. Everything that changes the features for a given key forms a `CacheIdentity`: the encoder
-(name and a SHA-256 of its weights), its compute dtype, the image size, the token mode, its patch size,
-the frame-selection rule, the preprocessing version, where the pixels come from (given pixels, or a
-named decoder with the hash of its weights) and the storage dtype. Each identity lives in its own
+(name and a SHA-256 of its weights), its compute dtype, the image size, the token mode, its patch size
+(token stride), its resize rule and normalisation (mean / std), the frame-selection rule, the
+preprocessing version, where the pixels come from (given pixels, or a named decoder with the hash of its
+weights) and the storage dtype. Each identity lives in its own
 folder `<root>/<identity digest>/`, so one root can hold caches for several encoders and a cache
 written for one is never served for another: changing the encoder, size or dtype simply misses.
 
@@ -57,16 +58,17 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from .grids import TokenGrid, encoder_input_size
+from .grids import RESIZE_RULES, TokenGrid, teacher_input_size
 
 FORMAT = "repa_kernels.teacher_feature_cache"
 FORMAT_VERSION = 1
-# The teacher's frame rule (grids.select_frames) and preprocessing (teacher.EncoderTeacher: bilinear
-# antialiased resize to about S x S pixels with sides rounded to the patch size, clamp to [0, 1],
-# ImageNet mean/std). Bump the version when either changes: old entries then miss instead of serving
-# features the current code would not compute.
+# The teacher's frame rule (grids.select_frames) and the fixed part of its preprocessing
+# (teacher.EncoderTeacher.encode_frames: bilinear antialiased resize to the size of the teacher's resize
+# rule, clamp to [0, 1], then the teacher's mean / std, which `normalization` records). Bump a version
+# when its code changes: old entries then miss instead of serving features the current code would not
+# compute.
 FRAME_SELECTION = "nearest-on-even-spacing/1"
-PREPROCESSING = "bilinear-antialias-area-S2-patch-rounded-clamp01-imagenet/1"
+PREPROCESSING = "bilinear-antialias-clamp01/1"
 STORAGE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _SAFETENSORS_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 TOKEN_MODES = ("patch", "cls")
@@ -91,10 +93,11 @@ class CacheIdentity:
 
     encoder: its name (e.g. "dinov2_vitg14"); encoder_weights: SHA-256 of its weights
     (`weights_fingerprint`); encoder_dtype: its compute dtype; image_size: S of `*_encoder_image_size`;
-    tokens: "patch" or "cls"; patch_size: the encoder's patch size; storage_dtype: "bfloat16",
-    "float16" or "float32"; pixel_source: "pixels" when the trainer gives pixels, else the decoder
-    ("AutoencoderKLWan:<sha256>", a tiny decoder likewise); frame_selection and preprocessing: versions
-    of the teacher's rules.
+    tokens: "patch" or "cls"; patch_size: the encoder's patch size (token stride); storage_dtype:
+    "bfloat16", "float16" or "float32"; pixel_source: "pixels" when the trainer gives pixels, else the
+    decoder ("AutoencoderKLWan:<sha256>", a tiny decoder likewise); resize: the teacher's input-size
+    rule (grids.teacher_input_size: "area", "square" or "naflex"); normalization: its mean and std as
+    text; frame_selection and preprocessing: versions of the teacher's rules.
     """
 
     encoder: str
@@ -105,18 +108,22 @@ class CacheIdentity:
     patch_size: int
     storage_dtype: str
     pixel_source: str = "pixels"
+    resize: str = "area"
+    normalization: str = "imagenet"
     frame_selection: str = FRAME_SELECTION
     preprocessing: str = PREPROCESSING
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        for name in ("encoder", "encoder_weights", "encoder_dtype", "pixel_source", "frame_selection",
-                     "preprocessing"):
+        for name in ("encoder", "encoder_weights", "encoder_dtype", "pixel_source", "resize", "normalization",
+                     "frame_selection", "preprocessing"):
             _non_empty_string(name, getattr(self, name))
         for name in ("image_size", "patch_size", "format_version"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.resize not in RESIZE_RULES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_RULES)}, got {self.resize!r}")
         if self.tokens not in TOKEN_MODES:
             raise ValueError(f"tokens must be one of {', '.join(TOKEN_MODES)}, got {self.tokens!r}")
         if self.storage_dtype not in STORAGE_DTYPES:
@@ -243,12 +250,13 @@ def read_shard_header(path: Path, size: int | None = None) -> tuple[dict[str, An
     return metadata, locations
 
 
-def expected_teacher_grid(grid: TokenGrid, image_size: int, patch_size: int, tokens: str) -> tuple[int, int, int]:
-    """The teacher grid (T, h, w) a call with student grid `grid` produces: the encoder sees each frame at
-    about S x S pixels with the frame's aspect ratio, which is the student grid's."""
-    if tokens == "cls":
+def expected_teacher_grid(grid: TokenGrid, identity: "CacheIdentity") -> tuple[int, int, int]:
+    """The teacher grid (T, h, w) a call with student grid `grid` produces: the teacher's resize rule
+    applied to frames with the student grid's aspect ratio (the pixels' aspect ratio)."""
+    if identity.tokens == "cls":
         return grid.frames, 1, 1
-    height, width = encoder_input_size(grid.height, grid.width, image_size, patch_size)
+    patch_size = identity.patch_size
+    height, width = teacher_input_size(identity.resize, grid.height, grid.width, identity.image_size, patch_size)
     return grid.frames, height // patch_size, width // patch_size
 
 
@@ -448,8 +456,7 @@ class FeatureCache:
             found, what = tuple(entry.grid), "student token grid"
         else:
             found, what = tuple(entry.features.shape[:3]), "teacher grid"
-            grid = TokenGrid(*expected_teacher_grid(grid, self.identity.image_size, self.identity.patch_size,
-                                                    self.identity.tokens))
+            grid = TokenGrid(*expected_teacher_grid(grid, self.identity))
         if found == tuple(grid):
             return True
         warnings.warn(f"feature cache: key {key!r} was cached with the {what} {found} (frames, rows, columns) but "
