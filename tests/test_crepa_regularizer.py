@@ -218,11 +218,11 @@ def test_permanent_similarity_cutoff_stops_decoding_for_good():
     _aligned_at_the_first_call(reg)
     tm.tiny_forward(transformer, _latents())
     loss, logs = reg(latents=_latents(), step=0)
-    assert logs["crepa_weight"] == 0.5 and reg.schedule.permanently_off
+    assert logs["crepa_weight"] == 0.5 and not reg.schedule.permanently_off   # step 0 ends at step 1's call
     for step in (1, 2):
         tm.tiny_forward(transformer, _latents())
         loss, logs = reg(latents=_latents(), step=step)
-        assert logs["crepa_weight"] == 0 and logs["crepa_cutoff"] == 1
+        assert logs["crepa_weight"] == 0 and logs["crepa_cutoff"] == 1 and reg.schedule.permanently_off
     assert reg.frames_encoded == 6
     assert "crepa_alignment_score_ema" in logs
 
@@ -429,3 +429,49 @@ def test_peft_lora_freezing_the_model_leaves_the_projector_trainable():
     reg(latents=_latents(), step=0)[0].backward()
     assert reg.projector.linear.weight.grad is not None and reg.projector.linear.weight.grad.abs().sum() > 0
     assert not any("projector" in k for k in peft.get_peft_model_state_dict(transformer))
+
+
+def test_the_similarity_ema_counts_optimizer_steps_under_gradient_accumulation():
+    """accelerate's `accumulate` with gradient_accumulation_steps=2: four micro-batches are two optimizer
+    steps and two EMA updates (four before), each with the mean of the step's scores; validation calls
+    (eval mode, no grad) at the step just taken change nothing; `end_step()` ends the last step."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
+    transformer = tm.tiny_wan().train()
+    reg = CrepaRegularizer.from_config({**BASE, "crepa_similarity_ema_decay": 0.5}, transformer=transformer,
+                                       encoder=tm.tiny_dinov2(), impl="reference")
+    parameters = list({id(p): p for p in [*transformer.parameters(), *reg.parameters()]}.values())
+    accelerator = accelerate.Accelerator(gradient_accumulation_steps=2, cpu=True)
+    try:
+        model, optimizer = accelerator.prepare(transformer, torch.optim.SGD(parameters, lr=0.3))
+        global_step, scores, logged, states = 0, [], [], []
+        for micro_batch in range(4):
+            with accelerator.accumulate(model):
+                latents = _latents(seed=micro_batch)
+                pred = tm.tiny_forward(model, latents)
+                features = torch.randn(2, 3, 15, 16, generator=torch.Generator().manual_seed(micro_batch))
+                loss, logs = reg(teacher_features=features, step=global_step)
+                accelerator.backward(pred.square().mean() + loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            scores.append(logs["crepa_alignment_score"].item())
+            logged.append(logs["crepa_alignment_score_ema"].item())
+            if accelerator.sync_gradients:
+                global_step += 1
+                states.append(reg.schedule.state_dict())
+                model.eval()
+                with torch.no_grad():                    # validation at the new step: not a training call
+                    tm.tiny_forward(model, _latents(seed=9))
+                    reg(teacher_features=features, step=global_step)
+                model.train()
+                assert reg.schedule.state_dict() == states[-1]
+    finally:
+        AcceleratorState._reset_state(True)
+    first, second = (scores[0] + scores[1]) / 2, (scores[2] + scores[3]) / 2
+    assert global_step == 2 and len(set(scores)) == 4
+    assert [state["num_updates"] for state in states] == [0, 1]   # step 0 ends at step 1's first call
+    assert reg.schedule.ema == pytest.approx(first)
+    assert logged[1] == pytest.approx(first) and logged[3] == pytest.approx(0.5 * first + 0.5 * second, abs=1e-6)
+    reg.end_step()
+    assert reg.schedule.ema == pytest.approx(0.5 * first + 0.5 * second)
+    assert reg.schedule.state_dict()["num_updates"] == 2

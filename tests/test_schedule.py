@@ -229,6 +229,86 @@ def test_update_rejects_non_scalars():
         schedule.update("0.5")
 
 
+# ------------------------------------------------------------------------- one EMA update per step
+
+
+def test_micro_batches_of_one_step_are_one_ema_update_with_their_mean():
+    """Gradient accumulation 2: two calls share each optimizer step. The EMA is updated once per step,
+    with the mean score, when the next step begins (so its weight sees it)."""
+    schedule = CoefficientSchedule(lambda_=0.5, ema_decay=0.5, similarity_threshold=0.5)
+    for score in (0.2, 0.4):
+        schedule.record(torch.tensor(score), step=0)
+    assert schedule.ema is None and schedule.ema_so_far == pytest.approx(0.3)
+    schedule.begin_step(1)                      # step 0 ended: one update with the mean 0.3
+    assert schedule.ema == pytest.approx(0.3) and schedule.state_dict()["num_updates"] == 1
+    for score in (0.9, 0.7):
+        schedule.record(score, step=1)
+    schedule.record(1.0, step=1)                # three micro-batches: mean 0.8666...
+    assert schedule.weight(1) == 0.5 and schedule.ema_so_far == pytest.approx(0.5 * 0.3 + 0.5 * 2.6 / 3)
+    assert schedule.at(2).weight == 0.5        # the open step does not decide yet ...
+    schedule.begin_step(2)
+    assert schedule.ema == pytest.approx(0.5 * 0.3 + 0.5 * 2.6 / 3) and schedule.at(2).weight == 0.0   # ... now
+    assert schedule.state_dict()["num_updates"] == 2
+
+
+def test_end_step_is_the_explicit_end_of_an_optimizer_step():
+    schedule = CoefficientSchedule(lambda_=0.5, ema_decay=0.5)
+    schedule.record(0.2, step=7)
+    schedule.record(0.6, step=7)
+    schedule.end_step()
+    assert schedule.ema == pytest.approx(0.4) and schedule.state_dict()["num_updates"] == 1
+    schedule.end_step()                         # nothing open: nothing changes
+    assert schedule.state_dict()["num_updates"] == 1
+    with pytest.raises(ValueError, match="step 7 was already ended by end_step"):
+        schedule.record(0.9, step=7)
+    schedule.record(0.8, step=8)
+    schedule.end_step()
+    assert schedule.ema == pytest.approx(0.6)
+    with pytest.raises(TypeError, match="step must be a Python int"):
+        schedule.begin_step(1.5)
+
+
+def test_a_non_finite_micro_batch_is_left_out_of_its_steps_mean():
+    schedule = CoefficientSchedule(lambda_=0.5, ema_decay=0.5)
+    schedule.record(0.4, step=0)
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        schedule.record(float("nan"), step=0)
+    schedule.end_step()
+    assert schedule.ema == 0.4 and schedule.state_dict()["num_nonfinite"] == 1
+    schedule.record(float("inf"), step=1)       # a step with no finite score: no update
+    schedule.begin_step(2)
+    assert schedule.ema == 0.4 and schedule.state_dict()["num_updates"] == 1
+
+
+def test_a_state_saved_inside_a_step_resumes_with_its_scores():
+    kwargs = dict(lambda_=0.5, ema_decay=0.5, similarity_threshold=0.6)
+    uninterrupted = CoefficientSchedule(**kwargs)
+    first = CoefficientSchedule(**kwargs)
+    for schedule in (uninterrupted, first):
+        schedule.record(0.5, step=0)
+        schedule.record(0.7, step=0)
+    resumed = CoefficientSchedule(**kwargs)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))   # JSON-safe
+    for schedule in (uninterrupted, resumed):
+        schedule.record(0.9, step=1)
+    assert resumed.state_dict() == uninterrupted.state_dict() and resumed.ema == pytest.approx(0.6)
+    assert resumed.weight(1) == 0.0 and resumed.permanently_off
+
+
+def test_a_version_1_state_loads_without_an_open_step():
+    """Saved before the EMA counted optimizer steps (this package's earlier checkpoints)."""
+    state = {"version": 1, "ema": 0.3, "similarity_cutoff_on": False, "permanent_cutoff_fired": False,
+             "num_updates": 12, "num_nonfinite": 0}
+    schedule = CoefficientSchedule(lambda_=0.5, ema_decay=0.5)
+    schedule.load_state_dict(state)
+    assert schedule.ema == 0.3 and schedule.ema_so_far == 0.3
+    schedule.record(0.5, step=13)
+    schedule.end_step()
+    assert schedule.ema == pytest.approx(0.4) and schedule.state_dict()["num_updates"] == 13
+    with pytest.raises(ValueError, match="must have the keys"):
+        schedule.load_state_dict({**state, "step": 3})
+
+
 # ----------------------------------------------------------------------------------- checkpoint state
 
 
@@ -295,6 +375,10 @@ def test_load_state_dict_errors():
 # scores 0.2, 0.5, 0.6, 0.7 -> 0.2, 0.35, 0.475, 0.5875) fires on update 4 on both ranks.
 RANK_SCORES = [[0.2, 0.9, 0.9, 0.9], [0.2, 0.1, 0.3, 0.5]]
 THRESHOLD = 0.5
+# Gradient accumulation 2, three optimizer steps: each rank's two micro-batch scores per step. Step means
+# over both ranks and both micro-batches 0.3, 0.6, 0.8 -> EMA (decay 0.5) 0.3, 0.45, 0.625: three updates.
+# Per call it would have been six updates, over the calls' rank means 0.25, 0.35, 0.4, 0.8, 0.9, 0.7.
+ACCUMULATED_SCORES = [[[0.1, 0.3], [0.5, 0.9], [0.8, 0.8]], [[0.4, 0.4], [0.3, 0.7], [1.0, 0.6]]]
 
 
 def _distributed_worker(rank, world_size, init_file, out_dir):
@@ -305,21 +389,37 @@ def _distributed_worker(rank, world_size, init_file, out_dir):
         for step, score in enumerate(RANK_SCORES[rank]):
             schedule.update(torch.tensor(score))
             log.append([schedule.ema, schedule.permanently_off, schedule.weight(step + 1)])
+        accumulated = CoefficientSchedule(lambda_=0.5, ema_decay=0.5)
+        accumulated_log = []
+        for step, micro_batches in enumerate(ACCUMULATED_SCORES[rank]):
+            for score in micro_batches:
+                accumulated.record(torch.tensor(score), step)
+            accumulated_log.append([accumulated.ema, accumulated.ema_so_far])
+        accumulated.end_step()
+        accumulated_log.append([accumulated.ema, accumulated.state_dict()["num_updates"]])
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
-            json.dump(log, handle)
+            json.dump({"per_call": log, "accumulated": accumulated_log}, handle)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available()
                     or "fork" not in mp.get_all_start_methods(), reason="needs torch.distributed gloo and fork")
-def test_score_is_averaged_across_ranks_before_the_ema(tmp_path):
+def test_score_is_averaged_across_ranks_and_micro_batches_before_the_ema(tmp_path):
     # fork: the children need nothing re-imported, which keeps this test at about a second
     mp.start_processes(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
                        start_method="fork")
-    logs = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    logs = [result["per_call"] for result in results]
     assert logs[0] == logs[1]
     emas = [entry[0] for entry in logs[0]]
     assert emas == pytest.approx([0.2, 0.35, 0.475, 0.5875], abs=1e-6)
     assert [entry[1] for entry in logs[0]] == [False, False, False, True]
     assert [entry[2] for entry in logs[0]] == [0.5, 0.5, 0.5, 0.0]
+    # Gradient accumulation: one EMA update per optimizer step, with the step's mean over ranks and calls.
+    accumulated = [result["accumulated"] for result in results]
+    assert accumulated[0] == accumulated[1]
+    assert accumulated[0][0][0] is None
+    assert [entry[1] for entry in accumulated[0][:3]] == pytest.approx([0.3, 0.45, 0.625], abs=1e-6)
+    assert [entry[0] for entry in accumulated[0][1:3]] == pytest.approx([0.3, 0.45], abs=1e-6)
+    assert accumulated[0][3] == [pytest.approx(0.625, abs=1e-6), 3]

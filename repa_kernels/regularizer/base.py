@@ -2,7 +2,7 @@
 projector, schedule state, hooks' lifetime, and the call itself, which reads top to bottom:
 
     inputs   = CallInputs.check(latents, pixels, teacher_features, token_grid)   # before any costly work
-    plan     = schedule.at(step)             # finished: nothing decoded, encoded or compared
+    plan     = schedule.at(step, trains)     # finished: nothing decoded, encoded or compared
     captured = capture.consume()
     grid     = family.token_grid(captured, inputs)
     z        = projector(family.image_tokens(captured.student, grid))
@@ -207,6 +207,13 @@ class AlignmentRegularizerBase(nn.Module):
         is unset (docs/contract.md §4)."""
         self.schedule.set_max_train_steps(max_train_steps)
 
+    def end_step(self) -> None:
+        """End the current optimizer step: the mean of its training calls' scores updates the similarity
+        EMA now. Optional: the first training call with a new `step` does the same. A trainer that calls it
+        does so once per optimizer step, after the last micro-batch (under accelerate, when
+        `accelerator.sync_gradients`); a later training call at the same `step` is then an error."""
+        self.schedule.end_step()
+
     # ------------------------------------------------------------------ saving and loading
 
     def load_projector_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -268,13 +275,18 @@ class AlignmentRegularizerBase(nn.Module):
 
         Returns (λ-weighted loss, a float32 scalar with grad; logs of detached scalar tensors)."""
         backbone_block = self._teacher.block_index if isinstance(self._teacher, BackboneTeacher) else None
+        # Only training calls feed the similarity EMA (one update per optimizer step, schedule.py); a
+        # validation or logging call (eval mode or no grad) neither records a score nor ends a step.
+        trains = self.training and torch.is_grad_enabled() and any(m.training for m in self._capture.models)
         try:
             inputs = CallInputs.check(latents, pixels, teacher_features, token_grid, backbone_block=backbone_block,
                                       cache_keys=cache_keys)
             if inputs.cache_keys is not None and not isinstance(self._teacher, CachedTeacher):
                 raise ValueError("cache_keys= needs a feature cache: build the regularizer with feature_cache=<folder> "
                                  "(and feature_cache_dtype=), or drop cache_keys")
-            plan = self.schedule.at(step)       # raises when the weight needs a max_train_steps not set yet
+            # A training call at a new step ends the previous one first, so this weight sees its EMA update;
+            # raises when the weight needs a max_train_steps not set yet.
+            plan = self.schedule.at(step, trains)
         except BaseException:
             self._capture.clear()    # a call that raises leaves nothing captured
             raise
@@ -311,7 +323,8 @@ class AlignmentRegularizerBase(nn.Module):
         self._require_finite(step, **{"the captured hidden states": captured.student, "the teacher tokens": y})
 
         loss, score, logs = self._loss(z, y)
-        self.schedule.update(score)
+        if trains:
+            self.schedule.record(score, step)
         loss = loss.float() * plan.weight
         logs = {f"{self.prefix}_loss": loss.detach(), **logs,
                 f"{self.prefix}_weight": scalar(plan.weight, device),
@@ -394,7 +407,8 @@ class AlignmentRegularizerBase(nn.Module):
         return loss, self._with_ema(logs)
 
     def _with_ema(self, logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.schedule.ema is not None:
+        ema = self.schedule.ema_so_far          # with this step's scores so far: one micro-batch, today's EMA
+        if ema is not None:
             key = "crepa_alignment_score_ema" if self.prefix == "crepa" else "urepa_similarity_ema"
-            logs[key] = scalar(self.schedule.ema, self._device())
+            logs[key] = scalar(ema, self._device())
         return logs

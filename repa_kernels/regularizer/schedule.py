@@ -1,15 +1,24 @@
-"""The coefficient schedule of a regularizer (SPEC §4): warmup, decay, step cutoff and the cutoff on the
-EMA of the alignment score, with its state for checkpoints.
+"""The coefficient schedule of a regularizer (docs/contract.md §4): warmup, decay, step cutoff and the
+cutoff on the EMA of the alignment score, with its state for checkpoints.
 
 Use, once per regularizer call at optimizer step `step`:
 
-    w = schedule.weight(step)            # uses the EMA as of the previous call
-    if schedule.finished(step): ...      # no later call can weigh more than 0: skip decode/encode/loss
-    else: compute loss and score; schedule.update(score); return w * loss
+    plan = schedule.at(step, training)   # training calls: a new step first ends the previous one (EMA
+                                         # update); the weight is from the EMA of the steps ended so far
+    if plan.finished: ...                # no later call can weigh more than 0: skip decode/encode/loss
+    else: compute loss and score; schedule.record(score, step) (training calls); return plan.weight * loss
 
-`update` is the only place that reads the device (one `.item()` per call); under torch.distributed it
-averages the score across ranks first, so every rank must call it on the same steps (the regularizer
-decides to skip from this shared state, so it does).
+The EMA counts optimizer steps, not calls: under gradient accumulation the micro-batch calls of one step
+share its `step`, and their scores are averaged into one EMA update when the step ends, i.e. at the first
+training call with another `step` (or at `end_step()`, which a trainer may call once per optimizer step).
+So `*_similarity_ema_decay` means the same with and without accumulation (with accumulation 2, two
+optimizer steps gave four EMA updates when every call updated it). Calls that do not train (eval mode or
+no grad: validation, logging) neither record a score nor end a step.
+
+`record` is the only place that reads the device (one `.item()` per training call); under torch.distributed
+it averages the score across ranks first, so every rank records on the same calls (the regularizer decides
+to skip from this shared state, so it does). The mean of the per-call cross-rank averages is the cross-rank
+average of each rank's step mean, since every rank runs the same number of micro-batches.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from .value_rules import Float, Int
 
 __all__ = ["CoefficientSchedule"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2   # 2: the open step (its score sum and count) is part of the state
 
 
 class StepPlan(NamedTuple):
@@ -78,11 +87,16 @@ class CoefficientSchedule:
         self.max_train_steps: int | None = None
         self.set_max_train_steps(max_train_steps)
 
-        self.ema: float | None = None
+        self.ema: float | None = None          # over the optimizer steps ended so far
         self._similarity_cutoff_on = False
         self._permanent_cutoff_fired = False
-        self._num_updates = 0
+        self._num_updates = 0                  # optimizer steps folded into the EMA
         self._num_nonfinite = 0
+        self._step: int | None = None          # the step of the latest training call
+        self._step_ended = False               # end_step() was called for it
+        self._step_score_sum = 0.0             # its finite scores so far (each averaged across ranks)
+        self._step_score_count = 0
+        self.ema_so_far: float | None = None   # the EMA with the open step's scores so far (what is logged)
 
     # ------------------------------------------------------------------ max_train_steps
 
@@ -194,28 +208,83 @@ class CoefficientSchedule:
         return (self.lambda_end == 0.0 and step >= self.warmup_steps
                 and step - self.warmup_steps >= self._decay_length(step))
 
-    def at(self, step: int) -> StepPlan:
-        """`weight`, `cutoff_active` and `finished` at `step`, as one answer."""
+    def at(self, step: int, training: bool = False) -> StepPlan:
+        """`weight`, `cutoff_active` and `finished` at `step`, as one answer. training: the call trains, so
+        `begin_step(step)` comes first (a new step ends the previous one, and this weight sees it)."""
+        if training:
+            self.begin_step(step)
         return StepPlan(self.weight(step), self.cutoff_active(step), self.finished(step))
 
     # ------------------------------------------------------------------ similarity EMA
 
-    def update(self, score: torch.Tensor | float) -> None:
-        """Fold this call's alignment score into the EMA and update the similarity cutoff.
+    def begin_step(self, step: int) -> None:
+        """A training call at optimizer step `step` starts: a `step` other than the latest ends that step
+        (its mean score updates the EMA). Raises when `step` was already ended by `end_step()`."""
+        step = self._check_step(step)
+        if step == self._step:
+            if self._step_ended:
+                raise ValueError(
+                    f"{self.name} schedule: step {step} was already ended by end_step(); a training call after it "
+                    "must pass the next optimizer step (call end_step() once per optimizer step, after the last "
+                    "micro-batch)")
+            return
+        self._fold_step()
+        self._step, self._step_ended = step, False
+
+    def record(self, score: torch.Tensor | float, step: int) -> None:
+        """Add one training call's alignment score to optimizer step `step` (`begin_step(step)` first).
 
         score: the detached scalar alignment score (a 1-element tensor on any device, or a float). Under an
-        initialised torch.distributed group it is averaged across ranks first (all_reduce), then read to
-        the host once. First value taken as is, then ema = decay * ema + (1 - decay) * score. A non-finite
-        score is left out of the EMA (with a warning the first time)."""
+        initialised torch.distributed group it is averaged across ranks first (all_reduce), then read to the
+        host once. A non-finite score is left out (with a warning the first time)."""
+        self.begin_step(step)
         value = self._reduce(score)
         if not math.isfinite(value):
-            if self._num_nonfinite == 0:
-                warnings.warn(f"{self.name} schedule: alignment score {value} is not finite; it is left out of "
-                              "the similarity EMA", RuntimeWarning, stacklevel=2)
-            self._num_nonfinite += 1
+            self._note_nonfinite(value)
             return
-        self.ema = value if self.ema is None else self.ema_decay * self.ema + (1.0 - self.ema_decay) * value
+        self._step_score_sum += value
+        self._step_score_count += 1
+        self._refresh_ema_so_far()
+
+    def end_step(self) -> None:
+        """End the current optimizer step now: its mean score updates the EMA, so the next call's weight
+        sees it. Optional (the next training call with a new `step` does the same); for a trainer that
+        prefers an explicit call once per optimizer step, after `optimizer.step()`."""
+        self._fold_step()
+        if self._step is not None:
+            self._step_ended = True
+
+    def update(self, score: torch.Tensor | float) -> None:
+        """Fold `score` into the EMA now, as a step of its own (one micro-batch); an open step is ended
+        first. `record` is the per-call form that averages an optimizer step's micro-batches."""
+        self._fold_step()
+        value = self._reduce(score)
+        if not math.isfinite(value):
+            self._note_nonfinite(value)
+            return
+        self._fold(value)
+
+    def _refresh_ema_so_far(self) -> None:
+        """`ema_so_far`: the EMA with the open step's scores so far folded in, i.e. what `ema` becomes when
+        the step ends (the regularizer logs it, so a call's log shows its own step's scores). An attribute,
+        kept current by every change of the state, so reading it is no call."""
+        self.ema_so_far = (self.ema if self._step_score_count == 0
+                           else self._folded(self._step_score_sum / self._step_score_count))
+
+    def _fold_step(self) -> None:
+        if self._step_score_count:
+            self._fold(self._step_score_sum / self._step_score_count)
+        self._step_score_sum, self._step_score_count = 0.0, 0
+        self._refresh_ema_so_far()
+
+    def _folded(self, value: float) -> float:
+        return value if self.ema is None else self.ema_decay * self.ema + (1.0 - self.ema_decay) * value
+
+    def _fold(self, value: float) -> None:
+        """One optimizer step's mean score into the EMA (first value taken as is), then the cutoff."""
+        self.ema = self._folded(value)
         self._num_updates += 1
+        self._refresh_ema_so_far()
         if self.similarity_threshold is None:
             return
         reached = self.ema >= self.similarity_threshold
@@ -225,6 +294,12 @@ class CoefficientSchedule:
                 self._similarity_cutoff_on = True
         else:
             self._similarity_cutoff_on = reached
+
+    def _note_nonfinite(self, value: float) -> None:
+        if self._num_nonfinite == 0:
+            warnings.warn(f"{self.name} schedule: alignment score {value} is not finite; it is left out of the "
+                          "similarity EMA", RuntimeWarning, stacklevel=3)
+        self._num_nonfinite += 1
 
     @staticmethod
     def _reduce(score: torch.Tensor | float) -> float:
@@ -247,9 +322,12 @@ class CoefficientSchedule:
 
     # ------------------------------------------------------------------ checkpoint state
 
+    _OPEN_STEP_KEYS = ("step", "step_ended", "step_score_sum", "step_score_count")
+
     def state_dict(self) -> dict[str, Any]:
-        """Plain Python values: the EMA, whether the similarity cutoff is on, whether a permanent cutoff
-        fired, and counters."""
+        """Plain Python values (JSON-safe): the EMA, whether the similarity cutoff is on, whether a permanent
+        cutoff fired, counters, and the open step (its scores so far), so a run saved between two optimizer
+        steps resumes with the EMA update it had not made yet."""
         return {
             "version": _STATE_VERSION,
             "ema": self.ema,
@@ -257,34 +335,55 @@ class CoefficientSchedule:
             "permanent_cutoff_fired": self._permanent_cutoff_fired,
             "num_updates": self._num_updates,
             "num_nonfinite": self._num_nonfinite,
+            "step": self._step,
+            "step_ended": self._step_ended,
+            "step_score_sum": self._step_score_sum,
+            "step_score_count": self._step_score_count,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()` exactly. A schedule built without a similarity threshold keeps the EMA but
-        no similarity cutoff (a run resumed with the threshold removed gets its weight back)."""
+        no similarity cutoff (a run resumed with the threshold removed gets its weight back). A version 1
+        state (saved before the EMA counted optimizer steps) has no open step."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
-        expected = set(self.state_dict())
+        version = state.get("version")
+        if version is not None and version not in (1, _STATE_VERSION):
+            raise ValueError(f"{self.name} schedule state has version {version!r}; this repa_kernels reads versions "
+                             f"1 and {_STATE_VERSION}")
+        expected = set(self.state_dict()) - (set(self._OPEN_STEP_KEYS) if version == 1 else set())
         if set(state) != expected:
             raise ValueError(f"{self.name} schedule state must have the keys {sorted(expected)}, got {sorted(state)}")
-        if state["version"] != _STATE_VERSION:
-            raise ValueError(f"{self.name} schedule state has version {state['version']!r}; this repa_kernels "
-                             f"reads version {_STATE_VERSION}")
-        ema = state["ema"]
-        if ema is not None and (isinstance(ema, bool) or not isinstance(ema, numbers.Real) or not math.isfinite(ema)):
-            raise ValueError(f"{self.name} schedule state: ema must be a finite float or None, got {ema!r}")
-        for key in ("similarity_cutoff_on", "permanent_cutoff_fired"):
+        state = {"step": None, "step_ended": False, "step_score_sum": 0.0, "step_score_count": 0, **state}
+
+        def finite(key: str, value: Any, nullable: bool) -> float | None:
+            if value is None and nullable:
+                return None
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{self.name} schedule state: {key} must be a finite float"
+                                 f"{' or None' if nullable else ''}, got {value!r}")
+            return float(value)
+
+        ema = finite("ema", state["ema"], nullable=True)
+        step_score_sum = finite("step_score_sum", state["step_score_sum"], nullable=False)
+        for key in ("similarity_cutoff_on", "permanent_cutoff_fired", "step_ended"):
             if not isinstance(state[key], bool):
                 raise ValueError(f"{self.name} schedule state: {key} must be a bool, got {state[key]!r}")
-        for key in ("num_updates", "num_nonfinite"):
-            if isinstance(state[key], bool) or not isinstance(state[key], int) or state[key] < 0:
-                raise ValueError(f"{self.name} schedule state: {key} must be an int >= 0, got {state[key]!r}")
-        self.ema = None if ema is None else float(ema)
+        for key in ("num_updates", "num_nonfinite", "step_score_count", "step"):
+            value = state[key]
+            if key == "step" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{self.name} schedule state: {key} must be an int >= 0, got {value!r}")
+        self.ema = ema
         has_threshold = self.similarity_threshold is not None
         self._similarity_cutoff_on = state["similarity_cutoff_on"] and has_threshold
         self._permanent_cutoff_fired = state["permanent_cutoff_fired"] and has_threshold
         self._num_updates = state["num_updates"]
         self._num_nonfinite = state["num_nonfinite"]
+        self._step, self._step_ended = state["step"], state["step_ended"]
+        self._step_score_sum, self._step_score_count = step_score_sum, state["step_score_count"]
+        self._refresh_ema_so_far()
 
     def __repr__(self) -> str:
         return (f"CoefficientSchedule(name={self.name!r}, lambda_={self.lambda_}, scheduler={self.scheduler!r}, "
