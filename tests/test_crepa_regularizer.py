@@ -475,3 +475,13 @@ def test_the_similarity_ema_counts_optimizer_steps_under_gradient_accumulation()
     reg.end_step()
     assert reg.schedule.ema == pytest.approx(0.5 * first + 0.5 * second)
     assert reg.schedule.state_dict()["num_updates"] == 2
+
+
+def test_a_disabled_regularizer_takes_the_trainer_calls_of_a_working_one():
+    """set_max_train_steps and end_step are in a trainer's loop whether the flag is on or off."""
+    reg = CrepaRegularizer.from_config({**BASE, "crepa_enabled": False, "crepa_scheduler": "cosine"},
+                                       transformer=tm.tiny_wan())
+    reg.set_max_train_steps(100)
+    reg.end_step()
+    with pytest.raises(ValueError, match="max_train_steps must be an integer >= 0 or None, got -1"):
+        reg.set_max_train_steps(-1)

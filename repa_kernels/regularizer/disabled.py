@@ -9,7 +9,8 @@ README's lines run unchanged in a run without the flag, instead of four conditio
 
 It registers no hook, holds no parameter and no state (`state_dict()` is empty), touches neither the
 model nor the VAE, and its call returns a float32 scalar 0 (no gradient: adding it changes nothing)
-and empty logs. `enabled` is False on it and True on the working regularizers.
+and empty logs. The working regularizer's other calls a trainer makes (`set_max_train_steps`,
+`end_step`, `detach`) are there and do nothing. `enabled` is False on it and True on the working regularizers.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from .inputs import TEACHER_INPUTS
+from .value_rules import Int
 
 
 class DisabledRegularizer(nn.Module):
@@ -36,6 +38,14 @@ class DisabledRegularizer(nn.Module):
         given = [latents, *(inputs.get(name) for name in TEACHER_INPUTS[1:])]
         device = next((t.device for t in given if isinstance(t, torch.Tensor)), torch.device("cpu"))
         return torch.zeros((), dtype=torch.float32, device=device), {}
+
+    def set_max_train_steps(self, max_train_steps: int | None) -> None:
+        """Checked as the working regularizer checks it (so a trainer's bad value fails with the flag
+        off too); nothing uses it."""
+        Int(0, nullable=True).coerce("max_train_steps", max_train_steps)
+
+    def end_step(self) -> None:
+        """No similarity EMA to update."""
 
     def detach(self) -> None:
         """Nothing to remove (no hooks were registered)."""
