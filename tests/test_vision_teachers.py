@@ -9,6 +9,7 @@ tokens dropped), then each teacher aligns a tiny Wan (CREPA) and a tiny UNet (U-
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -277,3 +278,32 @@ def test_each_teacher_aligns_a_tiny_wan_and_a_tiny_unet(saved, name):
     rows, cols = urepa.encoder.input_size(8, 12, 16)
     assert teacher.shape == (2, 1, rows // stride, cols // stride, width)
 
+
+
+def test_a_whole_siglip_model_passed_in_gives_its_vision_model():
+    whole = tm.tiny_siglip2()
+    encoder = FrozenEncoder.load(whole)
+    assert encoder.model is whole.vision_model and encoder.resize == "naflex"
+    assert FrozenEncoder.load(whole.vision_model).model is whole.vision_model
+
+
+def test_the_feature_cache_follows_the_teachers_resize_rule_and_normalisation(tmp_path):
+    """An entry stored without a grid (precomputed from an image) is checked against the grid the teacher's
+    own resize rule gives: SigLIP's square 4 x 4, not the 3 x 5 of the area rule (a warned miss and a
+    second decode otherwise); the identity names SigLIP's mean / std and rule."""
+    unet, vae = tm.tiny_unet().train(), tm.tiny_image_vae()
+    reg = UrepaRegularizer.from_config({"urepa_enabled": True, "urepa_encoder_image_size": 16}, unet=unet, vae=vae,
+                                       encoder=tm.tiny_siglip(), impl="reference", feature_cache=tmp_path)
+    decodes = []
+    decode = vae.decode
+    vae.decode = lambda *args, **kwargs: decodes.append(1) or decode(*args, **kwargs)
+    latents = torch.randn(2, 4, 4, 6, generator=torch.Generator().manual_seed(0))
+    reg.precompute_teacher_features([("image-1", latents[1])], progress=False)
+    assert len(decodes) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                         # no "treated as a miss" warning
+        tm.tiny_forward(unet, latents)
+        reg(latents=latents, cache_keys=["image-0", "image-1"], step=0)
+    assert len(decodes) == 2                                   # image-0 only: image-1 was a hit
+    identity = json.loads(next(tmp_path.glob("*/identity.json")).read_text())
+    assert identity["resize"] == "square" and "mean=[0.5, 0.5, 0.5]" in identity["normalization"]

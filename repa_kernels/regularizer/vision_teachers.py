@@ -78,14 +78,15 @@ class VisionTeacher:
     resize: one of RESIZE_RULES; prefix_tokens(config): tokens before the patches; has_cls: whether the
     first prefix token is a CLS (crepa_encoder_tokens='cls'); names: short name -> hub id; gated: the
     hub repositories need a token and an accepted licence; forward_kwargs: extra keyword arguments of
-    the forward (e.g. position-embedding interpolation).
+    the forward (e.g. position-embedding interpolation); vision_attribute: where a whole (vision + text)
+    model of a served type holds its vision model.
     """
 
     def __init__(self, label: str, *, model_types: tuple[str, ...], class_name: str,
                  mean: tuple[float, float, float], std: tuple[float, float, float], resize: str = "area",
                  prefix_tokens: Callable[[object], int] = lambda config: 0, has_cls: bool = False,
                  names: dict[str, str] | None = None, gated: bool = False,
-                 forward_kwargs: dict | None = None) -> None:
+                 forward_kwargs: dict | None = None, vision_attribute: str | None = None) -> None:
         if resize not in RESIZE_RULES:
             raise ValueError(f"resize must be one of {', '.join(RESIZE_RULES)}, got {resize!r}")
         if not model_types or not all(isinstance(t, str) and t for t in model_types):
@@ -100,6 +101,7 @@ class VisionTeacher:
         self.names = dict(names or {})
         self.gated = gated
         self.forward_kwargs = dict(forward_kwargs or {})
+        self.vision_attribute = vision_attribute
 
     def __repr__(self) -> str:
         return f"VisionTeacher({self.label!r}, model_types={self.model_types})"
@@ -113,7 +115,12 @@ class VisionTeacher:
         return cls.from_pretrained(where, dtype=dtype, use_safetensors=True, trust_remote_code=False)
 
     def vision_module(self, model: nn.Module) -> nn.Module:
-        """The module that encodes images (a whole VLM passed in gives its vision tower)."""
+        """The module that encodes images: a whole (vision + text) model passed in gives the vision model
+        under `vision_attribute` (SiglipModel.vision_model)."""
+        inner = getattr(model, self.vision_attribute, None) if self.vision_attribute else None
+        inner_type = getattr(getattr(inner, "config", None), "model_type", None)
+        if isinstance(inner, nn.Module) and inner_type in self.model_types and inner_type != model.config.model_type:
+            return inner
         return model
 
     # ------------------------------------------------------------------ geometry
@@ -233,15 +240,17 @@ BUILT_IN_TEACHERS = (
         std=IMAGENET_STD, prefix_tokens=lambda config: 1 + _registers(config), has_cls=True, gated=True,
         names={**{f"dinov3_{arch}": f"facebook/dinov3-{arch}-pretrain-lvd1689m"
                   for arch in ("vits16", "vits16plus", "vitb16", "vitl16", "vith16plus", "vit7b16")},
-               **{f"dinov3_{arch}_sat": f"facebook/dinov3-{arch}-pretrain-sat493m" for arch in ("vitl16", "vit7b16")}}),
+               **{f"dinov3_{arch}_sat": f"facebook/dinov3-{arch}-pretrain-sat493m"
+                  for arch in ("vitl16", "vit7b16")}}),
     VisionTeacher(
         "SigLIP", model_types=("siglip", "siglip_vision_model"), class_name="SiglipVisionModel", mean=HALF_MEAN,
         std=HALF_STD, resize="square", forward_kwargs={"interpolate_pos_encoding": True},
+        vision_attribute="vision_model",
         names={"siglip_so400m_patch14_384": "google/siglip-so400m-patch14-384",
                "siglip_base_patch16_224": "google/siglip-base-patch16-224"}),
     Siglip2Teacher(
         "SigLIP2 NaFlex", model_types=("siglip2", "siglip2_vision_model"), class_name="Siglip2VisionModel",
-        mean=HALF_MEAN, std=HALF_STD, resize="naflex",
+        mean=HALF_MEAN, std=HALF_STD, resize="naflex", vision_attribute="vision_model",
         names={"siglip2_so400m_patch16_naflex": "google/siglip2-so400m-patch16-naflex",
                "siglip2_base_patch16_naflex": "google/siglip2-base-patch16-naflex"}),
     QwenVisionTeacher(
