@@ -198,9 +198,56 @@ BAD_CALLS = [
      ["pixels must be a floating-point tensor in [0, 1]", "torch.uint8"]),
     ("pixels_too_few_frames", dict(pixels=torch.rand(2, 2, 3, 16, 24), step=0), ValueError,
      ["2 frames were given but the student has 3 frames"]),
+    ("pixels_in_minus_one_to_one", dict(pixels=torch.rand(2, 5, 3, 16, 24) * 2 - 1, step=0), ValueError,
+     ["pixels must lie in [0, 1]", "at step 0", "(pixels + 1) / 2"]),
+    ("pixels_in_0_to_255", dict(pixels=torch.rand(2, 5, 3, 16, 24) * 255, step=0), ValueError,
+     ["pixels must lie in [0, 1]", "pixels / 255"]),
     ("pixels_portrait_on_a_landscape_grid", dict(pixels=torch.rand(2, 5, 3, 32, 16), step=0), ValueError,
      ["pixels of shape (2, 5, 3, 32, 16)", "token grid (3, 2, 3)", "stretched"]),
 ]
+
+
+def _host_reads(monkeypatch, call):
+    """The device-to-host reads (item, tolist, float/bool/int of a tensor) that `call()` makes."""
+    reads = []
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, functools.partialmethod(
+            lambda self, *args, _original=original, _name=name, **kwargs: reads.append(_name) or _original(
+                self, *args, **kwargs)))
+    try:
+        call()
+    finally:
+        monkeypatch.undo()
+    return reads
+
+
+@pytest.mark.parametrize("kind", ["crepa", "urepa", "urepa_decode"])
+def test_frames_outside_0_1_are_refused_with_the_one_read_of_the_call(kind, monkeypatch):
+    """pixels= (and the frames of a decode= callable) outside [0, 1] are an error naming them and the range;
+    their min / max travel in the schedule's one host read of the call, so a good call still reads once."""
+    if kind == "crepa":
+        reg, model = crepa(vae=None)
+        lat, good, bad = (latents(), dict(pixels=torch.rand(2, 5, 3, 16, 24)),
+                           dict(pixels=torch.rand(2, 5, 3, 16, 24) * 2 - 1))
+    else:
+        model, lat = tm.tiny_unet().train(), randn(2, 4, 8, 8)
+        decode = (lambda z: torch.rand(2, 3, 32, 32)) if kind == "urepa_decode" else None
+        reg = UrepaRegularizer.from_config(UREPA, unet=model, encoder=tm.tiny_dinov2(), decode=decode)
+        good, bad = dict(pixels=torch.rand(2, 3, 32, 32)), dict(pixels=torch.rand(2, 3, 32, 32) * 255)
+        if kind == "urepa_decode":
+            good = dict(latents=lat)
+    tm.tiny_forward(model, lat)
+    assert _host_reads(monkeypatch, lambda: reg(**good, step=0)) == ["tolist"]
+    if kind == "urepa_decode":
+        reg.set_decoder(lambda z: torch.rand(2, 3, 32, 32) * 2 - 1)    # a diffusers-range decoder, by mistake
+        bad, name = dict(latents=lat), "the frames decode=test_frames_outside_0_1_are_refused_with_the_one_read"
+    else:
+        name = "pixels"
+    tm.tiny_forward(model, lat)
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)}.* must lie in \[0, 1\].*got values in \["):
+        reg(**bad, step=1)
+    reg.detach()
 
 
 @pytest.mark.parametrize("case", ["unet_latents_wider", "unet_pixels_wider", "pixart_pixels_portrait",

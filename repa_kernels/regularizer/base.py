@@ -64,6 +64,11 @@ def check_impl(impl: str) -> str:
     return impl
 
 
+# Frames may overshoot [0, 1] this much (a bicubic or Lanczos resize in the data pipeline) before a call
+# refuses them; [-1, 1] and [0, 255] frames are far outside.
+PIXEL_RANGE_SLACK = 0.05
+
+
 def scalar(value: float, device: torch.device) -> torch.Tensor:
     """A detached float32 log value on `device` (a host-to-device copy, never a device read)."""
     return torch.tensor(float(value), dtype=torch.float32, device=device)
@@ -323,8 +328,10 @@ class AlignmentRegularizerBase(nn.Module):
         self._require_finite(step, **{"the captured hidden states": captured.student, "the teacher tokens": y})
 
         loss, score, logs = self._loss(z, y)
-        if trains:
-            self.schedule.record(score, step)
+        if trains:   # the call's one host read, which also brings the frame ranges to check
+            self._check_input_ranges(step, self.schedule.record(score, step, also_read=self._input_ranges()))
+        else:
+            self._input_ranges()   # a call that does not train reads nothing: its frames go unchecked
         loss = loss.float() * plan.weight
         logs = {f"{self.prefix}_loss": loss.detach(), **logs,
                 f"{self.prefix}_weight": scalar(plan.weight, device),
@@ -373,6 +380,31 @@ class AlignmentRegularizerBase(nn.Module):
         """z: projected student tokens (B, T, H, W, D); y: teacher tokens (B, T, h, w, D) float32.
         Returns (unweighted loss, the score the schedule's EMA follows, this loss's own logs)."""
         raise NotImplementedError
+
+    def _input_ranges(self) -> torch.Tensor | None:
+        """The (min, max) of this call's frames whose range nothing guarantees (pixels=, a decode=
+        callable's frames), on the device, for the schedule's one host read; None when there are none.
+        Their names wait in `_range_sources` for `_check_input_ranges`."""
+        take = getattr(self._teacher, "take_input_ranges", None)
+        ranges = take() if take is not None else []
+        self._set_plain("_range_sources", [source for source, _ in ranges])
+        if not ranges:
+            return None
+        device = ranges[0][1].device
+        return torch.cat([values.to(device, torch.float64) for _, values in ranges])
+
+    def _check_input_ranges(self, step: int, values: list[float]) -> None:
+        """Refuse frames outside [0, 1] (up to PIXEL_RANGE_SLACK, the overshoot of resampling filters):
+        pixels in [-1, 1] or [0, 255] would be clamped by the resize or go through the encoder's ImageNet
+        normalisation as they are, a silent wrong teacher. Read with the score, so this call's encode ran."""
+        for index, source in enumerate(self._range_sources):
+            low, high = values[2 * index], values[2 * index + 1]
+            if low < -PIXEL_RANGE_SLACK or high > 1.0 + PIXEL_RANGE_SLACK:
+                hint = (" (they look like [-1, 1] frames: pass (pixels + 1) / 2)" if low < -PIXEL_RANGE_SLACK
+                        and high <= 1.0 + PIXEL_RANGE_SLACK else " (they look like [0, 255] frames: pass pixels / 255)"
+                        if high > 2.0 else "")
+                raise ValueError(f"{source} must lie in [0, 1] (float frames, 0 black, 1 white), got values in "
+                                 f"[{low:.4g}, {high:.4g}] at step {step}{hint}")
 
     def _require_finite(self, step: int, **tensors: torch.Tensor | None) -> None:
         """With check_finite=True, raise on NaN/Inf in any given tensor (one host sync per tensor);

@@ -99,6 +99,9 @@ class CachedTeacher:
     def follow(self, device: torch.device) -> None:
         self.teacher.follow(device)
 
+    def take_input_ranges(self):
+        return self.teacher.take_input_ranges()
+
     def set_decoder(self, decoder) -> None:
         """Another decoder: latents now decode to other pixels, so the latents cache (whose identity
         names the decoder) is written out and reopened under the new identity at its next use."""
@@ -144,7 +147,8 @@ class CachedTeacher:
         tensor = getattr(inputs, source)
         subset = tensor if len(missing) == len(keys) else tensor[missing]
         frames = subset if source == "pixels" else self.teacher.decode(subset)
-        computed = self.teacher.encode_frames(frames, grid.frames).to(device)
+        range_source = "pixels" if source == "pixels" else self.teacher.decoder.range_source
+        computed = self.teacher.encode_frames(frames, grid.frames, source=range_source).to(device)
         indices = select_frames(frames.shape[1], grid.frames)
         for row, index in enumerate(missing):
             cache.put(keys[index], computed[row], grid=grid, frame_indices=indices, source_frames=frames.shape[1])

@@ -231,20 +231,23 @@ class CoefficientSchedule:
         self._fold_step()
         self._step, self._step_ended = step, False
 
-    def record(self, score: torch.Tensor | float, step: int) -> None:
+    def record(self, score: torch.Tensor | float, step: int, also_read: torch.Tensor | None = None) -> list[float]:
         """Add one training call's alignment score to optimizer step `step` (`begin_step(step)` first).
 
         score: the detached scalar alignment score (a 1-element tensor on any device, or a float). Under an
         initialised torch.distributed group it is averaged across ranks first (all_reduce), then read to the
-        host once. A non-finite score is left out (with a warning the first time)."""
+        host once. A non-finite score is left out (with a warning the first time). also_read: values of this
+        rank the caller needs on the host (the regularizer's frame ranges), read in that same single read
+        and returned (an empty list without them)."""
         self.begin_step(step)
-        value = self._reduce(score)
+        value, extra = self._reduce(score, also_read)
         if not math.isfinite(value):
             self._note_nonfinite(value)
-            return
+            return extra
         self._step_score_sum += value
         self._step_score_count += 1
         self._refresh_ema_so_far()
+        return extra
 
     def end_step(self) -> None:
         """End the current optimizer step now: its mean score updates the EMA, so the next call's weight
@@ -258,7 +261,7 @@ class CoefficientSchedule:
         """Fold `score` into the EMA now, as a step of its own (one micro-batch); an open step is ended
         first. `record` is the per-call form that averages an optimizer step's micro-batches."""
         self._fold_step()
-        value = self._reduce(score)
+        value, _ = self._reduce(score)
         if not math.isfinite(value):
             self._note_nonfinite(value)
             return
@@ -302,7 +305,7 @@ class CoefficientSchedule:
         self._num_nonfinite += 1
 
     @staticmethod
-    def _reduce(score: torch.Tensor | float) -> float:
+    def _reduce(score: torch.Tensor | float, also_read: torch.Tensor | None = None) -> tuple[float, list[float]]:
         if isinstance(score, torch.Tensor):
             if score.numel() != 1:
                 raise ValueError(f"score must be a scalar (1 element), got shape {tuple(score.shape)}")
@@ -318,7 +321,11 @@ class CoefficientSchedule:
             tensor = tensor.clone()
             distributed.all_reduce(tensor, op=distributed.ReduceOp.SUM)
             tensor = tensor / distributed.get_world_size()
-        return float(tensor.item())
+        if also_read is None:
+            return float(tensor.item()), []
+        values = torch.cat([tensor.reshape(1), also_read.detach().reshape(-1).to(tensor.device, torch.float64)])
+        values = values.tolist()      # the one device-to-host read
+        return values[0], values[1:]
 
     # ------------------------------------------------------------------ checkpoint state
 

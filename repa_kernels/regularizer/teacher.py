@@ -71,6 +71,7 @@ class EncoderTeacher:
         self.features = FeatureTeacher(encoder.hidden_size, encoder.tokens == "cls")
         self.frames_decoded = 0
         self.drop_encoder_of_vae = False   # crepa_drop_vae_encoder: also for a VAE set later
+        self.input_ranges: list[tuple[str, torch.Tensor]] = []
 
     @classmethod
     def build(cls, source, *, device: torch.device, dtype: str, tokens: str, image_size: int,
@@ -108,7 +109,7 @@ class EncoderTeacher:
             return self.features.tokens(inputs, captured, grid, device)
         self.follow(device)
         if inputs.pixels is not None:
-            return self.encode_frames(inputs.pixels, grid.frames)
+            return self.encode_frames(inputs.pixels, grid.frames, source="pixels")
         return self.from_latents(inputs.latents, grid.frames)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -118,19 +119,30 @@ class EncoderTeacher:
         return frames
 
     def from_latents(self, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
-        return self.encode_frames(self.decode(latents), num_frames)
+        return self.encode_frames(self.decode(latents), num_frames, source=self.decoder.range_source)
+
+    def take_input_ranges(self) -> list[tuple[str, torch.Tensor]]:
+        """The (min, max) of each frames input this call encoded whose range is not guaranteed (pixels=, a
+        decode= callable's frames), as (what, 2-element device tensor); the regularizer reads them with the
+        schedule's one host read and refuses values outside [0, 1]. Emptied by the taking."""
+        ranges, self.input_ranges = self.input_ranges, []
+        return ranges
 
     def from_pixels(self, pixels: torch.Tensor, num_frames: int) -> torch.Tensor:
         return self.encode_frames(check_pixels(pixels), num_frames)
 
-    def encode_frames(self, frames: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def encode_frames(self, frames: torch.Tensor, num_frames: int, source: str | None = None) -> torch.Tensor:
         """frames (B, F, 3, H, W) in [0, 1] -> (B, T, h, w, D) float32: the frames at
-        select_frames(F, num_frames), resized to the encoder's input size and encoded."""
+        select_frames(F, num_frames), resized to the encoder's input size and encoded. source: what the
+        frames are ("pixels", a decode= callable) when their range must be checked (take_input_ranges);
+        None for a VAE's frames, which the decode clamps."""
         batch, total = frames.shape[:2]
         if total < num_frames:
             raise ValueError(f"{total} frames were given but the student has {num_frames} frames; every student "
                              "frame needs a frame to align to")
         picked = frames[:, select_frames(total, num_frames)].flatten(0, 1)
+        if source is not None:   # on the device, no read: before the resize, which would clamp them
+            self.input_ranges.append((source, torch.stack(torch.aminmax(picked.detach()))))
         height, width = teacher_input_size(self.encoder.resize, picked.shape[-2], picked.shape[-1],
                                            self.image_size, self.encoder.patch_size)
         picked = picked.to(device=self.encoder.mean.device, dtype=torch.float32)

@@ -169,7 +169,9 @@ class LatentDecoder:
                 raise ValueError(f"decode= does the whole decode ({DECODE_CONTRACT}); do not pass it with "
                                  f"{', '.join(given) or use_tae_key + '=true'}")
             self.decoder, self.denormalize = decode, None
+            self.range_source = f"the frames decode={getattr(decode, '__qualname__', type(decode).__name__)} returned"
             return
+        self.range_source = None      # a VAE's frames are clamped to [0, 1] by the decode
         if use_tae:
             if tae is None:
                 if video:
