@@ -385,8 +385,10 @@ class AlignmentRegularizerBase(nn.Module):
         """The (min, max) of this call's frames whose range nothing guarantees (pixels=, a decode=
         callable's frames), on the device, for the schedule's one host read; None when there are none.
         Their names wait in `_range_sources` for `_check_input_ranges`."""
-        take = getattr(self._teacher, "take_input_ranges", None)
-        ranges = take() if take is not None else []
+        pending = getattr(self._teacher, "input_ranges", None)   # an attribute: read without a call
+        ranges = list(pending or ())
+        if pending:
+            pending.clear()
         self._set_plain("_range_sources", [source for source, _ in ranges])
         if not ranges:
             return None

@@ -99,8 +99,9 @@ class CachedTeacher:
     def follow(self, device: torch.device) -> None:
         self.teacher.follow(device)
 
-    def take_input_ranges(self):
-        return self.teacher.take_input_ranges()
+    @property
+    def input_ranges(self):
+        return self.teacher.input_ranges
 
     def set_decoder(self, decoder) -> None:
         """Another decoder: latents now decode to other pixels, so the latents cache (whose identity

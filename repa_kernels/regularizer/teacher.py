@@ -71,6 +71,9 @@ class EncoderTeacher:
         self.features = FeatureTeacher(encoder.hidden_size, encoder.tokens == "cls")
         self.frames_decoded = 0
         self.drop_encoder_of_vae = False   # crepa_drop_vae_encoder: also for a VAE set later
+        # The (min, max) of each frames input this call encoded whose range nothing guarantees (pixels=, a
+        # decode= callable's frames), as (what, 2-element device tensor): the regularizer reads them with
+        # the schedule's one host read, refuses values outside [0, 1] and empties the list.
         self.input_ranges: list[tuple[str, torch.Tensor]] = []
 
     @classmethod
@@ -121,12 +124,6 @@ class EncoderTeacher:
     def from_latents(self, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
         return self.encode_frames(self.decode(latents), num_frames, source=self.decoder.range_source)
 
-    def take_input_ranges(self) -> list[tuple[str, torch.Tensor]]:
-        """The (min, max) of each frames input this call encoded whose range is not guaranteed (pixels=, a
-        decode= callable's frames), as (what, 2-element device tensor); the regularizer reads them with the
-        schedule's one host read and refuses values outside [0, 1]. Emptied by the taking."""
-        ranges, self.input_ranges = self.input_ranges, []
-        return ranges
 
     def from_pixels(self, pixels: torch.Tensor, num_frames: int) -> torch.Tensor:
         return self.encode_frames(check_pixels(pixels), num_frames)
@@ -134,7 +131,7 @@ class EncoderTeacher:
     def encode_frames(self, frames: torch.Tensor, num_frames: int, source: str | None = None) -> torch.Tensor:
         """frames (B, F, 3, H, W) in [0, 1] -> (B, T, h, w, D) float32: the frames at
         select_frames(F, num_frames), resized to the encoder's input size and encoded. source: what the
-        frames are ("pixels", a decode= callable) when their range must be checked (take_input_ranges);
+        frames are ("pixels", a decode= callable) when their range must be checked (input_ranges);
         None for a VAE's frames, which the decode clamps."""
         batch, total = frames.shape[:2]
         if total < num_frames:
