@@ -151,6 +151,7 @@ class AlignmentRegularizerBase(nn.Module):
         self.teacher_spatial_norm_alpha = self.config.irepa_spatial_norm_alpha if irepa else None
         self.schedule = schedule
         self._warned_frozen = False
+        self._set_plain("_context", None)   # a ContextShard under context parallelism (set_context_parallel)
         # A state dict that keeps the projector under its old name on the model (`crepa_projector.*`,
         # this package's earlier checkpoints and SimpleTuner's) loads through load_state_dict too.
         self._register_load_state_dict_pre_hook(self._rename_legacy_projector_keys)
@@ -218,6 +219,23 @@ class AlignmentRegularizerBase(nn.Module):
         does so once per optimizer step, after the last micro-batch (under accelerate, when
         `accelerator.sync_gradients`); a later training call at the same `step` is then an error."""
         self.schedule.end_step()
+
+    def set_context_parallel(self, group, *, shard) -> None:
+        """Context (sequence) parallelism, stated by the trainer: the captured block output on this rank is
+        tokens [start, stop) of the full frame-major, row-major sequence of T*H*W video tokens, sharded over
+        the process group `group` (the context group; contiguous shards in group-rank order from token 0,
+        any boundaries). Every rank of `group` must call this together (the layout is checked with one
+        all_gather). The calls then take teacher_features= (the full features on every rank) and return the
+        loss, logs and gradients of the unsharded sequence (context_parallel.py). `group=None` with
+        `shard=None` turns it off."""
+        raise ValueError(f"{type(self).__name__} does not support context parallelism (only CrepaRegularizer's "
+                         "patch-wise CREPA / REPA does)")
+
+    def _context_tokens(self, student: torch.Tensor, grid) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _context_loss(self, z: torch.Tensor, y: torch.Tensor, grid):
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ saving and loading
 
@@ -297,6 +315,12 @@ class AlignmentRegularizerBase(nn.Module):
             raise
         if plan.finished:
             return self._skipped(plan.cutoff)   # inputs unused: no finite check (no host sync)
+        if self._context is not None and (inputs.latents is not None or inputs.pixels is not None):
+            self._capture.clear()
+            raise ValueError("under context parallelism (set_context_parallel) the regularizer takes "
+                             "teacher_features= (the full (B, T, N, D) features on every rank of the context group); "
+                             "latents= and pixels= calls, which would decode and encode frames, are not supported "
+                             "there")
         if self.check_finite:
             self._require_finite(step, latents=inputs.latents, pixels=inputs.pixels,
                                  teacher_features=inputs.teacher_features)
@@ -320,14 +344,17 @@ class AlignmentRegularizerBase(nn.Module):
                              "optimizer is built")
         if torch.is_grad_enabled() and captured.model.training:
             self._warn_if_frozen()
-        z = self.projector(
-            self.family.image_tokens(captured.student, grid, self.student_description, captured.model))
+        if self._context is not None:   # the captured tokens are this rank's shard of the sequence
+            z = self.projector(self._context_tokens(captured.student, grid))
+        else:
+            z = self.projector(
+                self.family.image_tokens(captured.student, grid, self.student_description, captured.model))
         y = self._teacher.tokens(inputs, captured, grid, device)
         if self.teacher_spatial_norm_alpha is not None:
             y = spatially_normalize(y, self.teacher_spatial_norm_alpha)
         self._require_finite(step, **{"the captured hidden states": captured.student, "the teacher tokens": y})
 
-        loss, score, logs = self._loss(z, y)
+        loss, score, logs = self._loss(z, y) if self._context is None else self._context_loss(z, y, grid)
         if trains:   # the call's one host read, which also brings the frame ranges to check
             self._check_input_ranges(step, self.schedule.record(score, step, also_read=self._input_ranges()))
         else:

@@ -18,6 +18,8 @@ from torch import nn
 
 from ..functional import crepa_loss_with_options
 from .base import AlignmentRegularizerBase, model_list
+from .cached_teacher import CachedTeacher
+from .context_parallel import check_family, make_shard, sharded_crepa_loss
 from .config import CrepaConfig
 from .families import detect_family, unwrap_model
 from .grids import align_tokens
@@ -104,6 +106,51 @@ class CrepaRegularizer(AlignmentRegularizerBase):
         self._attach(models, make_teacher, schedule, block_index=config.crepa_block_index,
                      teacher_block_index=teacher_index, hidden_size=hidden_size, feature_cache=feature_cache,
                      feature_cache_dtype=feature_cache_dtype)
+
+    def set_context_parallel(self, group, *, shard) -> None:
+        if group is None and shard is None:
+            self._set_plain("_context", None)
+            self.projector.set_context_ranks(1)
+            return
+        refused = []
+        if self.alignment != "spatial":
+            refused.append("crepa_spatial_align: false (pooled mode)" if self.alignment == "pooled"
+                           else "crepa_encoder_tokens: 'cls'")
+        if self.config.irepa_enabled:
+            refused.append("irepa_enabled (iREPA's convolutional projector)")
+        if isinstance(self._teacher, BackboneTeacher):
+            refused.append("crepa_use_backbone_features (backbone mode)")
+        if isinstance(self._teacher, CachedTeacher):
+            refused.append("feature_cache=")
+        if refused:
+            raise ValueError(f"context parallelism supports patch-wise CREPA / REPA with teacher_features= on equal "
+                             f"student and teacher grids; this regularizer uses {', '.join(refused)}, which is not "
+                             "supported under context parallelism")
+        check_family(self.family)
+        context = make_shard(group, shard)
+        self._set_plain("_context", context)
+        self.projector.set_context_ranks(context.ranks)
+
+    def _context_tokens(self, student: torch.Tensor, grid) -> torch.Tensor:
+        context = self._context
+        if context.total != grid.tokens:
+            raise ValueError(f"the context group's shards cover {context.total} tokens but the token grid "
+                             f"{tuple(grid)} (frames, rows, columns) holds {grid.tokens}: set_context_parallel "
+                             "must describe the sequence of this forward")
+        if student.dim() != 3 or student.shape[1] != context.stop - context.start:
+            raise ValueError(f"the captured hidden states have shape {tuple(student.shape)} but this rank's shard "
+                             f"is tokens [{context.start}, {context.stop}) ({context.stop - context.start} tokens)")
+        return student
+
+    def _context_loss(self, z: torch.Tensor, y: torch.Tensor, grid):
+        if tuple(y.shape[2:4]) != (grid.height, grid.width):
+            raise ValueError(f"under context parallelism the teacher grid must equal the student grid (no "
+                             f"resampling): teacher_features lie on {y.shape[2]} x {y.shape[3]} tokens per frame, "
+                             f"the student on {grid.height} x {grid.width}")
+        loss, score, similarity_self = sharded_crepa_loss(z, y.to(z.dtype), grid, self._context, self.options)
+        logs = {"crepa_alignment_score": score.float(), "crepa_similarity_self": similarity_self.float(),
+                "crepa_similarity": score.float()}
+        return loss, score, logs
 
     def _loss(self, z: torch.Tensor, y: torch.Tensor):
         z, y = align_tokens(z, y, self.alignment)

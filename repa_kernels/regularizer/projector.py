@@ -28,6 +28,17 @@ from torch import nn
 from .ranks import mean_across_ranks
 
 # SimpleTuner's nn.Sequential(LayerNorm, Linear) keys -> ours
+
+
+class _GradientScale:
+    """A gradient hook multiplying by `factor` (the context-group size; 1 leaves the gradient as it is).
+    A class, not a closure, so that deep copies and pickles of the projector keep working."""
+
+    def __init__(self) -> None:
+        self.factor = 1
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor | None:
+        return None if self.factor == 1 else grad * self.factor
 _SEQUENTIAL_LAYOUT = {"0.": "norm.", "1.": "linear."}
 
 
@@ -41,8 +52,16 @@ class _Float32Projector(nn.Module):
         self.out_features = out_features
 
     def _finish_init(self) -> None:
+        self._gradient_scale = _GradientScale()
         for parameter in self.parameters():
             parameter.register_hook(mean_across_ranks)   # before accumulation into .grad
+            parameter.register_hook(self._gradient_scale)
+
+    def set_context_ranks(self, ranks: int) -> None:
+        """Under context parallelism each of the `ranks` ranks of a context group holds a partial gradient
+        (its tokens' share): the right gradient is their sum averaged over the data ranks, which is the
+        mean over all ranks times `ranks` (world = data x context). 1 turns it off."""
+        self._gradient_scale.factor = int(ranks)
 
     def _apply(self, fn, recurse=True):
         # `fn` is what .to() / .half() / .cuda() apply to every tensor: try it on an empty float32 probe

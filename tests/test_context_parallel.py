@@ -1,0 +1,146 @@
+"""CREPA / REPA under context (sequence) parallelism through the explicit layout API
+(`CrepaRegularizer.set_context_parallel(group, shard=(start, stop))`), against the single-process run.
+
+One spawn per world size (2 and 3 gloo processes) runs all its cases (tests/workers/context_parallel_worker.py):
+whole-frame shards, frames split between ranks, shards smaller than a frame, uneven shards, with a halo of
+one and of two neighbour frames. On every rank the loss value and the logs (alignment score, self similarity,
+EMA) equal the single-process ones, the gradients of the ranks' shards of the captured hidden states put
+together equal the single-process gradient of the whole sequence, and the projector's gradient (summed
+over the context group by the projector's own hook) equals the single-process one. Compared in float64 at
+float32 rounding tolerance (the loss itself computes in float32, the projector's dtype).
+
+The refusals run in one process (a group of one rank is a valid context group).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import tiny_models as tm
+from repa_kernels.regularizer import CrepaRegularizer
+from workers import context_parallel_worker as worker
+
+RTOL, ATOL = 1e-5, 1e-8
+needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return torch.allclose(got.double(), want.double(), rtol=RTOL, atol=ATOL * max(1.0, want.abs().max().item()))
+
+
+def mismatches(ranks: list[list[dict]], truth: list[dict], world_size: int) -> list[str]:
+    bad = []
+    for case, ((config, shards), want) in enumerate(zip(worker.CASES[world_size], truth)):
+        what = f"{config} {shards}"
+        for rank, results in enumerate(ranks):
+            got = results[case]
+            if not close(got["loss"], want["loss"]):
+                bad.append(f"{what} rank {rank}: loss {got['loss'].item()} != {want['loss'].item()}")
+            if got["logs"].keys() != want["logs"].keys():
+                bad.append(f"{what} rank {rank}: log keys {sorted(got['logs'])} != {sorted(want['logs'])}")
+            bad += [f"{what} rank {rank}: {key} {got['logs'][key].item()} != {value.item()}"
+                    for key, value in want["logs"].items() if key in got["logs"] and not close(got["logs"][key], value)]
+            for name, grad in want["projector_grads"].items():
+                if not close(got["projector_grads"][name], grad):
+                    bad.append(f"{what} rank {rank}: projector gradient {name} max |diff| "
+                               f"{(got['projector_grads'][name] - grad).abs().max().item():.3e}")
+        gathered = torch.cat([results[case]["captured_grad"] for results in ranks], dim=1)
+        if gathered.shape != want["captured_grad"].shape or not close(gathered, want["captured_grad"]):
+            bad.append(f"{what}: gathered hidden-state gradient differs from the single-process one")
+    return bad
+
+
+@pytest.mark.slow
+@needs_gloo
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_sequence_matches_the_single_process_run(world_size, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        truth = worker.single_process_run(world_size)
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(worker.run, args=(world_size, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=world_size, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+    assert not mismatches(ranks, truth, world_size)
+    # premise: every rank's own share of the hidden-state gradient is non-zero (each shard takes part)
+    for results in ranks:
+        assert all(r["captured_grad"].abs().sum() > 0 for r in results)
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def build(**config):
+    model = tm.tiny_wan()
+    return model, CrepaRegularizer.from_config({**worker.BASE, **config}, transformer=model, encoder=tm.tiny_dinov2())
+
+
+@needs_gloo
+@pytest.mark.parametrize("config, named", [
+    ({"crepa_spatial_align": False}, "crepa_spatial_align"),
+    ({"crepa_encoder_tokens": "cls"}, "crepa_encoder_tokens"),
+    ({"irepa_enabled": True}, "irepa_enabled"),
+])
+def test_unsupported_modes_are_refused_naming_the_key(one_rank_group, config, named):
+    _, reg = build(**config)
+    with pytest.raises(ValueError, match=named):
+        reg.set_context_parallel(one_rank_group, shard=(0, worker.TOKENS))
+
+
+@needs_gloo
+def test_bad_layouts_and_calls_are_refused(one_rank_group):
+    model, reg = build()
+    for shard, message in [((3, 2), "start < stop"), ((1, 5), "tile the sequence from token 0"),
+                           ((-1, 4), "integer >= 0"), (5, r"\(start, stop\)")]:
+        with pytest.raises(ValueError, match=message):
+            reg.set_context_parallel(one_rank_group, shard=shard)
+    latents, text, features = worker.inputs()
+    reg.set_context_parallel(one_rank_group, shard=(0, 12))    # the forward holds 24 tokens
+    model(latents, torch.full((worker.BATCH,), 500.0), text, return_dict=False)
+    with pytest.raises(ValueError, match="cover 12 tokens"):
+        reg(teacher_features=features, step=0)
+    reg.set_context_parallel(one_rank_group, shard=(0, worker.TOKENS))
+    model(latents, torch.full((worker.BATCH,), 500.0), text, return_dict=False)
+    with pytest.raises(ValueError, match="latents= and pixels="):
+        reg(latents=latents, step=0)
+    model(latents, torch.full((worker.BATCH,), 500.0), text, return_dict=False)
+    coarse = features.reshape(worker.BATCH, worker.FRAMES, 6, 16)[:, :, :2].contiguous()   # a 1 x 2 teacher grid
+    with pytest.raises(ValueError, match="teacher grid must equal the student grid"):
+        reg(teacher_features=coarse, step=0)
+    # a whole-sequence shard in a group of one is the plain call, and turning it off restores the plain path
+    model(latents, torch.full((worker.BATCH,), 500.0), text, return_dict=False)
+    sharded, _ = reg(teacher_features=features, step=0)
+    reg.set_context_parallel(None, shard=None)
+    model(latents, torch.full((worker.BATCH,), 500.0), text, return_dict=False)
+    plain, _ = reg(teacher_features=features, step=0)
+    assert torch.allclose(sharded, plain, rtol=1e-5)
+
+
+def test_urepa_refuses_context_parallelism():
+    from repa_kernels.regularizer import UrepaRegularizer
+    reg = UrepaRegularizer.from_config({"urepa_enabled": True, "urepa_encoder_image_size": 16}, unet=tm.tiny_unet(),
+                                       encoder=tm.tiny_dinov2())
+    with pytest.raises(ValueError, match="does not support context parallelism"):
+        reg.set_context_parallel(None, shard=(0, 1))
+
+
+@needs_gloo
+def test_a_family_with_text_in_its_sequence_is_refused(one_rank_group):
+    reg = CrepaRegularizer.from_config({**worker.BASE, "crepa_block_index": 2}, transformer=tm.tiny_flux(),
+                                       encoder=tm.tiny_dinov2())
+    with pytest.raises(ValueError, match="flux family"):
+        reg.set_context_parallel(one_rank_group, shard=(0, 16))
