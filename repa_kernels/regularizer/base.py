@@ -232,9 +232,12 @@ class AlignmentRegularizerBase(nn.Module):
                          "patch-wise CREPA / REPA does)")
 
     def _context_tokens(self, student: torch.Tensor, grid) -> torch.Tensor:
+        """This rank's captured shard (B, stop - start, C), checked against the layout and `grid`; called
+        only once set_context_parallel has set a layout, which only a regularizer that overrides it does."""
         raise NotImplementedError
 
     def _context_loss(self, z: torch.Tensor, y: torch.Tensor, grid):
+        """Like `_loss`, on this rank's projected shard z (B, L, D) against the full teacher tokens y."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ saving and loading
