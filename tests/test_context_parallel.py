@@ -40,10 +40,11 @@ def mismatches(ranks: list[list[dict]], truth: list[dict], world_size: int) -> l
             got = results[case]
             if not close(got["loss"], want["loss"]):
                 bad.append(f"{what} rank {rank}: loss {got['loss'].item()} != {want['loss'].item()}")
-            if got["logs"].keys() != want["logs"].keys():
-                bad.append(f"{what} rank {rank}: log keys {sorted(got['logs'])} != {sorted(want['logs'])}")
-            bad += [f"{what} rank {rank}: {key} {got['logs'][key].item()} != {value.item()}"
-                    for key, value in want["logs"].items() if key in got["logs"] and not close(got["logs"][key], value)]
+            for logs in ("logs", "next_logs"):
+                if got[logs].keys() != want[logs].keys():
+                    bad.append(f"{what} rank {rank}: {logs} keys {sorted(got[logs])} != {sorted(want[logs])}")
+                bad += [f"{what} rank {rank}: {logs} {key} {got[logs][key].item()} != {value.item()}"
+                        for key, value in want[logs].items() if key in got[logs] and not close(got[logs][key], value)]
             for name, grad in want["projector_grads"].items():
                 if not close(got["projector_grads"][name], grad):
                     bad.append(f"{what} rank {rank}: projector gradient {name} max |diff| "
@@ -67,6 +68,7 @@ def test_sharded_sequence_matches_the_single_process_run(world_size, tmp_path):
     mp.spawn(worker.run, args=(world_size, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=world_size, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
     assert not mismatches(ranks, truth, world_size)
+    assert all("crepa_alignment_score_ema" in r["next_logs"] for r in truth)   # premise: the EMA is compared
     # premise: every rank's own share of the hidden-state gradient is non-zero (each shard takes part)
     for results in ranks:
         assert all(r["captured_grad"].abs().sum() > 0 for r in results)

@@ -5,7 +5,8 @@ A trainer with its own sequence parallelism is played by two hooks on a tiny Wan
 diffusers' context parallelism), and the next block gets the full output back (the model runs on, its
 prediction unused: only the regularizer's loss is backpropagated). Every rank runs the same full forward
 from the same seed, so the shard is exactly the single-process run's tokens. Per case it saves the loss,
-the logs, the gradient of its shard of the captured hidden states and the projector's gradients.
+the logs, the gradient of its shard of the captured hidden states and the projector's gradients, and the
+logs of a second call at the next step (which holds the similarity EMA of the first).
 `single_process_run` computes the same on the whole sequence without torch.distributed: the truth.
 """
 
@@ -79,6 +80,9 @@ def run_case(config: str, shard: tuple[int, int] | None, group=None) -> dict:
     result = {"loss": loss.detach().clone(), "logs": {k: v.clone() for k, v in logs.items()},
               "captured_grad": kept["captured"].grad.detach().clone(),
               "projector_grads": {n: p.grad.detach().clone() for n, p in reg.named_parameters()}}
+    # the next step's call folds step 0's score into the similarity EMA (averaged over the world)
+    model(latents, torch.full((BATCH,), 500.0), text, return_dict=False)
+    result["next_logs"] = {k: v.detach().clone() for k, v in reg(teacher_features=features, step=1)[1].items()}
     reg.detach()
     for handle in handles:
         handle.remove()
