@@ -1,4 +1,4 @@
-"""pytest-benchmark suite over the SPEC §8 workloads: workloads x providers x modes.
+"""pytest-benchmark suite over the docs/contract.md §8 workloads: workloads x providers x modes.
 
     pytest benchmarks                              # 3 timed rounds each
     pytest benchmarks --benchmark-disable          # each case once (a smoke run)

@@ -68,7 +68,7 @@ inline at::ScalarType compute_scalar_type(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Huge and tiny magnitudes (SPEC §2: norms must not overflow). A row is first used as it is; when
+// Huge and tiny magnitudes (docs/contract.md §2: norms must not overflow). A row is first used as it is; when
 // its squared norm, so computed, lies outside [2^-64, 2^64] in fp32 ([2^-400, 2^400] in fp64), or
 // overflowed to inf, it is used instead as x' = x 2^-e, with e the exponent of max|x| (so max|x'| is
 // in [0.5, 1)): the power of two makes the scaling exact, the squares and dot products of x' cannot

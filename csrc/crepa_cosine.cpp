@@ -1,4 +1,4 @@
-// CREPA / REPA cosine term (SPEC §2.1) on CPU: loss, metrics and, when asked, the gradients.
+// CREPA / REPA cosine term (docs/contract.md §2.1) on CPU: loss, metrics and, when asked, the gradients.
 //
 // repa_kernels::crepa(z, y, frame_weights, loss_scale, need_dz, need_dy)
 //   z, y: (B, T, N, D), same shape and dtype (float16, bfloat16, float32, float64), unit stride over D.

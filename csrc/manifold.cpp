@@ -1,4 +1,4 @@
-// Manifold (Gram difference) term (SPEC §2.2) on CPU, never holding an N x N matrix.
+// Manifold (Gram difference) term (docs/contract.md §2.2) on CPU, never holding an N x N matrix.
 //
 // repa_kernels::manifold(z, y, need_dz, need_dy, path)
 //   z: (B, T, N, Dz), y: (B, T, N, Dy), same dtype (float16, bfloat16, float32, float64), unit stride

@@ -1,4 +1,4 @@
-"""Backend selection: the `impl=` switch of SPEC §1.
+"""Backend selection: the `impl=` switch of docs/contract.md §1.
 
 Every backend module exposes
     crepa(z, y, opts: CrepaOptions) -> (loss, alignment_score, similarity_self)
@@ -110,7 +110,7 @@ def resolve(impl: str, device: torch.device) -> str:
     if preferred is None:
         return "reference"
     ok, reason = status(preferred, device)
-    if ok and preferred == "triton" and triton_interpreter_enabled():  # SPEC §1: never the interpreter
+    if ok and preferred == "triton" and triton_interpreter_enabled():  # docs/contract.md §1: never the interpreter
         ok, reason = False, ("TRITON_INTERPRET=1 would run the kernels in the interpreter; ask for "
                              "impl='triton' for that")
     if ok:

@@ -1,4 +1,4 @@
-"""Input validation shared by every backend (SPEC §2): the same errors whatever `impl` is.
+"""Input validation shared by every backend (docs/contract.md §2): the same errors whatever `impl` is.
 
 Scalars are accepted in the types a training script holds them in: Python numbers and numpy scalars
 (np.bool_ wherever a bool is, np.int64 for integers, np.float32 for reals); bools are never numbers.

@@ -10,7 +10,7 @@ from importlib.util import find_spec
 # subcommand -> (module, help); each module provides add_arguments(parser) and run(args) -> int
 SUBCOMMANDS = {
     "info": ("repa_kernels.info", "versions and which backend runs on CPU and CUDA, and why"),
-    "bench": ("repa_kernels.bench.cli", "run the SPEC §8 benchmark workloads and write CSV and plots"),
+    "bench": ("repa_kernels.bench.cli", "run the benchmark workloads (docs/contract.md §8) and write CSV and plots"),
     "demo": ("repa_kernels.demo", "a short CREPA fine-tune of a tiny Wan transformer on CPU"),
     "cache": ("repa_kernels.cache_info", "what a teacher-feature cache holds: identity, entries, size"),
 }

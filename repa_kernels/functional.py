@@ -1,4 +1,4 @@
-"""Functional API: `crepa_loss`, `manifold_loss`, `urepa_loss` (SPEC §1 layer 3, §2)."""
+"""Functional API: `crepa_loss`, `manifold_loss`, `urepa_loss` (docs/contract.md §1 layer 3, §2)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class UrepaResult(NamedTuple):
 def crepa_loss(z: torch.Tensor, y: torch.Tensor, *, distance: int = 1, tau: float = 1.0,
                cumulative: bool = False, normalize_by_frames: bool = True,
                normalize_neighbour_sum: bool = False, impl: str = "auto") -> CrepaResult:
-    """CREPA (video) / REPA (image) cosine term of SPEC §2.1.
+    """CREPA (video) / REPA (image) cosine term of docs/contract.md §2.1.
 
     z: student tokens (B, T, N, D) or (B, N, D); y: teacher tokens of the same shape and dtype
     (float16, bfloat16, float32 or float64). Gradients reach z, and y when it requires grad.
@@ -51,7 +51,7 @@ def crepa_loss_with_options(z: torch.Tensor, y: torch.Tensor, opts: CrepaOptions
 
 
 def manifold_loss(z: torch.Tensor, y: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
-    """Gram-difference manifold loss of SPEC §2.2 (per sample, per frame when 4-D).
+    """Gram-difference manifold loss of docs/contract.md §2.2 (per sample, per frame when 4-D).
 
     z: (B, [T,] N, Dz), y: (B, [T,] N, Dy), widths may differ. Returns a scalar (fp32, fp64 for fp64).
     """
@@ -62,7 +62,7 @@ def manifold_loss(z: torch.Tensor, y: torch.Tensor, *, impl: str = "auto") -> to
 
 def urepa_loss(z: torch.Tensor, y: torch.Tensor, *, manifold_weight: float = 3.0,
                impl: str = "auto") -> UrepaResult:
-    """U-REPA objective (SPEC §2.2): -mean cosine + manifold_weight * manifold, before lambda.
+    """U-REPA objective (docs/contract.md §2.2): -mean cosine + manifold_weight * manifold, before lambda.
 
     z, y: (B, N, D) or (B, T, N, D), same shape and dtype. With T > 1 the cosine is per frame
     (no neighbour terms) and the manifold loss is per (sample, frame).

@@ -1,4 +1,4 @@
-"""Drop-in `torch.nn.Module` losses over the functional API (SPEC §1 layer 4)."""
+"""Drop-in `torch.nn.Module` losses over the functional API (docs/contract.md §1 layer 4)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .options import CrepaOptions
 
 
 class CrepaLoss(nn.Module):
-    """Negative neighbour-weighted cosine similarity (SPEC §2.1); REPA when T = 1 or distance = 0.
+    """Negative neighbour-weighted cosine similarity (docs/contract.md §2.1); REPA when T = 1 or distance = 0.
 
     forward(z, y): z, y (B, T, N, D) or (B, N, D) -> scalar loss, or a `CrepaResult` with
     `return_metrics=True`.
@@ -37,7 +37,7 @@ class CrepaLoss(nn.Module):
 
 
 class ManifoldLoss(nn.Module):
-    """Gram-difference manifold loss (SPEC §2.2), optionally scaled by `weight`.
+    """Gram-difference manifold loss (docs/contract.md §2.2), optionally scaled by `weight`.
 
     forward(z, y): z (B, [T,] N, Dz), y (B, [T,] N, Dy) -> scalar.
     """
@@ -56,7 +56,7 @@ class ManifoldLoss(nn.Module):
 
 
 class UrepaLoss(nn.Module):
-    """U-REPA objective (SPEC §2.2): -mean cosine + manifold_weight * manifold.
+    """U-REPA objective (docs/contract.md §2.2): -mean cosine + manifold_weight * manifold.
 
     forward(z, y) -> scalar loss, or a `UrepaResult` with `return_metrics=True`.
     """

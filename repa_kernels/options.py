@@ -1,4 +1,4 @@
-"""Hyper-parameters of the CREPA/REPA cosine term (SPEC §2.1) and the frame weights they imply, and the
+"""Hyper-parameters of the CREPA/REPA cosine term (docs/contract.md §2.1) and the frame weights they imply, and the
 numeric rules every backend shares (the zero-token threshold EPS, the compute dtype).
 
 The bottom of the kernel half: the reference path, the kernel ops and the functional API all import
@@ -105,5 +105,5 @@ class CrepaOptions:
                                                                                                  num_frames)
 
     def loss_divisor(self, batch: int, num_frames: int) -> int:
-        """B' of SPEC §2.1: loss = -sum_{b,f} total[b, f] / B'."""
+        """B' of docs/contract.md §2.1: loss = -sum_{b,f} total[b, f] / B'."""
         return batch * (num_frames if self.normalize_by_frames else 1)

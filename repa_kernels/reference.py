@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of SPEC §2: the ground truth of every test and the fallback on any device.
+"""Plain-PyTorch reference of docs/contract.md §2: the ground truth of every test and the fallback on any device.
 
 Everything here is differentiable by autograd (to z and y). Inputs are 4-D (B, T, N, D) tensors that
 passed `checks.check_pair`. Math runs in float32 (float64 for float64 inputs); losses come back in
@@ -68,7 +68,7 @@ def frame_similarities(zn: torch.Tensor, yn: torch.Tensor, offset: int) -> torch
 
 
 def crepa_frame_totals(zn: torch.Tensor, yn: torch.Tensor, opts: CrepaOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """total[b, f] and s(f, f)[b] of SPEC §2.1 from normalised tokens, both (B, T)."""
+    """total[b, f] and s(f, f)[b] of docs/contract.md §2.1 from normalised tokens, both (B, T)."""
     frames = zn.shape[1]
     self_sim = frame_similarities(zn, yn, 0)
     total = self_sim
@@ -93,7 +93,7 @@ def crepa(z: torch.Tensor, y: torch.Tensor, opts: CrepaOptions) -> tuple[torch.T
 
 @without_autocast
 def manifold(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Gram-difference loss of SPEC §2.2: mean over (b, t, i, j) of (Ẑ Ẑᵀ − Ŷ Ŷᵀ)[i, j]²."""
+    """Gram-difference loss of docs/contract.md §2.2: mean over (b, t, i, j) of (Ẑ Ẑᵀ − Ŷ Ŷᵀ)[i, j]²."""
     batch, frames, tokens = z.shape[:3]
     zn = safe_normalize(z).flatten(0, 1)
     yn = safe_normalize(y).flatten(0, 1)

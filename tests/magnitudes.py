@@ -1,4 +1,4 @@
-"""Huge and tiny token magnitudes for the C++ kernel tests (SPEC §2: norms must not overflow).
+"""Huge and tiny token magnitudes for the C++ kernel tests (docs/contract.md §2: norms must not overflow).
 
 A row whose squared norm leaves [2^-64, 2^64] (fp32; [2^-400, 2^400] fp64) is used as its exact
 power-of-two rescaled copy (csrc/common.h): 1e30^2 would overflow fp32, 1e-30^2 underflow it.

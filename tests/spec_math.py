@@ -1,4 +1,4 @@
-"""An independent float64 NumPy transcription of SPEC §2, written from the formulas alone.
+"""An independent float64 NumPy transcription of docs/contract.md §2, written from the formulas alone.
 
 Deliberately naive (explicit loops over frames and neighbour sets) so it shares no code or structure
 with repa_kernels.reference.

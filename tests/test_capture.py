@@ -1,4 +1,4 @@
-"""Hidden-state capture by forward hooks on every supported diffusers family (SPEC §3, §7)."""
+"""Hidden-state capture by forward hooks on every supported diffusers family (docs/contract.md §3, §7)."""
 
 import functools
 import gc
@@ -136,7 +136,7 @@ def test_unsupported_family_lists_the_supported_ones():
     assert "tried its class hierarchy (Module, NotADiT, object)" in message
 
 
-# ---- the generic `dit` family: any other image DiT with a list of blocks (SPEC §7) --------------------
+# ---- the generic `dit` family: any other image DiT with a list of blocks (docs/contract.md §7) --------------------
 
 def _square_latents(seed: int = 3) -> torch.Tensor:
     return torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed))

@@ -1,4 +1,4 @@
-"""Config keys of SPEC §5: defaults, sources (dict, JSON, argparse), aliases, coercion, every error."""
+"""Config keys of docs/contract.md §5: defaults, sources (dict, JSON, argparse), aliases, coercion, every error."""
 
 import argparse
 import contextlib
@@ -19,8 +19,8 @@ from repa_kernels.regularizer.schedule import CoefficientSchedule
 
 DATA = Path(__file__).parent / "data"
 
-# SPEC §5, transcribed by hand (not read from the code under test).
-SPEC_CREPA_DEFAULTS = {
+# docs/contract.md §5, transcribed by hand (not read from the code under test).
+CONTRACT_CREPA_DEFAULTS = {
     "crepa_enabled": False, "crepa_block_index": 8, "crepa_lambda": 0.5, "crepa_adjacent_distance": 1,
     "crepa_adjacent_tau": 1.0, "crepa_cumulative_neighbors": False, "crepa_normalize_neighbour_sum": False,
     "crepa_normalize_by_frames": True, "crepa_spatial_align": True, "crepa_encoder": "dinov2_vitg14",
@@ -32,7 +32,7 @@ SPEC_CREPA_DEFAULTS = {
     "crepa_threshold_mode": "permanent",
     "irepa_enabled": False, "irepa_spatial_norm_alpha": 0.6, "irepa_projector_kernel_size": 3, "max_train_steps": None,
 }
-SPEC_UREPA_DEFAULTS = {
+CONTRACT_UREPA_DEFAULTS = {
     "urepa_enabled": False, "urepa_lambda": 0.5, "urepa_manifold_weight": 3.0, "urepa_model": "dinov2_vitg14",
     "urepa_encoder_image_size": 518, "urepa_use_tae": False, "urepa_scheduler": "constant",
     "urepa_warmup_steps": 0, "urepa_decay_steps": 0, "urepa_lambda_end": 0.0, "urepa_power": 1.0,
@@ -55,14 +55,14 @@ def no_warnings():
 
 
 def test_crepa_defaults_are_the_documented_ones():
-    assert CrepaConfig().to_dict() == SPEC_CREPA_DEFAULTS
-    assert CrepaConfig.keys() == list(SPEC_CREPA_DEFAULTS)
-    assert CrepaConfig.from_dict({}).to_dict() == SPEC_CREPA_DEFAULTS
+    assert CrepaConfig().to_dict() == CONTRACT_CREPA_DEFAULTS
+    assert CrepaConfig.keys() == list(CONTRACT_CREPA_DEFAULTS)
+    assert CrepaConfig.from_dict({}).to_dict() == CONTRACT_CREPA_DEFAULTS
 
 
 def test_urepa_defaults_are_the_documented_ones():
-    assert UrepaConfig().to_dict() == SPEC_UREPA_DEFAULTS
-    assert UrepaConfig.keys() == list(SPEC_UREPA_DEFAULTS)
+    assert UrepaConfig().to_dict() == CONTRACT_UREPA_DEFAULTS
+    assert UrepaConfig.keys() == list(CONTRACT_UREPA_DEFAULTS)
 
 
 def test_to_dict_from_dict_round_trip():
@@ -88,7 +88,7 @@ def test_t2v_preset_is_accepted_as_written():
         cfg = CrepaConfig.from_dict({"crepa_enabled": True, **T2V_PRESET})
     for key, value in T2V_PRESET.items():
         assert getattr(cfg, key) == value
-    assert cfg.max_train_steps is None  # the max_train_steps rule is the schedule's (SPEC §4)
+    assert cfg.max_train_steps is None  # the max_train_steps rule is the schedule's (docs/contract.md §4)
 
 
 @pytest.mark.parametrize("preset", [
@@ -591,12 +591,12 @@ def test_argparse_rejects_bad_values_with_the_rule(argv, fragment, capsys):
 def test_argparse_adds_every_key_with_help_and_only_the_requested_groups():
     parser = make_parser()
     options = {action.dest: action for action in parser._actions}
-    for key in list(SPEC_CREPA_DEFAULTS) + list(SPEC_UREPA_DEFAULTS):
+    for key in list(CONTRACT_CREPA_DEFAULTS) + list(CONTRACT_UREPA_DEFAULTS):
         if key == "max_train_steps":
             assert key not in options  # the trainer's own option
             continue
         assert options[key].help and "(default: " in options[key].help
-        assert options[key].default == (SPEC_CREPA_DEFAULTS | SPEC_UREPA_DEFAULTS)[key]
+        assert options[key].default == (CONTRACT_CREPA_DEFAULTS | CONTRACT_UREPA_DEFAULTS)[key]
     only_urepa = {action.dest for action in make_parser(crepa=False)._actions}
     assert "urepa_lambda" in only_urepa and "crepa_lambda" not in only_urepa
     with pytest.raises(TypeError, match="from_args expects an argparse.Namespace"):

@@ -85,7 +85,7 @@ def test_image_repa_three_dim_input_without_dy(dtype):
 
 @needs_extension
 def test_golden_value():
-    """SPEC §2.1: the same unit vector everywhere, T = 4, d = 1, tau = 1 -> 1 + 1.5 e^-1."""
+    """docs/contract.md §2.1: the same unit vector everywhere, T = 4, d = 1, tau = 1 -> 1 + 1.5 e^-1."""
     z = torch.zeros(2, 4, 6, 8)
     z[..., 3] = 1.0
     result = rk.crepa_loss(z, z.clone(), impl="cpp")
@@ -235,7 +235,7 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=0)
 
 
-# ---- huge and tiny magnitudes (SPEC §2: norms must not overflow; tests/magnitudes.py) ---------------
+# ---- huge and tiny magnitudes (docs/contract.md §2: norms must not overflow; tests/magnitudes.py) ---------------
 
 def magnitude_pair(dtype, frames=3, seed=20):
     """(2, frames, S², 12) pairs with every pairing of token magnitudes (tests/magnitudes.py)."""

@@ -162,7 +162,7 @@ def test_float64_gradcheck(path):
         assert torch.autograd.gradcheck(lambda z, y: rk.manifold_loss(z, y, impl="cpp"), (z, y))
 
 
-# ---- huge and tiny magnitudes (SPEC §2: norms must not overflow; tests/magnitudes.py) ---------------
+# ---- huge and tiny magnitudes (docs/contract.md §2: norms must not overflow; tests/magnitudes.py) ---------------
 # The identity form accumulates in fp64, which holds every fp32 square; the tiled form rescales rows
 # whose squared norm leaves the fp32 range, as the cosine kernel does.
 

@@ -1,4 +1,4 @@
-"""CrepaRegularizer end to end on tiny random diffusers models (SPEC §3-§7)."""
+"""CrepaRegularizer end to end on tiny random diffusers models (docs/contract.md §3-§7)."""
 
 import json
 
@@ -105,7 +105,7 @@ def test_every_family_end_to_end(family):
 
 @pytest.mark.parametrize("builder", ["diffusers-dit", "plain-sit"])
 def test_a_dit_of_no_known_family_end_to_end(builder):
-    """SPEC §7: any image DiT with a list of blocks (here diffusers' DiTTransformer2DModel, and a plain
+    """docs/contract.md §7: any image DiT with a list of blocks (here diffusers' DiTTransformer2DModel, and a plain
     module without a config that needs hidden_size=)."""
     transformer = (tm.tiny_dit() if builder == "diffusers-dit" else tm.TinySiT()).train()
     latents = _latents((2, 4, 8, 8))

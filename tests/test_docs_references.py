@@ -119,7 +119,6 @@ def test_contract_has_the_cited_section_numbering():
     assert {str(n) for n in range(1, 9)} | {"2.1", "2.2"} <= sections, sorted(sections, key=_section_key)
 
 
-@pytest.mark.xfail(reason="the former contract's citations and tracker items go in one mechanical last step")
 def test_every_citation_resolves():
     sections, existing_docs = tree_facts()
     problems = [problem for path, text in tracked_text_files()
@@ -134,7 +133,6 @@ def test_docs_name_existing_source_files():
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(reason="the former contract's citations and tracker items go in one mechanical last step")
 def test_no_citation_of_the_former_team_contract():
     problems = [problem for path, text in tracked_text_files() for problem in former_contract_problems(path, text)]
     assert not problems, "\n".join(problems)

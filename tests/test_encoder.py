@@ -1,4 +1,4 @@
-"""The frozen DINOv2 teacher: names, local loading, token selection, dtype, batching, errors (SPEC §7)."""
+"""The frozen DINOv2 teacher: names, local loading, token selection, dtype, batching, errors (docs/contract.md §7)."""
 
 import json
 

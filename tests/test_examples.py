@@ -1,5 +1,5 @@
 """The integration examples in python/ run 2 training steps each (tiny random models, CPU) and log the
-SPEC §6 metrics; the regularizer's projector is trained by the example's optimizer and saved with the
+docs/contract.md §6 metrics; the regularizer's projector is trained by the example's optimizer and saved with the
 accelerate state."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Token grids, frame selection, encoder input sizes, 2-D resampling and pooling (SPEC §3)."""
+"""Token grids, frame selection, encoder input sizes, 2-D resampling and pooling (docs/contract.md §3)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The reference path against SPEC §2: golden values, hand-computed cases, an independent float64
+"""The reference path against docs/contract.md §2: golden values, hand-computed cases, an independent float64
 transcription (tests/spec_math.py), gradcheck, zero tokens and dtypes."""
 
 import itertools
@@ -110,7 +110,7 @@ def test_two_frames_with_hand_computed_neighbour_term():
 
 
 def test_distance_beyond_clip_pairs_only_the_end_frames():
-    # T = 3, distance 5 -> d' = 2: 0<->2 only, frame 1 has no neighbour (SPEC §2.1).
+    # T = 3, distance 5 -> d' = 2: 0<->2 only, frame 1 has no neighbour (docs/contract.md §2.1).
     z = frames_with_angles([0.0, 0.0, 0.0])
     y = frames_with_angles([0.0, math.pi / 2, math.pi / 3])
     w = math.exp(-2.0)
@@ -162,7 +162,7 @@ def test_gradcheck_manifold_float64():
 
 
 def test_manifold_gradient_formula():
-    # SPEC §2.2: dManifold/dẐ = 4 (G_z − G_y) Ẑ / (B·T·N²) on unit-norm inputs, before the normalisation.
+    # docs/contract.md §2.2: dManifold/dẐ = 4 (G_z − G_y) Ẑ / (B·T·N²) on unit-norm inputs, before the normalisation.
     z = torch.nn.functional.normalize(torch.randn(2, 6, 3, dtype=torch.float64), dim=-1).requires_grad_()
     y = torch.nn.functional.normalize(torch.randn(2, 6, 4, dtype=torch.float64), dim=-1)
     rk.manifold_loss(z, y, impl="reference").backward()
@@ -174,7 +174,7 @@ def test_manifold_gradient_formula():
 
 
 def test_crepa_gradient_formula_to_z_and_y():
-    # SPEC §2.1 backward: dL/dẑ[b,f] = −c(f)·ỹ[b,f]/(N·B'), dL/dŷ[b,g] = −Σ_f W[f,g]·ẑ[b,f]/(N·B').
+    # docs/contract.md §2.1 backward: dL/dẑ[b,f] = −c(f)·ỹ[b,f]/(N·B'), dL/dŷ[b,g] = −Σ_f W[f,g]·ẑ[b,f]/(N·B').
     opts = CrepaOptions(distance=2, tau=0.8, cumulative=True, normalize_neighbour_sum=True)
     z = torch.nn.functional.normalize(torch.randn(2, 4, 3, 5, dtype=torch.float64), dim=-1).requires_grad_()
     y = torch.nn.functional.normalize(torch.randn(2, 4, 3, 5, dtype=torch.float64), dim=-1).requires_grad_()

@@ -1,7 +1,7 @@
 """Bad-input matrix over every public loss entry point and every available backend.
 
 Each case either raises a clear error (the right type, a message naming the argument, the value and
-what is valid) or gives a documented result (NaN/Inf propagate to the loss, SPEC §2; a
+what is valid) or gives a documented result (NaN/Inf propagate to the loss, docs/contract.md §2; a
 distance past the clip is clamped; any memory layout computes the same loss as a contiguous copy).
 The input checks are shared by all backends, so every backend must raise the same error; the
 documented results are checked on every backend too, because that is where a kernel would differ

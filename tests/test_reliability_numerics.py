@@ -1,6 +1,6 @@
 """Numerics of every backend at the edges.
 
-- Zero tokens (and tokens below EPS): zero gradient, no inf, also in fp16 / bf16 (SPEC §2).
+- Zero tokens (and tokens below EPS): zero gradient, no inf, also in fp16 / bf16 (docs/contract.md §2).
 - Huge and tiny magnitudes in fp32 (1e30, 1e-30; norms must not square-overflow), the fp16 overflow
   range (|x| near 65504, whose squares overflow fp16), and mixtures of them inside one frame.
 - bf16 / fp16 / fp32 inputs against a float64 ground truth with the tolerance rule of tests/tolerance.py
@@ -9,8 +9,8 @@
 - 64-bit offsets: tensors with more than 2^31 elements (GPU only; the same check runs small on CPU so
   the test itself is known to be right).
 
-The float64 truth is the reference path run on float64 copies: it agrees with the independent SPEC
-transcription (tests/spec_math.py) to 1e-10 (tests/test_reference.py).
+The float64 truth is the reference path run on float64 copies: it agrees with the independent
+transcription of docs/contract.md §2 (tests/spec_math.py) to 1e-10 (tests/test_reference.py).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def test_low_precision_against_float64_truth(impl, dtype, kind):
 
 @pytest.mark.parametrize("impl", KERNELS)
 def test_manifold_near_convergence_keeps_relative_accuracy(impl):
-    """Z ≈ Y: the manifold loss is ~1e-7 and the D x D identity would cancel catastrophically (SPEC §2.2).
+    """Z ≈ Y: the manifold loss is ~1e-7 and the D x D identity would cancel catastrophically (docs/contract.md §2.2).
 
     The loss's *relative* error must stay within the fp32 reference's relative error + 1e-6 of the
     float64 truth (an absolute 1e-6 would accept any answer at this scale), for N > D where the identity

@@ -1,4 +1,5 @@
-"""Coefficient schedule of SPEC §4: weights at documented steps, cutoffs, EMA, state, distributed average."""
+"""Coefficient schedule of docs/contract.md §4: weights at documented steps, cutoffs, EMA, state, distributed
+average."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""The fused Triton CREPA kernel (impl="triton") against the reference (SPEC §2.1).
+"""The fused Triton CREPA kernel (impl="triton") against the reference (docs/contract.md §2.1).
 
 On CPU the kernels run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when no
 CUDA device exists); with a GPU the same tests run the compiled kernels on CUDA as well. Accuracy rule

@@ -1,4 +1,4 @@
-"""The tiled Triton manifold kernels (impl="triton") against the reference (SPEC §2.2).
+"""The tiled Triton manifold kernels (impl="triton") against the reference (docs/contract.md §2.2).
 
 On CPU the kernels run in the Triton interpreter; with a GPU the same tests run on CUDA too. Accuracy
 rule (tests/tolerance.py): |kernel − fp64 truth| <= |same-dtype reference − fp64 truth| + tol, on the

@@ -1,4 +1,4 @@
-"""UrepaRegularizer on a tiny UNet2DConditionModel (SPEC §2.2, §3-§7)."""
+"""UrepaRegularizer on a tiny UNet2DConditionModel (docs/contract.md §2.2, §3-§7)."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""Latent decoding with each VAE class's pipeline denormalisation, tiny decoders, dropping the encoder (SPEC §7)."""
+"""Latent decoding with each VAE class's pipeline denormalisation, tiny decoders, dropping the encoder
+(docs/contract.md §7)."""
 
 import pytest
 import torch

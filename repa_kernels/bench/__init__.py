@@ -1,4 +1,4 @@
-"""Benchmarks of SPEC §8: workloads, providers, measurement, and the `repa-kernels bench` command."""
+"""Benchmarks of docs/contract.md §8: workloads, providers, measurement, and the `repa-kernels bench` command."""
 
 from .measure import DevicePeaks, ModeResult, device_peaks, run_isolated, run_modes, time_mode
 from .providers import PROVIDERS, availability, loss_function

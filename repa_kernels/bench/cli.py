@@ -1,4 +1,4 @@
-"""`repa-kernels bench`: the SPEC §8 workloads outside pytest, written as CSV, PNG plots and a table.
+"""`repa-kernels bench`: the docs/contract.md §8 workloads outside pytest, written as CSV, PNG plots and a table.
 
     repa-kernels bench [--workload NAME ...] [--device cpu|cuda] [--out DIR] [--modes ...]
                        [--providers ...] [--repeats N] [--warmup N] [--list]

@@ -1,4 +1,4 @@
-"""End to end (SPEC §8): a training step of a diffusers WanTransformer3DModel with and without CREPA.
+"""End to end (docs/contract.md §8): a training step of a diffusers WanTransformer3DModel with and without CREPA.
 
 Configurations, each a full optimizer step (flow-matching loss [+ CREPA], backward, AdamW step):
   baseline             no regularizer

@@ -1,9 +1,9 @@
-"""The SPEC §8 benchmark workloads as data, with the work each one must do (bytes and FLOPs).
+"""The docs/contract.md §8 benchmark workloads as data, with the work each one must do (bytes and FLOPs).
 
 A workload is one loss call on student tokens z (B, T, N, Dz) and teacher tokens y (B, T, N, Dy),
 z requiring grad and y not (the teacher is frozen in training), in one dtype.
 
-Bytes that must move (E_z = B·T·N·Dz·itemsize, E_y likewise; SPEC §8):
+Bytes that must move (E_z = B·T·N·Dz·itemsize, E_y likewise; docs/contract.md §8):
   forward            reads Z and Y                         E_z + E_y
   backward           reads Z and Y again, writes dZ        2·E_z + E_y          (+ E_y for dY if y needs grad)
   forward+backward   the sum: the five-pass goal           3·E_z + 2·E_y        (5 passes when Dz = Dy)
@@ -167,7 +167,7 @@ _CUMULATIVE = CrepaOptions(distance=4, cumulative=True)
 _SELF_ONLY = CrepaOptions(distance=0)
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
-    # SPEC §8, GPU (bf16: the training dtype)
+    # docs/contract.md §8, GPU (bf16: the training dtype)
     Workload("crepa-wan480p", "crepa", 1, 21, 1560, 1536, 1536, "bfloat16", "gpu", _ADJACENT,
              description="Wan 480p latent tokens, adjacent neighbours; memory bandwidth"),
     Workload("crepa-cumulative", "crepa", 1, 21, 1560, 1536, 1536, "bfloat16", "gpu", _CUMULATIVE,
@@ -180,7 +180,7 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
              description="manifold loss over a video's tokens; matrix throughput"),
     Workload("manifold-16k", "manifold", 1, 1, 16384, 1024, 1024, "bfloat16", "gpu",
              description="manifold loss, 16k tokens; the reference needs > 3 GB for the Grams"),
-    # SPEC §8, CPU (fp32)
+    # docs/contract.md §8, CPU (fp32)
     Workload("crepa-cpu", "crepa", 1, 13, 1024, 768, 768, "float32", "cpu", _ADJACENT,
              description="CREPA on CPU, adjacent neighbours"),
     Workload("urepa-cpu", "urepa", 4, 1, 1024, 768, 768, "float32", "cpu", _SELF_ONLY,

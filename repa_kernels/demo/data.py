@@ -8,7 +8,7 @@ downloaded.
 
 Layouts:
 - `moving_shapes(...)` -> (num_clips, frames, 3, height, width) float32 in [0, 1] (the layout of the
-  regularizer's `pixels=` input, SPEC §7).
+  regularizer's `pixels=` input, docs/contract.md §7).
 - `to_vae_input(clips)` -> (num_clips, 3, frames, height, width) in [-1, 1] (what a diffusers video VAE
   encodes).
 """

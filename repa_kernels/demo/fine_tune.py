@@ -9,7 +9,7 @@ instead). The transformer, VAE and DINOv2 are random-init from a fixed seed (`--
 DINOv2 weights from a local directory), so the run shows the machinery working end to end, not what
 CREPA does for a real model.
 
-Outputs in `--out` (default ./demo-output/): `metrics.csv` (the SPEC §6 logs per step), `curves.png`
+Outputs in `--out` (default ./demo-output/): `metrics.csv` (the docs/contract.md §6 logs per step), `curves.png`
 (loss and alignment score over steps) and `summary.json` (held-out loss and alignment before/after, and
 the step time with the fused backend vs the reference).
 
@@ -344,7 +344,7 @@ def write_plot(rows: list[dict], path: Path, title: str) -> None:
 
 def _loss_token_shape(args, latents: torch.Tensor, width: int) -> tuple[int, int, int, int]:
     """(B, T, N, D) of the loss call in a training step: the student grid (Wan patches 2x2, LTX 1x1),
-    resampled down to the encoder's ENCODER_GRID_SIDE^2 patches when that grid is smaller (SPEC §3)."""
+    resampled down to the encoder's ENCODER_GRID_SIDE^2 patches when that grid is smaller (docs/contract.md §3)."""
     from .models import ENCODER_GRID_SIDE
     patch = 2 if args.model == "wan" else 1
     tokens = (latents.shape[3] // patch) * (latents.shape[4] // patch)

@@ -1,4 +1,4 @@
-"""Fused Triton kernel of the CREPA / REPA cosine term (SPEC §2.1), forward and gradient in one pass.
+"""Fused Triton kernel of the CREPA / REPA cosine term (docs/contract.md §2.1), forward and gradient in one pass.
 
 Shapes: z (student) and y (teacher) are (B, T, N, D), float16 / bfloat16 / float32 / float64, any
 strides (the kernel takes strides; nothing is copied). Math runs in float32 (float64 for float64
@@ -11,7 +11,7 @@ Design (memory-bound: the goal is to move each tensor once):
   neighbour frame g = f ± k (k = the clamped offsets), ||y_g||² and z_f·y_g (plus ||z_g||² and y_f·z_g
   when y needs a gradient). The neighbour values sit in (BLOCK_N, NUM_SLOTS) register tiles, one
   column per neighbour. No normalised copy and no per-offset tensor exists anywhere.
-- Huge and tiny magnitudes (SPEC §2: norms must not overflow): every token enters those sums as
+- Huge and tiny magnitudes (docs/contract.md §2: norms must not overflow): every token enters those sums as
   x·2^-e, with 2^e a running power-of-two bound of its max|x| over the chunks read so far (sums are
   rescaled exactly when a chunk raises e), so |x| up to the float32 maximum neither overflows nor
   underflows. Cosines are scale-free and scaling by a power of two is exact: for ordinary
@@ -63,7 +63,7 @@ def _accumulate_neighbour(other, own, column, nb_sq, nb_dot, nb_exp, ACC: tl.con
 @triton.jit
 def _frame_scale(frame, num_frames, offset_start, num_offsets, inv_tau,
                  NORMALIZE_NEIGHBOUR_SUM: tl.constexpr, ACC: tl.constexpr):
-    """c(frame) of SPEC §2.1 for a scalar or a tensor of (int64) frame indices."""
+    """c(frame) of docs/contract.md §2.1 for a scalar or a tensor of (int64) frame indices."""
     total = (frame * 0).to(ACC) + 1.0
     if NORMALIZE_NEIGHBOUR_SUM:
         for i in range(0, num_offsets):

@@ -1,4 +1,4 @@
-"""Tiled Triton kernels of the manifold (Gram difference) loss (SPEC §2.2), forward and backward.
+"""Tiled Triton kernels of the manifold (Gram difference) loss (docs/contract.md §2.2), forward and backward.
 
 Shapes: z (B, T, N, Dz) and y (B, T, N, Dy), widths may differ, float16 / bfloat16 / float32 /
 float64, any strides. Every (b, t) slice is one N-token set:
@@ -9,7 +9,7 @@ No N x N tensor ever exists: Gram entries live only as register tiles.
 
 - Inverse norms: one streaming kernel per input writes, per token, a power-of-two scale 2^-e with
   2^e <= max|x| < 2^(e+1) and 1/||x·2^-e|| (0 for zero tokens): B·T·N pairs. The squares are of the
-  scaled token, so |x| ~ 1e30 does not overflow (SPEC §2: the reference's max-scaled norm).
+  scaled token, so |x| ~ 1e30 does not overflow (docs/contract.md §2: the reference's max-scaled norm).
 - Gram tiles: raw dot products times the two inverse norms, so no normalised copy is made and
   bf16/fp16 tiles enter `tl.dot` as they are (fp32 accumulation). Raw products overflow (or
   underflow) for extreme tokens, so a tile whose rows include a non-zero token with |e| above 40
@@ -33,7 +33,7 @@ No N x N tensor ever exists: Gram entries live only as register tiles.
   Cost: the Gram tiles are recomputed once per output chunk (⌈D/BLOCK_OUT⌉ times per target); a
   register-resident output row block cannot hold all D channels when D is in the thousands.
 
-The D x D identity of SPEC §2.2 (‖ẐᵀẐ‖² − 2‖ẐᵀŶ‖² + ‖ŶᵀŶ‖², gradient Ẑ(ẐᵀẐ) − Ŷ(ŶᵀẐ)) is not
+The D x D identity of docs/contract.md §2.2 (‖ẐᵀẐ‖² − 2‖ẐᵀŶ‖² + ‖ŶᵀŶ‖², gradient Ẑ(ẐᵀẐ) − Ŷ(ŶᵀẐ)) is not
 used: it subtracts large, nearly equal numbers, and near convergence (Z ≈ Y) that fails the accuracy
 rule. Measured in float32 against float64 on one slice with N > D (where it would be the cheaper form),
 Y = Z + s·noise:

@@ -31,7 +31,7 @@ _INTERPRETER_MAX_TILE = 1 << 14
 _force_small_blocks = False
 _forced_launch: dict[str, object] = {}
 
-# A token with ||x|| < EPS is normalised to 0 (SPEC §2).
+# A token with ||x|| < EPS is normalised to 0 (docs/contract.md §2).
 ZERO_TOKEN_NORM = tl.constexpr(EPS)
 
 
@@ -112,7 +112,7 @@ def store_cast(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
         return x.to(DTYPE)
 
 
-# Per-token power-of-two scaling (SPEC §2: norms must not overflow; |x| ~ 1e30 squares to inf in
+# Per-token power-of-two scaling (docs/contract.md §2: norms must not overflow; |x| ~ 1e30 squares to inf in
 # float32). A token x is summed as x·2^-e with 2^e <= max|x| < 2^(e+1), so its squares stay in [1, 4)
 # and below; multiplying by a power of two is exact, hence for ordinary magnitudes every scaled sum,
 # square root and cosine is bitwise what the unscaled math gives. Exponents live as int32 and are
@@ -161,7 +161,7 @@ def running_exponent(exponent, tile, ACC: tl.constexpr):
 @triton.jit
 def inverse_norm(scaled_squared_norm, exponent, ACC: tl.constexpr):
     """1/||x·2^-e|| from ||x·2^-e||² (float32 or float64), or 0 for a zero token (||x|| < 1e-12,
-    SPEC §2); ||x|| = ||x·2^-e||·2^e may overflow to inf here, which the comparison tolerates."""
+    docs/contract.md §2); ||x|| = ||x·2^-e||·2^e may overflow to inf here, which the comparison tolerates."""
     if ACC == tl.float64:
         root = tl.sqrt(scaled_squared_norm)
     else:

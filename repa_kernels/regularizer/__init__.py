@@ -1,5 +1,5 @@
-"""Regularizer facade (SPEC §3-§7): `CrepaRegularizer` (REPA / CREPA on DiTs) and `UrepaRegularizer` (UNets),
-built from the documented config keys, with the configs, their argparse helper and the schedule."""
+"""Regularizer facade (docs/contract.md §3-§7): `CrepaRegularizer` (REPA / CREPA on DiTs) and
+`UrepaRegularizer` (UNets), built from the documented config keys, with the configs, their argparse helper and the schedule."""
 
 from .capture import HiddenStateCapture
 from .config import CrepaConfig, UrepaConfig, add_argparse_args

@@ -1,4 +1,4 @@
-"""Capture a block's hidden states from a diffusers denoiser by forward hooks (SPEC §7).
+"""Capture a block's hidden states from a diffusers denoiser by forward hooks (docs/contract.md §7).
 
 What to capture in each model family (block lists, where the image tokens sit in a block's output, the
 grid rules) is in families.py; this module is the hooks' lifecycle.

@@ -1,8 +1,8 @@
-"""The documented configuration keys of the CREPA/REPA and U-REPA regularizers (SPEC §5).
+"""The documented configuration keys of the CREPA/REPA and U-REPA regularizers (docs/contract.md §5).
 
 `CrepaConfig` holds every `crepa_*` key and `UrepaConfig` every `urepa_*` key, each with its documented
 default, plus `max_train_steps` (read from a whole trainer config, needed by a schedule that decays until
-the end of training, SPEC §4). A config is built from a dict, a JSON file or an argparse namespace; all
+the end of training, docs/contract.md §4). A config is built from a dict, a JSON file or an argparse namespace; all
 three end in `from_dict`, and every value goes through the same checks in `__post_init__`.
 
 Rules, in the order they are applied:
@@ -108,7 +108,7 @@ def _schedule_keys_help(prefix: str) -> dict[str, str]:
     }
 
 
-# The schedule keys of both prefixes (SPEC §4), once: `<prefix>_<suffix>` -> (default, rule). The config
+# The schedule keys of both prefixes (docs/contract.md §4), once: `<prefix>_<suffix>` -> (default, rule). The config
 # classes declare their fields from it and CoefficientSchedule checks its arguments with the same rules.
 SCHEDULE_KEYS: dict[str, tuple[Any, Rule]] = {
     "scheduler": ("constant", Choice(SCHEDULERS)),
@@ -353,7 +353,7 @@ def _from_args(cls, namespace: argparse.Namespace):
 
 
 def alignment_score_bound(distance: int, tau: float, cumulative: bool, normalize_neighbour_sum: bool) -> float:
-    """Largest |alignment_score| (SPEC §2.1) any clip length can give: every cosine 1, every frame with
+    """Largest |alignment_score| (docs/contract.md §2.1) any clip length can give: every cosine 1, every frame with
     two neighbours per offset. Adjacent mode counts offset 1 because the distance is clamped to T - 1."""
     if normalize_neighbour_sum or distance == 0:
         return 1.0
@@ -429,7 +429,7 @@ class _ConfigSources:
 
 @dataclass
 class CrepaConfig(_ConfigSources):
-    """Every documented `crepa_*` key (SPEC §5) with its documented default, plus `max_train_steps`."""
+    """Every documented `crepa_*` key (docs/contract.md §5) with its documented default, plus `max_train_steps`."""
 
     PREFIX: ClassVar[str] = "crepa"
 
@@ -505,7 +505,7 @@ class CrepaConfig(_ConfigSources):
                     "backbone mode the teacher must be a different (deeper) block than the student")
 
     def crepa_options(self) -> CrepaOptions:
-        """The loss hyper-parameters of SPEC §2.1 held by this config."""
+        """The loss hyper-parameters of docs/contract.md §2.1 held by this config."""
         return CrepaOptions(distance=self.crepa_adjacent_distance, tau=self.crepa_adjacent_tau,
                             cumulative=self.crepa_cumulative_neighbors,
                             normalize_by_frames=self.crepa_normalize_by_frames,
@@ -538,7 +538,7 @@ class CrepaConfig(_ConfigSources):
 
 @dataclass
 class UrepaConfig(_ConfigSources):
-    """Every documented `urepa_*` key (SPEC §5) with its documented default, plus `max_train_steps`."""
+    """Every documented `urepa_*` key (docs/contract.md §5) with its documented default, plus `max_train_steps`."""
 
     PREFIX: ClassVar[str] = "urepa"
 

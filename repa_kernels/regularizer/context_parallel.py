@@ -5,7 +5,7 @@ The trainer states the layout (`CrepaRegularizer.set_context_parallel(group, sha
 context process group and this rank's tokens [start, stop) of the full frame-major, row-major sequence of
 T*H*W tokens), and every rank passes the full teacher features (B, T, N, D) with N = H*W.
 
-The math (SPEC §2.1, spatial alignment on equal grids): with unit tokens ẑ, ŷ and W[f, g] = c(f) w(f, g),
+The math (docs/contract.md §2.1, spatial alignment on equal grids): with unit tokens ẑ, ŷ and W[f, g] = c(f) w(f, g),
 
     Σ_{b,f} total[b, f] = Σ_b Σ_{p = (f, n)} ẑ[b, p] · E[b, f, n] / N,   E[b, f, n] = Σ_g W[f, g] ŷ[b, g, n]
 

@@ -1,4 +1,5 @@
-"""`CrepaRegularizer`: REPA for image DiTs and CREPA for video DiTs, built from the crepa_* keys (SPEC §3-§7).
+"""`CrepaRegularizer`: REPA for image DiTs and CREPA for video DiTs, built from the crepa_* keys
+(docs/contract.md §3-§7).
 
     reg = CrepaRegularizer.from_config(cfg, transformer=transformer, vae=vae, max_train_steps=10_000)
     pred = transformer(...)                      # the hook captures block crepa_block_index
@@ -34,7 +35,7 @@ class CrepaRegularizer(AlignmentRegularizerBase):
     """REPA / CREPA regularizer on a diffusers transformer.
 
     Call after the transformer's forward: `reg(latents=..., step=...)` (or `pixels=` / `teacher_features=`)
-    returns `(weighted_loss, logs)`; logs are detached scalar tensors (SPEC §6). The module's state_dict
+    returns `(weighted_loss, logs)`; logs are detached scalar tensors (docs/contract.md §6). The module's state_dict
     holds the projector's weights and the schedule state (EMA, cutoff), so a resumed run continues
     exactly; its parameters() are the projector's. The frozen encoder and the VAE are in no state_dict.
     The encoder follows the projector's device at each call (`reg.to(device)` or accelerator.prepare(reg)

@@ -1,4 +1,4 @@
-"""Model families: what the regularizer knows about each diffusers denoiser (SPEC §7), one entry each.
+"""Model families: what the regularizer knows about each diffusers denoiser (docs/contract.md §7), one entry each.
 
 An entry says, as data: the classes it matches (by name, anywhere in the model's class hierarchy), its
 kind (video / image / unet), the block lists in index order (several lists form one index space, double-
@@ -54,7 +54,7 @@ gathered after each sample's `encoder_attention_mask` sum). None of them reads a
 - sana: SanaTransformer2DModel; `transformer_blocks`; (B, S, C); input (B, C, H, W) / patch.
 - unet: UNet2DConditionModel, UNet2DModel (SD1.5, SDXL, Kolors); `mid_block`; (B, C, h, w) -> (B, h*w, C);
   (1, h, w) read from the block output itself.
-- dit (any other DiT, SPEC §7): a model of no family above whose blocks sit in an nn.ModuleList named
+- dit (any other DiT, docs/contract.md §7): a model of no family above whose blocks sit in an nn.ModuleList named
   `transformer_blocks`, `blocks` or `layers` (the first found), e.g. diffusers' DiTTransformer2DModel or
   HunyuanDiT2DModel, or a plain SiT-style module; blocks must return the image tokens as one (B, S, C)
   tensor in frame-major, row-major patch order; hidden size from config.num_attention_heads*
@@ -444,7 +444,7 @@ class ModelFamily:
                                "for that block")
 
     def hidden_size(self, model: nn.Module) -> int:
-        """Width C of the captured hidden states, read from the model config (SPEC §7); for a DiT of no
+        """Width C of the captured hidden states, read from the model config (docs/contract.md §7); for a DiT of no
         known family also from the model's own width attribute (a plain module has no config)."""
         config = getattr(model, "config", None)
         for key in self.hidden_size_keys:

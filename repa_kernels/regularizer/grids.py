@@ -1,4 +1,4 @@
-"""Token grids and the alignment of student and teacher tokens (SPEC §3).
+"""Token grids and the alignment of student and teacher tokens (docs/contract.md §3).
 
 A token grid is (T, H, W): frames, rows, columns. Tokens are stored frame-major then row-major, so a
 (B, S, C) sequence with S = T*H*W reshapes to (B, T, H, W, C). Spatial resampling always acts on the

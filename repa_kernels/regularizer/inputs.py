@@ -1,4 +1,4 @@
-"""The inputs of one regularizer call, checked once before any costly work (SPEC §3, §6).
+"""The inputs of one regularizer call, checked once before any costly work (docs/contract.md §3, §6).
 
 `CallInputs.check` takes the call's keyword arguments (latents=, pixels=, teacher_features=,
 token_grid=) and checks what needs no model output: which teacher input was given (exactly one; none in

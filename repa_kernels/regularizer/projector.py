@@ -1,4 +1,4 @@
-"""The trainable projector from the denoiser's hidden size to the teacher's width (SPEC §7).
+"""The trainable projector from the denoiser's hidden size to the teacher's width (docs/contract.md §7).
 
 Its home is the regularizer, not the model: `reg.parameters()` go to the optimizer and `reg.state_dict()`
 saves it (with the schedule state). Its gradients are averaged across data-parallel ranks by the projector

@@ -48,7 +48,7 @@ class StepPlan(NamedTuple):
 
 
 class CoefficientSchedule:
-    """λ(step) of SPEC §4 plus the similarity cutoff.
+    """λ(step) of docs/contract.md §4 plus the similarity cutoff.
 
     lambda_: λ >= 0. scheduler: constant / linear / cosine / polynomial. warmup_steps: linear ramp 0 -> λ
     over steps [0, warmup) for every scheduler. decay_steps: length of the decay after warmup (λ_end from
@@ -122,7 +122,7 @@ class CoefficientSchedule:
         self.max_train_steps = value
 
     def _decay_length(self, step: int) -> int:
-        """L of SPEC §4 for a weight at `step`: decay_steps, or max_train_steps - warmup_steps."""
+        """L of docs/contract.md §4 for a weight at `step`: decay_steps, or max_train_steps - warmup_steps."""
         if self.decay_steps > 0:
             return self.decay_steps
         if self.max_train_steps is None:
@@ -164,7 +164,7 @@ class CoefficientSchedule:
         return self.cutoff_step > 0 and step >= self.cutoff_step
 
     def base_weight(self, step: int) -> float:
-        """λ at `step` from warmup, decay and the step cutoff (SPEC §4), ignoring the similarity cutoff."""
+        """λ at `step` from warmup, decay and the step cutoff (docs/contract.md §4), ignoring the similarity cutoff."""
         step = self._check_step(step)
         if self._step_cutoff_reached(step):
             return 0.0

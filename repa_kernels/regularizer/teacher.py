@@ -1,4 +1,4 @@
-"""Where a regularizer's teacher tokens come from, decided once when it is built (SPEC §3, §7).
+"""Where a regularizer's teacher tokens come from, decided once when it is built (docs/contract.md §3, §7).
 
 - `EncoderTeacher`: a frozen vision encoder. Given latents it decodes them with the VAE (or the tiny
   decoder) first; given pixels it encodes them as they are; given precomputed `teacher_features` it lays

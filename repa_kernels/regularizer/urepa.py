@@ -1,4 +1,5 @@
-"""`UrepaRegularizer`: U-REPA on a diffusers UNet's mid-block, built from the urepa_* keys (SPEC §2.2, §3-§7).
+"""`UrepaRegularizer`: U-REPA on a diffusers UNet's mid-block, built from the urepa_* keys
+(docs/contract.md §2.2, §3-§7).
 
     reg = UrepaRegularizer.from_config(cfg, unet=unet, vae=vae, max_train_steps=10_000)
     pred = unet(...)                             # the hook captures mid_block
@@ -33,7 +34,7 @@ class UrepaRegularizer(AlignmentRegularizerBase):
     """U-REPA regularizer on a UNet (UNet2DConditionModel: SD1.5, SDXL, Kolors, ...).
 
     Call after the UNet's forward: `reg(latents=..., step=...)` (or `pixels=` / `teacher_features=`)
-    returns `(weighted_loss, logs)`; logs are detached scalar tensors (SPEC §6). The state_dict holds the
+    returns `(weighted_loss, logs)`; logs are detached scalar tensors (docs/contract.md §6). The state_dict holds the
     projector's weights and the schedule state; parameters() are the projector's (give them to the
     optimizer). The encoder and VAE are in no state_dict.
 

@@ -1,4 +1,4 @@
-"""Decode the trainer's normalised latents to frames in [0, 1] (SPEC §7).
+"""Decode the trainer's normalised latents to frames in [0, 1] (docs/contract.md §7).
 
 Each VAE class gets the denormalisation its diffusers pipeline applies before `vae.decode`:
 

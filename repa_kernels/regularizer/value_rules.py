@@ -1,5 +1,5 @@
 """Typed value rules: each coerces one config value and raises an error naming the key, the value and
-the valid range (SPEC §5). The config keys (config.py) and the schedule's arguments (schedule.py) are
+the valid range (docs/contract.md §5). The config keys (config.py) and the schedule's arguments (schedule.py) are
 checked with the same rules.
 
 Strings are coerced the same strict way SimpleTuner's argparse-fed JSON configs need: booleans from
