@@ -32,9 +32,9 @@ def close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return torch.allclose(got.double(), want.double(), rtol=RTOL, atol=ATOL * max(1.0, want.abs().max().item()))
 
 
-def mismatches(ranks: list[list[dict]], truth: list[dict], world_size: int) -> list[str]:
+def mismatches(ranks: list[list[dict]], truth: list[dict], world_size: int, cases=None) -> list[str]:
     bad = []
-    for case, ((config, shards), want) in enumerate(zip(worker.CASES[world_size], truth)):
+    for case, ((config, shards), want) in enumerate(zip(cases or worker.CASES[world_size], truth)):
         what = f"{config} {shards}"
         for rank, results in enumerate(ranks):
             got = results[case]
@@ -72,6 +72,23 @@ def test_sharded_sequence_matches_the_single_process_run(world_size, tmp_path):
     # premise: every rank's own share of the hidden-state gradient is non-zero (each shard takes part)
     for results in ranks:
         assert all(r["captured_grad"].abs().sum() > 0 for r in results)
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_diffusers_enable_parallelism_is_detected(tmp_path):
+    """Ulysses over 2 ranks (even shards: the only diffusers layout that runs on CPU / gloo)."""
+    pytest.importorskip("diffusers").ContextParallelConfig   # noqa: B018
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        truth = [worker.run_case("cumulative", None)]
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(worker.run_diffusers, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r[0]["captured_grad"].shape[1] for r in ranks] == [12, 12]   # premise: the capture is a shard
+    assert not mismatches(ranks, truth, 2, cases=[("cumulative", "diffusers Ulysses 2")])
 
 
 # ---------------------------------------------------------------------------------------------- refusals

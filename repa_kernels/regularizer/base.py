@@ -152,6 +152,7 @@ class AlignmentRegularizerBase(nn.Module):
         self.schedule = schedule
         self._warned_frozen = False
         self._set_plain("_context", None)   # a ContextShard under context parallelism (set_context_parallel)
+        self._set_plain("_explicit_context", False)   # set by set_context_parallel, else detected per call
         # A state dict that keeps the projector under its old name on the model (`crepa_projector.*`,
         # this package's earlier checkpoints and SimpleTuner's) loads through load_state_dict too.
         self._register_load_state_dict_pre_hook(self._rename_legacy_projector_keys)
@@ -230,6 +231,11 @@ class AlignmentRegularizerBase(nn.Module):
         `shard=None` turns it off."""
         raise ValueError(f"{type(self).__name__} does not support context parallelism (only CrepaRegularizer's "
                          "patch-wise CREPA / REPA does)")
+
+    def _detect_context(self, model: nn.Module, grid) -> None:
+        """Follow a context parallelism diffusers set on `model` (only CrepaRegularizer does)."""
+        raise ValueError(f"{type(model).__name__} runs under diffusers context parallelism (enable_parallelism), "
+                         f"which {type(self).__name__} does not support")
 
     def _context_tokens(self, student: torch.Tensor, grid) -> torch.Tensor:
         """This rank's captured shard (B, stop - start, C), checked against the layout and `grid`; called
@@ -318,12 +324,6 @@ class AlignmentRegularizerBase(nn.Module):
             raise
         if plan.finished:
             return self._skipped(plan.cutoff)   # inputs unused: no finite check (no host sync)
-        if self._context is not None and (inputs.latents is not None or inputs.pixels is not None):
-            self._capture.clear()
-            raise ValueError("under context parallelism (set_context_parallel) the regularizer takes "
-                             "teacher_features= (the full (B, T, N, D) features on every rank of the context group); "
-                             "latents= and pixels= calls, which would decode and encode frames, are not supported "
-                             "there")
         if self.check_finite:
             self._require_finite(step, latents=inputs.latents, pixels=inputs.pixels,
                                  teacher_features=inputs.teacher_features)
@@ -336,6 +336,12 @@ class AlignmentRegularizerBase(nn.Module):
                 "(use_reentrant=True) hid the gradient. Use non-reentrant checkpointing (diffusers' default) and "
                 "run the training forward with gradients enabled")
         grid = self.family.token_grid(captured, inputs)
+        if self._context is not None or getattr(captured.model, "_parallel_config", None) is not None:
+            self._detect_context(captured.model, grid)   # diffusers' enable_parallelism shards the sequence
+        if self._context is not None and (inputs.latents is not None or inputs.pixels is not None):
+            raise ValueError("under context parallelism the regularizer takes teacher_features= (the full "
+                             "(B, T, N, D) features on every rank of the context group); latents= and pixels= "
+                             "calls, which would decode and encode frames, are not supported there")
         if inputs.teacher_batch is not None and inputs.teacher_batch != captured.student.shape[0]:
             raise ValueError(f"the teacher has batch size {inputs.teacher_batch} but the captured hidden states have "
                              f"{captured.student.shape[0]}: pass the latents / pixels of the same batch as the "

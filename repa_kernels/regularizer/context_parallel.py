@@ -3,7 +3,9 @@ contiguous shard of the video token sequence.
 
 The trainer states the layout (`CrepaRegularizer.set_context_parallel(group, shard=(start, stop))`: the
 context process group and this rank's tokens [start, stop) of the full frame-major, row-major sequence of
-T*H*W tokens), and every rank passes the full teacher features (B, T, N, D) with N = H*W.
+T*H*W tokens), or diffusers' `enable_parallelism` set it on the model (found at each call: equal chunks
+over the flattened ring x Ulysses mesh), and every rank passes the full teacher features (B, T, N, D)
+with N = H*W.
 
 The math (docs/contract.md §2.1, spatial alignment on equal grids): with unit tokens ẑ, ŷ and W[f, g] = c(f) w(f, g),
 
@@ -86,6 +88,27 @@ def make_shard(group, shard) -> ContextShard:
                              f"got {shards} (group rank {rank} starts at {first}, expected {expected})")
         expected = last
     return ContextShard(group, start, stop, expected, ranks)
+
+
+def diffusers_context(model) -> tuple[object, int, int] | None:
+    """(group, group rank, group size) of the context parallelism diffusers' `enable_parallelism` set on
+    `model` (its `_cp_plan` splits the sequence into equal chunks over the flattened ring x Ulysses mesh at
+    the first block), or None when the model runs unsharded. The uneven "anything" partitions are refused."""
+    config = getattr(getattr(model, "_parallel_config", None), "context_parallel_config", None)
+    if config is None:
+        return None
+    mesh = config._flattened_mesh
+    if getattr(config, "ulysses_anything", False) or getattr(config, "ring_anything", False):
+        raise ValueError("diffusers context parallelism with ulysses_anything / ring_anything (uneven shards) is "
+                         "not detected: state the layout with reg.set_context_parallel(group, shard=(start, stop))")
+    group = mesh.get_group()
+    return group, dist.get_rank(group), mesh.size()
+
+
+def equal_chunk(total: int, rank: int, ranks: int) -> tuple[int, int]:
+    """Token range of `rank` when `total` tokens are cut as tensor.chunk(ranks) cuts them."""
+    size = -(-total // ranks)
+    return min(total, rank * size), min(total, (rank + 1) * size)
 
 
 def check_family(family: ModelFamily) -> None:

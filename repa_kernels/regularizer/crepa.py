@@ -20,7 +20,8 @@ from torch import nn
 from ..functional import crepa_loss_with_options
 from .base import AlignmentRegularizerBase, model_list
 from .cached_teacher import CachedTeacher
-from .context_parallel import check_family, make_shard, sharded_crepa_loss
+from .context_parallel import (ContextShard, check_family, diffusers_context, equal_chunk, make_shard,
+                               sharded_crepa_loss)
 from .config import CrepaConfig
 from .families import detect_family, unwrap_model
 from .grids import align_tokens
@@ -111,8 +112,33 @@ class CrepaRegularizer(AlignmentRegularizerBase):
     def set_context_parallel(self, group, *, shard) -> None:
         if group is None and shard is None:
             self._set_plain("_context", None)
+            self._set_plain("_explicit_context", False)
             self.projector.set_context_ranks(1)
             return
+        self._check_context_supported()
+        context = make_shard(group, shard)
+        self._set_plain("_context", context)
+        self._set_plain("_explicit_context", True)
+        self.projector.set_context_ranks(context.ranks)
+
+    def _detect_context(self, model, grid) -> None:
+        """Under diffusers' `enable_parallelism` (context parallelism on `model`), take its layout: equal
+        chunks of the sequence over its context mesh. A layout set by set_context_parallel wins."""
+        if self._explicit_context:
+            return
+        found = diffusers_context(model)
+        if found is None:
+            if self._context is not None:
+                self._set_plain("_context", None)
+                self.projector.set_context_ranks(1)
+            return
+        group, rank, ranks = found
+        self._check_context_supported()
+        start, stop = equal_chunk(grid.tokens, rank, ranks)
+        self._set_plain("_context", ContextShard(group, start, stop, grid.tokens, ranks))
+        self.projector.set_context_ranks(ranks)
+
+    def _check_context_supported(self) -> None:
         refused = []
         if self.alignment != "spatial":
             refused.append("crepa_spatial_align: false (pooled mode)" if self.alignment == "pooled"
@@ -128,9 +154,6 @@ class CrepaRegularizer(AlignmentRegularizerBase):
                              f"student and teacher grids; this regularizer uses {', '.join(refused)}, which is not "
                              "supported under context parallelism")
         check_family(self.family)
-        context = make_shard(group, shard)
-        self._set_plain("_context", context)
-        self.projector.set_context_ranks(context.ranks)
 
     def _context_tokens(self, student: torch.Tensor, grid) -> torch.Tensor:
         context = self._context

@@ -103,3 +103,42 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def run_diffusers(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """diffusers' own context parallelism (Ulysses over all ranks) on the tiny Wan: the regularizer finds
+    the layout itself. CPU-only torch has no accelerator, so `enable_parallelism` gets a device count of 1
+    (it computes rank % device_count)."""
+    from unittest import mock
+
+    from diffusers import ContextParallelConfig
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = tm.tiny_wan().train()
+        kept = {}
+
+        def keep(block, args, output):
+            output.retain_grad()
+            kept["captured"] = output
+
+        model.blocks[BLOCK].register_forward_hook(keep)
+        with mock.patch("torch.accelerator.device_count", return_value=1):
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world_size))
+        reg = CrepaRegularizer.from_config({**BASE, **CONFIGS["cumulative"]}, transformer=model,
+                                           encoder=tm.tiny_dinov2(), impl="reference")
+        latents, text, features = inputs()
+        model(latents, torch.full((BATCH,), 500.0), text, return_dict=False)
+        loss, logs = reg(teacher_features=features, step=0)
+        loss.backward()
+        result = {"loss": loss.detach().clone(), "logs": {k: v.clone() for k, v in logs.items()},
+                  "captured_grad": kept["captured"].grad.detach().clone(),
+                  "projector_grads": {n: p.grad.detach().clone() for n, p in reg.named_parameters()}}
+        model(latents, torch.full((BATCH,), 500.0), text, return_dict=False)
+        result["next_logs"] = {k: v.detach().clone() for k, v in reg(teacher_features=features, step=1)[1].items()}
+        torch.save([result], os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
