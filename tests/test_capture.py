@@ -1,7 +1,9 @@
 """Hidden-state capture by forward hooks on every supported diffusers family (docs/contract.md §3, §7)."""
 
+import copy
 import functools
 import gc
+import io
 import weakref
 
 import pytest
@@ -382,7 +384,6 @@ def test_capture_works_on_a_torch_compiled_model():
 
 @pytest.mark.parametrize("family", ["wan", "unet"])
 def test_a_deep_copy_of_a_hooked_model_runs_as_a_plain_model(family):
-    import copy
     model = ALL_BUILDERS[family]()
     capture = HiddenStateCapture([model], 0)
     latents = _latents(family != "unet")
@@ -401,7 +402,6 @@ def test_a_deep_copy_of_a_hooked_model_runs_as_a_plain_model(family):
 
 
 def test_saving_a_hooked_model_whole_gives_a_plain_model():
-    import io
     model = tm.tiny_unet()
     capture = HiddenStateCapture([model], 0)
     buffer = io.BytesIO()

@@ -19,6 +19,7 @@ not repeated here.
 
 from __future__ import annotations
 
+import copy
 import functools
 import gc
 import math
@@ -534,7 +535,6 @@ def test_detach_restores_forward_and_gradients_exactly(mode):
 def test_a_second_regularizer_on_a_model_is_refused_and_a_deep_copy_trains_alone(kind):
     """Building another regularizer on a hooked model (a notebook cell run twice) names the one attached and
     detach(); an EMA copy made with copy.deepcopy runs as a plain model beside the regularizer."""
-    import copy
     if kind == "urepa":
         model, lat, call = tm.tiny_unet().train(), randn(2, 4, 8, 8, seed=6), dict(teacher_features=randn(2, 16, 16))
 
