@@ -57,13 +57,6 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def check_impl(impl: str) -> str:
-    """Validate `impl` when the regularizer is built (not at its first call, after a full forward); the
-    value is kept as given, so REPA_KERNELS_IMPL still applies at call time."""
-    backends.requested_impl(impl)
-    return impl
-
-
 # Frames may overshoot [0, 1] this much (a bicubic or Lanczos resize in the data pipeline) before a call
 # refuses them; [-1, 1] and [0, 255] frames are far outside.
 PIXEL_RANGE_SLACK = 0.05
@@ -115,7 +108,7 @@ class AlignmentRegularizerBase(nn.Module):
             raise ValueError(f"{prefix}_enabled is false: {name}.from_config(...) gives a no-op regularizer for a "
                              f"disabled config; the constructor builds only an enabled one")
         self.config = config
-        self.impl = check_impl(impl)
+        self.impl = backends.check_impl(impl)   # at build time, not after a full forward
         self.check_finite = check_flag("check_finite", check_finite)
 
     def _set_plain(self, name: str, value: Any) -> None:
