@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .families import BlockOutput, CaptureError, ModelFamily, SequenceLayout, detect_family, unwrap_model
+from ..checks import is_integer
 from .grids import TokenGrid
 
 
@@ -118,9 +119,10 @@ class HiddenStateCapture:
         if not models:
             raise ValueError("at least one model is needed")
         if hidden_size is not None:
-            if isinstance(hidden_size, bool) or not isinstance(hidden_size, int):
+            if not is_integer(hidden_size):   # numpy integers too
                 raise TypeError(f"hidden_size must be a positive integer (the width of the block outputs), got "
                                 f"{hidden_size!r}")
+            hidden_size = int(hidden_size)
             if hidden_size <= 0:
                 raise ValueError(f"hidden_size must be a positive integer (the width of the block outputs), got "
                                  f"{hidden_size}")

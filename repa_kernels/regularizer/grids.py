@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..checks import is_integer
+
 
 class TokenGrid(NamedTuple):
     frames: int
@@ -30,9 +32,9 @@ def parse_token_grid(value) -> TokenGrid:
         items = tuple(value)
     except TypeError:
         items = ()
-    if len(items) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items):
+    if len(items) != 3 or not all(is_integer(v) and v > 0 for v in items):   # numpy integers too
         raise ValueError(f"token_grid must be (frames, rows, columns), 3 positive integers, got {value!r}")
-    return TokenGrid(*items)
+    return TokenGrid(*(int(v) for v in items))
 
 
 def tokens_to_grid(tokens: torch.Tensor, grid: TokenGrid, what: str = "tokens") -> torch.Tensor:
