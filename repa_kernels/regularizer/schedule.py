@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 
 from .config import SCHEDULE_KEYS, CrepaConfig, UrepaConfig, check_similarity_threshold
+from .ranks import mean_across_ranks
 from .value_rules import Float, Int
 
 __all__ = ["CoefficientSchedule"]
@@ -314,13 +315,7 @@ class CoefficientSchedule:
             tensor = torch.tensor(float(score), dtype=torch.float64)
         else:
             raise TypeError(f"score must be a scalar tensor or a float, got {type(score).__name__}")
-        distributed = torch.distributed
-        if distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1:
-            if tensor.device.type == "cpu" and "nccl" in str(distributed.get_backend()).lower():
-                tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-            tensor = tensor.clone()
-            distributed.all_reduce(tensor, op=distributed.ReduceOp.SUM)
-            tensor = tensor / distributed.get_world_size()
+        tensor = mean_across_ranks(tensor)
         if also_read is None:
             return float(tensor.item()), []
         values = torch.cat([tensor.reshape(1), also_read.detach().reshape(-1).to(tensor.device, torch.float64)])

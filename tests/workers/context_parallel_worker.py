@@ -50,6 +50,21 @@ def inputs():
     features = torch.randn(BATCH, FRAMES, ROWS * COLUMNS, 16, generator=g)
     return latents, text, features
 
+def two_calls(model, reg, kept) -> dict:
+    """Step 0 (loss, logs, gradients of the captured states and the projector), then step 1's logs: its call
+    folds step 0's score into the similarity EMA (averaged over the world)."""
+    latents, text, features = inputs()
+    model(latents, torch.full((BATCH,), 500.0), text, return_dict=False)
+    loss, logs = reg(teacher_features=features, step=0)
+    loss.backward()
+    result = {"loss": loss.detach().clone(), "logs": {k: v.clone() for k, v in logs.items()},
+              "captured_grad": kept["captured"].grad.detach().clone(),
+              "projector_grads": {n: p.grad.detach().clone() for n, p in reg.named_parameters()}}
+    model(latents, torch.full((BATCH,), 500.0), text, return_dict=False)
+    result["next_logs"] = {k: v.detach().clone() for k, v in reg(teacher_features=features, step=1)[1].items()}
+    return result
+
+
 
 def run_case(config: str, shard: tuple[int, int] | None, group=None) -> dict:
     """One regularizer call at step 0 on a fresh model; shard None: the whole sequence, no parallelism."""
@@ -73,16 +88,7 @@ def run_case(config: str, shard: tuple[int, int] | None, group=None) -> dict:
                                        impl="reference")
     if shard is not None:
         reg.set_context_parallel(group, shard=shard)
-    latents, text, features = inputs()
-    model(latents, torch.full((BATCH,), 500.0), text, return_dict=False)
-    loss, logs = reg(teacher_features=features, step=0)
-    loss.backward()
-    result = {"loss": loss.detach().clone(), "logs": {k: v.clone() for k, v in logs.items()},
-              "captured_grad": kept["captured"].grad.detach().clone(),
-              "projector_grads": {n: p.grad.detach().clone() for n, p in reg.named_parameters()}}
-    # the next step's call folds step 0's score into the similarity EMA (averaged over the world)
-    model(latents, torch.full((BATCH,), 500.0), text, return_dict=False)
-    result["next_logs"] = {k: v.detach().clone() for k, v in reg(teacher_features=features, step=1)[1].items()}
+    result = two_calls(model, reg, kept)
     reg.detach()
     for handle in handles:
         handle.remove()
@@ -129,15 +135,7 @@ def run_diffusers(rank: int, world_size: int, init_file: str, out_dir: str) -> N
             model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world_size))
         reg = CrepaRegularizer.from_config({**BASE, **CONFIGS["cumulative"]}, transformer=model,
                                            encoder=tm.tiny_dinov2(), impl="reference")
-        latents, text, features = inputs()
-        model(latents, torch.full((BATCH,), 500.0), text, return_dict=False)
-        loss, logs = reg(teacher_features=features, step=0)
-        loss.backward()
-        result = {"loss": loss.detach().clone(), "logs": {k: v.clone() for k, v in logs.items()},
-                  "captured_grad": kept["captured"].grad.detach().clone(),
-                  "projector_grads": {n: p.grad.detach().clone() for n, p in reg.named_parameters()}}
-        model(latents, torch.full((BATCH,), 500.0), text, return_dict=False)
-        result["next_logs"] = {k: v.detach().clone() for k, v in reg(teacher_features=features, step=1)[1].items()}
+        result = two_calls(model, reg, kept)
         torch.save([result], os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
