@@ -68,6 +68,13 @@ _BF16 = tuple(with_dtype(w, "bfloat16") for w in GPU_WORKLOADS)
 _FP32 = tuple(sorted((with_dtype(w, "float32") for w in GPU_WORKLOADS), key=lambda w: w.op != "crepa"))
 
 
+# Wide teachers: a Qwen2.5-VL-7B vision tower (3584) and a self-teacher on Wan-14B (5120) at the Wan 480p
+# clip shape, bf16, timed after the six benchmark workloads (the budget may cut them; correctness first).
+_WIDE = tuple(dataclasses.replace(WORKLOADS["crepa-wan480p"], name=f"crepa-wan480p-d{width}", width_z=width,
+                                  width_y=width, description=f"crepa-wan480p with {width}-wide rows ({teacher})")
+              for width, teacher in ((3584, "Qwen2.5-VL-7B vision tower"), (5120, "Wan-14B self-teacher")))
+
+
 def _token(*configs) -> tuple:
     return tuple(TokenBlocks(*c) for c in configs)
 
@@ -102,7 +109,7 @@ GPU_SWEEP = (
 GPU = CheckSettings(
     name="gpu", device="cuda",
     budgets=dict(install=15, tests=95, correctness=30, peaks=10, sweep=55, workloads=90, e2e=240),
-    workloads=_BF16 + _FP32, correctness=_BF16 + _FP32,
+    workloads=_BF16 + _WIDE + _FP32, correctness=_BF16 + _WIDE + _FP32,
     providers=("triton", "reference", "compiled"), compiled_dtypes=("bfloat16",),
     warmup=2, min_repeats=5, max_repeats=50, test_keyword="", test_files=None, test_workers=4,
     sweep=GPU_SWEEP, e2e_preset="wan-1.3b", e2e_steps=3, e2e_warmup=1, e2e_cases=None,
