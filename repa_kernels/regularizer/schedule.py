@@ -315,7 +315,8 @@ class CoefficientSchedule:
             tensor = torch.tensor(float(score), dtype=torch.float64)
         else:
             raise TypeError(f"score must be a scalar tensor or a float, got {type(score).__name__}")
-        tensor = mean_across_ranks(tensor)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():   # else no call at all
+            tensor = mean_across_ranks(tensor)
         if also_read is None:
             return float(tensor.item()), []
         values = torch.cat([tensor.reshape(1), also_read.detach().reshape(-1).to(tensor.device, torch.float64)])
