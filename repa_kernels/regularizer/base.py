@@ -219,8 +219,9 @@ class AlignmentRegularizerBase(nn.Module):
         tokens [start, stop) of the full frame-major, row-major sequence of T*H*W video tokens, sharded over
         the process group `group` (the context group; contiguous shards in group-rank order from token 0,
         any boundaries). Every rank of `group` must call this together (the layout is checked with one
-        all_gather). The calls then take teacher_features= (the full features on every rank) and return the
-        loss, logs and gradients of the unsharded sequence (context_parallel.py). `group=None` with
+        all_gather). Every rank of the group holds the same batch and passes the same teacher input
+        (latents=, pixels= or teacher_features=; none in backbone mode); each call returns the loss, logs
+        and gradients of the unsharded sequence (context_parallel.py). `group=None` with
         `shard=None` turns it off."""
         raise ValueError(f"{type(self).__name__} does not support context parallelism (only CrepaRegularizer's "
                          "patch-wise CREPA / REPA does)")
@@ -230,13 +231,15 @@ class AlignmentRegularizerBase(nn.Module):
         raise ValueError(f"{type(model).__name__} runs under diffusers context parallelism (enable_parallelism), "
                          f"which {type(self).__name__} does not support")
 
-    def _context_tokens(self, student: torch.Tensor, grid) -> torch.Tensor:
-        """This rank's captured shard (B, stop - start, C), checked against the layout and `grid`; called
-        only once set_context_parallel has set a layout, which only a regularizer that overrides it does."""
+    def _context_student_teacher(self, inputs: CallInputs, captured, grid, device: torch.device):
+        """(this rank's projected shard (B, stop - start, D), the teacher tokens of its window of frames,
+        the window's first frame); called only once a context layout is set, which only a regularizer that
+        overrides set_context_parallel sets."""
         raise NotImplementedError
 
-    def _context_loss(self, z: torch.Tensor, y: torch.Tensor, grid):
-        """Like `_loss`, on this rank's projected shard z (B, L, D) against the full teacher tokens y."""
+    def _context_loss(self, z: torch.Tensor, y: torch.Tensor, low: int, grid):
+        """Like `_loss`, on this rank's projected shard z (B, L, D) against the teacher tokens of its window
+        of frames y (B, t, h, w, D) starting at frame `low`."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ saving and loading
@@ -331,10 +334,6 @@ class AlignmentRegularizerBase(nn.Module):
         grid = self.family.token_grid(captured, inputs)
         if self._context is not None or getattr(captured.model, "_parallel_config", None) is not None:
             self._detect_context(captured.model, grid)   # diffusers' enable_parallelism shards the sequence
-        if self._context is not None and (inputs.latents is not None or inputs.pixels is not None):
-            raise ValueError("under context parallelism the regularizer takes teacher_features= (the full "
-                             "(B, T, N, D) features on every rank of the context group); latents= and pixels= "
-                             "calls, which would decode and encode frames, are not supported there")
         if inputs.teacher_batch is not None and inputs.teacher_batch != captured.student.shape[0]:
             raise ValueError(f"the teacher has batch size {inputs.teacher_batch} but the captured hidden states have "
                              f"{captured.student.shape[0]}: pass the latents / pixels of the same batch as the "
@@ -346,17 +345,17 @@ class AlignmentRegularizerBase(nn.Module):
                              "optimizer is built")
         if torch.is_grad_enabled() and captured.model.training:
             self._warn_if_frozen()
-        if self._context is not None:   # the captured tokens are this rank's shard of the sequence
-            z = self.projector(self._context_tokens(captured.student, grid))
-        else:
+        if self._context is None:
             z = self.projector(
                 self.family.image_tokens(captured.student, grid, self.student_description, captured.model))
-        y = self._teacher.tokens(inputs, captured, grid, device)
+            y = self._teacher.tokens(inputs, captured, grid, device)
+        else:   # the captured tokens are this rank's shard of the sequence; y: its window of frames
+            z, y, low = self._context_student_teacher(inputs, captured, grid, device)
         if self.teacher_spatial_norm_alpha is not None:
             y = spatially_normalize(y, self.teacher_spatial_norm_alpha)
         self._require_finite(step, **{"the captured hidden states": captured.student, "the teacher tokens": y})
 
-        loss, score, logs = self._loss(z, y) if self._context is None else self._context_loss(z, y, grid)
+        loss, score, logs = self._loss(z, y) if self._context is None else self._context_loss(z, y, low, grid)
         if trains:   # the call's one host read, which also brings the frame ranges to check
             self._check_input_ranges(step, self.schedule.record(score, step, also_read=self._input_ranges()))
         else:

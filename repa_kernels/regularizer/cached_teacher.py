@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Iterable
 
 import torch
@@ -70,6 +71,7 @@ class CachedTeacher:
         self.encoder_name = teacher.description
         self.options = {"verify": verify} | ({} if shard_megabytes is None else {"shard_megabytes": shard_megabytes})
         self._caches: dict[str, FeatureCache] = {}
+        self._warned_window_misses = False
 
     # the regularizer reads these from whichever teacher it holds
     @property
@@ -134,30 +136,50 @@ class CachedTeacher:
         for cache in self._caches.values():
             cache.close()
 
-    def tokens(self, inputs, captured, grid: TokenGrid, device: torch.device) -> torch.Tensor:
+    def tokens(self, inputs, captured, grid: TokenGrid, device: torch.device,
+               frames: tuple[int, int] | None = None) -> torch.Tensor:
+        """frames: the student frames [low, high) only (a rank's window under context parallelism): hits
+        give those frames of their entry; misses compute only those and are not stored (an entry holds
+        the whole clip: fill the cache before such a run with precompute_teacher_features)."""
         keys = inputs.cache_keys
         if keys is None or inputs.teacher_features is not None:
-            return self.teacher.tokens(inputs, captured, grid, device)
+            return self.teacher.tokens(inputs, captured, grid, device, frames)
         source = "pixels" if inputs.pixels is not None else "latents"
         cache = self.cache(source)
         entries = [cache.get(key, grid) for key in keys]
         missing = [index for index, entry in enumerate(entries) if entry is None]
+        window = slice(*frames) if frames else slice(None)
         if not missing:
-            return torch.stack([entry.features for entry in entries]).to(device=device, dtype=torch.float32)
+            return torch.stack([entry.features[window] for entry in entries]).to(device=device, dtype=torch.float32)
         self.follow(device)
         tensor = getattr(inputs, source)
         subset = tensor if len(missing) == len(keys) else tensor[missing]
-        frames = subset if source == "pixels" else self.teacher.decode(subset)
-        range_source = "pixels" if source == "pixels" else self.teacher.decoder.range_source
-        computed = self.teacher.encode_frames(frames, grid.frames, source=range_source).to(device)
-        indices = select_frames(frames.shape[1], grid.frames)
-        for row, index in enumerate(missing):
-            cache.put(keys[index], computed[row], grid=grid, frame_indices=indices, source_frames=frames.shape[1])
+        if frames is not None:
+            computed = (self.teacher.encode_frames(subset, grid.frames, source="pixels", window=frames)
+                        if source == "pixels" else self.teacher.from_latents(subset, grid.frames, window=frames))
+            self._warn_window_misses(len(missing))
+        else:
+            decoded = subset if source == "pixels" else self.teacher.decode(subset)
+            range_source = "pixels" if source == "pixels" else self.teacher.decoder.range_source
+            computed = self.teacher.encode_frames(decoded, grid.frames, source=range_source)
+            indices = select_frames(decoded.shape[1], grid.frames)
+            for row, index in enumerate(missing):
+                cache.put(keys[index], computed[row], grid=grid, frame_indices=indices,
+                          source_frames=decoded.shape[1])
+        computed = computed.to(device)
         if len(missing) == len(keys):
             return computed
         rows = iter(computed)
-        return torch.stack([next(rows) if entry is None else entry.features.to(device=device, dtype=torch.float32)
+        return torch.stack([next(rows) if entry is None else entry.features[window].to(device=device,
+                                                                                        dtype=torch.float32)
                             for entry in entries])
+
+    def _warn_window_misses(self, count: int) -> None:
+        if not self._warned_window_misses:
+            self._warned_window_misses = True
+            warnings.warn(f"feature cache {self.root}: {count} sample(s) missed under context parallelism; each rank "
+                          "computes only its window of frames, which is not a whole entry, so misses are not stored. "
+                          "Fill the cache first with reg.precompute_teacher_features(...)", UserWarning, stacklevel=4)
 
     def precompute(self, samples: Iterable, *, source: str, grid_of_latents, image_model: bool,
                    progress: bool = True) -> PrecomputeReport:

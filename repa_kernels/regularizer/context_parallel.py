@@ -1,61 +1,76 @@
-"""CREPA / REPA exact under context (sequence) parallelism: the captured block output is one rank's
-contiguous shard of the video token sequence.
+"""CREPA / REPA exact under context (sequence) parallelism: the layout of the sharded sequence and the
+frames each rank works on. The captured block output is one rank's contiguous shard of the video token
+sequence; sharded_loss.py computes the loss of the unsharded sequence from the shards, token_exchange.py
+moves the few tokens a rank needs from the others.
 
 The trainer states the layout (`CrepaRegularizer.set_context_parallel(group, shard=(start, stop))`: the
 context process group and this rank's tokens [start, stop) of the full frame-major, row-major sequence of
 T*H*W tokens), or diffusers' `enable_parallelism` set it on the model (found at each call: equal chunks
-over the flattened ring x Ulysses mesh), and every rank passes the full teacher features (B, T, N, D)
-with N = H*W.
+over the flattened ring x Ulysses mesh of this rank's context group; a data x context mesh gives one
+context group per data rank). Every rank of a context group holds the same batch, so the same teacher
+input: teacher_features (B, T, N, D), pixels, or latents.
 
-The math (docs/contract.md §2.1, spatial alignment on equal grids): with unit tokens ẑ, ŷ and W[f, g] = c(f) w(f, g),
+Who computes what (T frames of N student tokens; d = the largest neighbour offset):
+- a rank's loss frames: the frames its shard touches, or, when the student grid is resampled (it holds
+  more tokens per frame than the teacher's, docs/contract.md §3), the frames whose first token it holds
+  (each frame's resampled terms are computed once, by that rank, from the whole frame);
+- its teacher window: its loss frames plus d frames on each side (the neighbour-frame targets). Only
+  these frames are taken from teacher_features, encoded from pixels, or decoded and encoded from latents
+  (a causal Wan VAE decodes just the latent prefix up to the window's last frame, vae.py); a backbone
+  teacher's window comes from the other ranks' shards of the teacher block (token_exchange.py).
 
-    Σ_{b,f} total[b, f] = Σ_b Σ_{p = (f, n)} ẑ[b, p] · E[b, f, n] / N,   E[b, f, n] = Σ_g W[f, g] ŷ[b, g, n]
+Communication per step, for a context group of P ranks (B samples, D the teacher width):
+- one all_reduce of 2 float64 (16 bytes): the loss value and the self similarity of the whole sequence;
+- resampled student grids: each frame split between ranks moves its tokens held by later ranks to its
+  first rank (< N tokens x B x D per boundary, in float32 with the projector) and their gradient back in
+  the backward; equal grids move nothing and need no backward communication;
+- backbone teacher: the window's teacher tokens held by other ranks (about d frames x N x B x width per
+  shard boundary); teacher_features, pixels and latents move nothing (every rank holds the input);
+- as without context parallelism: the schedule's scalar all_reduce over the world, and the projector's
+  gradient all_reduce over the world, scaled by P (each context rank holds a partial gradient, summed
+  over the context group and averaged over the data ranks: world mean x P).
 
-is a sum over student tokens, each against a teacher target built from the full teacher features and the
-global constants (N, T, B, c(f)). So a rank computes E only for the frames its shard touches (its shard plus
-the teacher halo of d frames on each side, read from the full features it holds), sums its tokens' share,
-and one all_reduce of two float64 scalars over the context group (the total and the self similarity) gives
-the loss value, the alignment score and the self similarity of the unsharded sequence on every rank. The
-loss returned is the local share with gradient plus the rest as a constant: its value is the global loss,
-its gradient reaches exactly this rank's tokens, as the single-process gradient does; nothing is
-communicated in the backward. Shard boundaries may fall anywhere: inside a frame, shards smaller than a
-frame, uneven shards.
-
-Communication per step: one all_reduce of 2 float64 over the context group (16 bytes), the schedule's
-scalar all_reduce over the world (as without context parallelism), and the projector's gradient
-all_reduce over the world, scaled by the context size (each context rank holds a partial gradient that must
-be summed over the context group and averaged over the data ranks: world mean × context size).
-
-Refused under context parallelism (each with an error naming the key or argument): resampled grids
-(student grid != teacher grid), the pooled and CLS modes (crepa_spatial_align false, crepa_encoder_tokens
-cls), iREPA's convolutional projector (irepa_enabled), backbone mode, a feature cache, latents= / pixels=
-calls (decode and encode are not shared out), U-REPA, and families whose block output is not the video
-tokens alone (text or reference tokens in the sequence, Kandinsky5's local-window order).
+Refused under context parallelism (each with an error naming the key or argument): the pooled and CLS
+modes (crepa_spatial_align false, crepa_encoder_tokens cls: they pool whole frames of student tokens),
+iREPA's convolutional projector (irepa_enabled), U-REPA, and families whose block output is not the
+video tokens alone (text or reference tokens in the sequence, Kandinsky5's local-window order).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
 
 from ..options import CrepaOptions
-from ..reference import safe_normalize
 from .families import ImageTokens, ModelFamily, TupleItem
 from .grids import TokenGrid
 
 
 @dataclass(frozen=True)
 class ContextShard:
-    """This rank's tokens [start, stop) of the full sequence of `total` tokens, in a context group of
-    `ranks` ranks (the group's shards tile [0, total) in group-rank order)."""
+    """The context group's layout: `shards[r]` is group rank r's tokens [start, stop) of the full
+    sequence (they tile [0, total) in group-rank order); `rank` is this rank's place in the group."""
 
     group: object
-    start: int
-    stop: int
-    total: int
-    ranks: int
+    rank: int
+    shards: tuple[tuple[int, int], ...]
+
+    @property
+    def start(self) -> int:
+        return self.shards[self.rank][0]
+
+    @property
+    def stop(self) -> int:
+        return self.shards[self.rank][1]
+
+    @property
+    def total(self) -> int:
+        return self.shards[-1][1]
+
+    @property
+    def ranks(self) -> int:
+        return len(self.shards)
 
 
 def _check_index(name: str, value) -> int:
@@ -87,7 +102,7 @@ def make_shard(group, shard) -> ContextShard:
             raise ValueError(f"the context group's shards must tile the sequence from token 0 in group-rank order; "
                              f"got {shards} (group rank {rank} starts at {first}, expected {expected})")
         expected = last
-    return ContextShard(group, start, stop, expected, ranks)
+    return ContextShard(group, dist.get_rank(group), tuple(tuple(s) for s in shards))
 
 
 def diffusers_context(model) -> tuple[object, int, int] | None:
@@ -105,10 +120,10 @@ def diffusers_context(model) -> tuple[object, int, int] | None:
     return group, dist.get_rank(group), mesh.size()
 
 
-def equal_chunk(total: int, rank: int, ranks: int) -> tuple[int, int]:
-    """Token range of `rank` when `total` tokens are cut as tensor.chunk(ranks) cuts them."""
+def equal_chunks(group, rank: int, ranks: int, total: int) -> ContextShard:
+    """The layout of `total` tokens cut as tensor.chunk(ranks) cuts them (diffusers' split)."""
     size = -(-total // ranks)
-    return min(total, rank * size), min(total, (rank + 1) * size)
+    return ContextShard(group, rank, tuple((min(total, r * size), min(total, (r + 1) * size)) for r in range(ranks)))
 
 
 def check_family(family: ModelFamily) -> None:
@@ -120,38 +135,22 @@ def check_family(family: ModelFamily) -> None:
                          f"({family.describe_blocks()}) is not")
 
 
-def _all_reduce_sum(values: torch.Tensor, group) -> torch.Tensor:
-    reduced = values.detach().clone()
-    if reduced.device.type == "cpu" and "nccl" in str(dist.get_backend(group)).lower():
-        reduced = reduced.to(torch.device("cuda", torch.cuda.current_device()))
-    dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group)
-    return reduced.to(values.device)
+# ---------------------------------------------------------------------------------------- frame windows
 
 
-def sharded_crepa_loss(z: torch.Tensor, y: torch.Tensor, grid: TokenGrid, shard: ContextShard,
-                       opts: CrepaOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z: this rank's projected student tokens (B, stop - start, D); y: the full teacher tokens
-    (B, T, H, W, D) on the student grid. Returns (loss of the unsharded sequence whose gradient reaches
-    this rank's tokens only, alignment score, self similarity), the last two detached, equal on every rank
-    of the context group."""
-    batch, frames, rows, columns, width = y.shape
-    per_frame = rows * columns
-    first_frame, last_frame = shard.start // per_frame, (shard.stop - 1) // per_frame
-    zn = safe_normalize(z)
-    # the teacher frames the shard's frames reach: [first - d, last + d] (the halo), normalised once
-    offsets = opts.offsets(frames)
-    reach = max(offsets, default=0)
-    low, high = max(0, first_frame - reach), min(frames, last_frame + reach + 1)
-    yn = safe_normalize(y[:, low:high].reshape(batch, high - low, per_frame, width)).to(zn.dtype)
-    weights = opts.frame_weights(frames, dtype=zn.dtype, device=zn.device)[first_frame:last_frame + 1, low:high]
-    target = torch.einsum("fg,bgnd->bfnd", weights, yn).reshape(batch, -1, width)
-    own = yn[:, first_frame - low:last_frame + 1 - low].reshape(batch, -1, width)
-    begin = shard.start - first_frame * per_frame
-    tokens = slice(begin, begin + shard.stop - shard.start)
-    local_total = (zn * target[:, tokens]).sum() / per_frame
-    local_self = (zn.detach() * own[:, tokens]).sum() / per_frame
-    sums = _all_reduce_sum(torch.stack([local_total.detach(), local_self]).to(torch.float64), shard.group)
-    divisor = opts.loss_divisor(batch, frames)
-    local_loss = -local_total / divisor
-    loss = local_loss + (-sums[0] / divisor - local_loss.detach().double()).to(local_loss.dtype)
-    return loss, (sums[0] / (batch * frames)).to(zn.dtype), (sums[1] / (batch * frames)).to(zn.dtype)
+def loss_frames(span: tuple[int, int], per_frame: int, student_resampled: bool) -> tuple[int, int]:
+    """Frames [first, last) whose terms the rank holding tokens `span` computes: those its tokens touch,
+    or, when the student is resampled (a whole frame at a time), those whose first token it holds
+    (possibly none: a shard inside one frame)."""
+    start, stop = span
+    if student_resampled:
+        return -(-start // per_frame), -(-stop // per_frame)
+    return start // per_frame, (stop - 1) // per_frame + 1
+
+
+def teacher_window(span: tuple[int, int], grid: TokenGrid, opts: CrepaOptions) -> tuple[int, int]:
+    """Student frames [low, high) whose teacher tokens the rank holding `span` needs: the frames its
+    tokens touch (which hold its resampled frames too) and d neighbour frames on each side."""
+    first, last = loss_frames(span, grid.height * grid.width, student_resampled=False)
+    reach = max(opts.offsets(grid.frames), default=0)
+    return max(0, first - reach), min(grid.frames, last + reach)

@@ -20,13 +20,14 @@ from torch import nn
 from ..functional import crepa_loss_with_options
 from .base import AlignmentRegularizerBase, model_list
 from .cached_teacher import CachedTeacher
-from .context_parallel import (ContextShard, check_family, diffusers_context, equal_chunk, make_shard,
-                               sharded_crepa_loss)
+from .context_parallel import check_family, diffusers_context, equal_chunks, make_shard, teacher_window
 from .config import CrepaConfig
 from .families import detect_family, unwrap_model
 from .grids import align_tokens
 from .schedule import CoefficientSchedule
+from .sharded_loss import sharded_crepa_loss
 from .teacher import BackboneTeacher, EncoderTeacher
+from .token_exchange import exchange_tokens
 from .vae import Denormalize
 
 PROJECTOR_NAME = "crepa_projector"   # its key prefix in older checkpoints (on the model), ours and SimpleTuner's
@@ -134,8 +135,7 @@ class CrepaRegularizer(AlignmentRegularizerBase):
             return
         group, rank, ranks = found
         self._check_context_supported()
-        start, stop = equal_chunk(grid.tokens, rank, ranks)
-        self._set_plain("_context", ContextShard(group, start, stop, grid.tokens, ranks))
+        self._set_plain("_context", equal_chunks(group, rank, ranks, grid.tokens))
         self.projector.set_context_ranks(ranks)
 
     def _check_context_supported(self) -> None:
@@ -145,33 +145,41 @@ class CrepaRegularizer(AlignmentRegularizerBase):
                            else "crepa_encoder_tokens: 'cls'")
         if self.config.irepa_enabled:
             refused.append("irepa_enabled (iREPA's convolutional projector)")
-        if isinstance(self._teacher, BackboneTeacher):
-            refused.append("crepa_use_backbone_features (backbone mode)")
-        if isinstance(self._teacher, CachedTeacher):
-            refused.append("feature_cache=")
         if refused:
-            raise ValueError(f"context parallelism supports patch-wise CREPA / REPA with teacher_features= on equal "
-                             f"student and teacher grids; this regularizer uses {', '.join(refused)}, which is not "
-                             "supported under context parallelism")
+            raise ValueError(f"context parallelism supports patch-wise CREPA / REPA (crepa_spatial_align true, patch "
+                             f"teacher tokens); this regularizer uses {', '.join(refused)}, which pools or convolves "
+                             "whole frames of student tokens and is not supported under context parallelism")
         check_family(self.family)
 
-    def _context_tokens(self, student: torch.Tensor, grid) -> torch.Tensor:
+    def _context_tokens(self, tokens: torch.Tensor, grid, what: str = "captured hidden states") -> torch.Tensor:
         context = self._context
         if context.total != grid.tokens:
             raise ValueError(f"the context group's shards cover {context.total} tokens but the token grid "
                              f"{tuple(grid)} (frames, rows, columns) holds {grid.tokens}: set_context_parallel "
                              "must describe the sequence of this forward")
-        if student.dim() != 3 or student.shape[1] != context.stop - context.start:
-            raise ValueError(f"the captured hidden states have shape {tuple(student.shape)} but this rank's shard "
-                             f"is tokens [{context.start}, {context.stop}) ({context.stop - context.start} tokens)")
-        return student
+        if tokens.dim() != 3 or tokens.shape[1] != context.stop - context.start:
+            raise ValueError(f"the {what} have shape {tuple(tokens.shape)} but this rank's shard is tokens "
+                             f"[{context.start}, {context.stop}) ({context.stop - context.start} tokens)")
+        return tokens
 
-    def _context_loss(self, z: torch.Tensor, y: torch.Tensor, grid):
-        if tuple(y.shape[2:4]) != (grid.height, grid.width):
-            raise ValueError(f"under context parallelism the teacher grid must equal the student grid (no "
-                             f"resampling): teacher_features lie on {y.shape[2]} x {y.shape[3]} tokens per frame, "
-                             f"the student on {grid.height} x {grid.width}")
-        loss, score, similarity_self = sharded_crepa_loss(z, y.to(z.dtype), grid, self._context, self.options)
+    def _context_student_teacher(self, inputs, captured, grid, device):
+        """Under context parallelism: this rank's projected shard (B, stop - start, D), the teacher tokens of
+        its window of student frames [low, high) (B, high - low, h, w, D) and low (context_parallel.py)."""
+        context = self._context
+        z = self.projector(self._context_tokens(captured.student, grid))
+        low, high = teacher_window((context.start, context.stop), grid, self.options)
+        if isinstance(self._teacher, BackboneTeacher):   # the teacher block is sharded as the student's
+            per_frame = grid.height * grid.width
+            wants = [tuple(f * per_frame for f in teacher_window(span, grid, self.options)) for span in context.shards]
+            local = self._context_tokens(captured.teacher, grid, "teacher block hidden states")
+            y = exchange_tokens(local.detach(), context, wants, differentiable=False)
+            y = y.reshape(y.shape[0], high - low, grid.height, grid.width, y.shape[2]).float()
+        else:
+            y = self._teacher.tokens(inputs, captured, grid, device, frames=(low, high))
+        return z, y, low
+
+    def _context_loss(self, z: torch.Tensor, y: torch.Tensor, low: int, grid):
+        loss, score, similarity_self = sharded_crepa_loss(z, y.to(z.dtype), low, grid, self._context, self.options)
         logs = {"crepa_alignment_score": score.float(), "crepa_similarity_self": similarity_self.float(),
                 "crepa_similarity": score.float()}
         return loss, score, logs

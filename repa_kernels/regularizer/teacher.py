@@ -6,9 +6,11 @@
 - `FeatureTeacher`: precomputed features (B, T, N, D) / (B, N, D), laid on the student's grid.
 - `BackboneTeacher`: a deeper block of the same forward pass (detached): no encoder, no decode.
 
-Each answers `tokens(inputs, captured, grid, device)` with (B, T, h, w, D) float32 on `device`, T being
-the student's frame count (h = w = 1 for CLS tokens). Only the frames that are used are encoded (one per
-student frame). Adding a teacher is one class with that method and its test.
+Each answers `tokens(inputs, captured, grid, device, frames=None)` with (B, T, h, w, D) float32 on
+`device`, T being the student's frame count (h = w = 1 for CLS tokens); the encoder teachers also take
+`frames=(low, high)`: the student frames [low, high) only (a rank's window under context parallelism,
+context_parallel.py), and only those are decoded (a causal prefix, vae.py) and encoded. Only the frames that are used are
+encoded (one per student frame). Adding a teacher is one class with that method and its test.
 """
 
 from __future__ import annotations
@@ -34,23 +36,26 @@ class FeatureTeacher:
         self.width = int(width)
         self.cls_tokens = bool(cls_tokens)
 
-    def tokens(self, inputs: CallInputs, captured, grid: TokenGrid, device: torch.device) -> torch.Tensor:
+    def tokens(self, inputs: CallInputs, captured, grid: TokenGrid, device: torch.device,
+               frames: tuple[int, int] | None = None) -> torch.Tensor:
         features = inputs.teacher_features
+        window = frames
         batch, frames, tokens, dim = features.shape
         if dim != self.width:
             raise ValueError(f"teacher_features have width {dim} but the projector maps to the encoder width "
                              f"{self.width}")
         if frames < grid.frames:
             raise ValueError(f"teacher_features have {frames} frames but the student has {grid.frames}")
-        if frames > grid.frames:
-            features = features[:, select_frames(frames, grid.frames)]
+        picks = select_frames(frames, grid.frames)[slice(*window) if window else slice(None)]
+        if picks != list(range(frames)):
+            features = features[:, picks]
         if self.cls_tokens:
             if tokens != 1:
                 raise ValueError(f"crepa_encoder_tokens='cls' needs teacher_features with one token per frame, got "
                                  f"{tokens}")
-            return features.reshape(batch, grid.frames, 1, 1, dim).float().to(device)
+            return features.reshape(batch, len(picks), 1, 1, dim).float().to(device)
         layout = image_grid_from_aspect(tokens, grid.height, grid.width, "teacher_features")
-        return features.reshape(batch, grid.frames, layout.height, layout.width, dim).float().to(device)
+        return features.reshape(batch, len(picks), layout.height, layout.width, dim).float().to(device)
 
 
 class EncoderTeacher:
@@ -107,13 +112,14 @@ class EncoderTeacher:
         if self.encoder.mean.device != device:
             self.encoder.to(device)
 
-    def tokens(self, inputs: CallInputs, captured, grid: TokenGrid, device: torch.device) -> torch.Tensor:
+    def tokens(self, inputs: CallInputs, captured, grid: TokenGrid, device: torch.device,
+               frames: tuple[int, int] | None = None) -> torch.Tensor:
         if inputs.teacher_features is not None:
-            return self.features.tokens(inputs, captured, grid, device)
+            return self.features.tokens(inputs, captured, grid, device, frames)
         self.follow(device)
         if inputs.pixels is not None:
-            return self.encode_frames(inputs.pixels, grid.frames, source="pixels")
-        return self.from_latents(inputs.latents, grid.frames)
+            return self.encode_frames(inputs.pixels, grid.frames, source="pixels", window=frames)
+        return self.from_latents(inputs.latents, grid.frames, window=frames)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents -> frames (B, F, 3, H, W) in [0, 1], counted in frames_decoded."""
@@ -121,23 +127,37 @@ class EncoderTeacher:
         self.frames_decoded += frames.shape[0] * frames.shape[1]
         return frames
 
-    def from_latents(self, latents: torch.Tensor, num_frames: int) -> torch.Tensor:
-        return self.encode_frames(self.decode(latents), num_frames, source=self.decoder.range_source)
-
+    def from_latents(self, latents: torch.Tensor, num_frames: int,
+                     window: tuple[int, int] | None = None) -> torch.Tensor:
+        """window: student frames [low, high) only; a causal VAE then decodes just the latent prefix that
+        makes the window's last frame (vae.LatentDecoder.causal_prefix), any other decodes every frame."""
+        source = self.decoder.range_source
+        prefix = None if window is None else self.decoder.causal_prefix(latents)
+        if prefix is None:
+            return self.encode_frames(self.decode(latents), num_frames, source=source, window=window)
+        total, latent_frames_for = prefix
+        last_pixel_frame = select_frames(total, num_frames)[window[1] - 1]
+        frames = self.decode(latents[:, :, :latent_frames_for(last_pixel_frame)])
+        return self.encode_frames(frames, num_frames, source=source, window=window, total=total)
 
     def from_pixels(self, pixels: torch.Tensor, num_frames: int) -> torch.Tensor:
         return self.encode_frames(check_pixels(pixels), num_frames)
 
-    def encode_frames(self, frames: torch.Tensor, num_frames: int, source: str | None = None) -> torch.Tensor:
+    def encode_frames(self, frames: torch.Tensor, num_frames: int, source: str | None = None,
+                      window: tuple[int, int] | None = None, total: int | None = None) -> torch.Tensor:
         """frames (B, F, 3, H, W) in [0, 1] -> (B, T, h, w, D) float32: the frames at
         select_frames(F, num_frames), resized to the encoder's input size and encoded. source: what the
         frames are ("pixels", a decode= callable) when their range must be checked (input_ranges);
-        None for a VAE's frames, which the decode clamps."""
-        batch, total = frames.shape[:2]
+        None for a VAE's frames, which the decode clamps. window: the student frames [low, high) only
+        (T = high - low); total: the clip's frame count when `frames` is its first frames only (a causal
+        prefix decode), for the frame choice of the whole clip."""
+        batch = frames.shape[0]
+        total = frames.shape[1] if total is None else total
         if total < num_frames:
             raise ValueError(f"{total} frames were given but the student has {num_frames} frames; every student "
                              "frame needs a frame to align to")
-        picked = frames[:, select_frames(total, num_frames)].flatten(0, 1)
+        picks = select_frames(total, num_frames)[slice(*window) if window else slice(None)]
+        picked = frames[:, picks].flatten(0, 1)
         if source is not None:   # on the device, no read: before the resize, which would clamp them
             self.input_ranges.append((source, torch.stack(torch.aminmax(picked.detach()))))
         height, width = teacher_input_size(self.encoder.resize, picked.shape[-2], picked.shape[-1],
@@ -148,9 +168,9 @@ class EncoderTeacher:
                                    antialias=True).clamp_(0.0, 1.0)
         tokens = self.encoder.encode(picked)
         if self.encoder.tokens == "cls":
-            return tokens.reshape(batch, num_frames, 1, 1, -1)
+            return tokens.reshape(batch, len(picks), 1, 1, -1)
         p = self.encoder.patch_size
-        return tokens.reshape(batch, num_frames, height // p, width // p, -1)
+        return tokens.reshape(batch, len(picks), height // p, width // p, -1)
 
 
 class BackboneTeacher:
@@ -168,4 +188,6 @@ class BackboneTeacher:
         self.description = f"backbone block {block_index}"
 
     def tokens(self, inputs: CallInputs, captured, grid: TokenGrid, device: torch.device) -> torch.Tensor:
+        """The whole sequence's teacher tokens; under context parallelism the teacher block is sharded as
+        the student's and the regularizer gathers a rank's window of it from the other ranks instead."""
         return self.family.image_tokens(captured.teacher, grid, "teacher block hidden states", captured.model).float()

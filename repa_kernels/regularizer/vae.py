@@ -19,8 +19,11 @@ Any other VAE needs a `denormalize(latents) -> latents` callable; among the fami
 AutoencoderKLCosmos (Cosmos 1.0), whose pipeline divides by its scheduler's sigma_data, which the VAE does
 not know: denormalize=lambda z: z * std[:, :, :F] / sigma_data + mean, with std and mean the config lists
 viewed (1, C, -1, 1, 1). Decoding runs under no_grad in the
-VAE's dtype. Causal video VAEs decode frame k from latent frames 0..k, so all latent frames are decoded
-and the needed pixel frames are picked afterwards.
+VAE's dtype. All latent frames are decoded and the needed pixel frames are picked afterwards, except
+where a rank needs only the first frames (its window under context parallelism): AutoencoderKLWan decodes
+frame by frame with a causal cache, so its first r*k + 1 frames (r the temporal ratio) are exactly the
+decode of latent frames 0..k, and `causal_prefix` says how many latent frames to decode. The other
+video VAEs decode every frame (LTX-Video's decoder is not causal by default; the rest are not checked).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ SUPPORTED_VAES = ("AutoencoderKLWan", "AutoencoderKLQwenImage", "AutoencoderKLLT
                   "AutoencoderKL", "AutoencoderTiny")
 TIMESTEP_CONDITIONED = ("AutoencoderKLLTXVideo", "AutoencoderKLLTX2Video")
 ONE_FRAME_VIDEO_VAES = ("AutoencoderKLQwenImage",)   # image latents (B, C, H, W) decode as (B, C, 1, H, W)
+# Decoders whose pixel frames r*k + 1 onwards never change frames 0..r*k (frame-by-frame causal decode).
+CAUSAL_PREFIX_VAES = ("AutoencoderKLWan",)
 # diffusers 0.42's AutoencoderKLHunyuanVideo15 mid-block attention builds its causal mask as (B, S, S) against
 # (B, 1, S, S) queries, which fails for batch > 1; one sample at a time gives the same frames.
 ONE_SAMPLE_PER_DECODE = ("AutoencoderKLHunyuanVideo15",)
@@ -214,6 +219,15 @@ class LatentDecoder:
 
     def with_decode(self, decode: Decode) -> "LatentDecoder":
         return LatentDecoder(decode=decode, video=self.video, use_tae_key=self.use_tae_key)
+
+    def causal_prefix(self, latents: torch.Tensor):
+        """For video latents (B, C, F, H, W) and a frame-by-frame causal VAE (CAUSAL_PREFIX_VAES):
+        (the clip's pixel frame count r*(F - 1) + 1, a function pixel frame p -> the latent frames
+        ceil(p / r) + 1 whose decode holds frames 0..p). None where only a whole decode is exact."""
+        if self.custom or self.use_tae or latents.dim() != 5 or _class_name(self.decoder) not in CAUSAL_PREFIX_VAES:
+            return None
+        ratio = 2 ** sum(bool(t) for t in self.decoder.config.temperal_downsample)   # each halves time
+        return ratio * (latents.shape[2] - 1) + 1, lambda frame: -(-frame // ratio) + 1
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

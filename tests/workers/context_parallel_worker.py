@@ -4,9 +4,12 @@ A trainer with its own sequence parallelism is played by two hooks on a tiny Wan
 `crepa_block_index` is cut to this rank's token range (so the regularizer's capture sees a shard, as under
 diffusers' context parallelism), and the next block gets the full output back (the model runs on, its
 prediction unused: only the regularizer's loss is backpropagated). Every rank runs the same full forward
-from the same seed, so the shard is exactly the single-process run's tokens. Per case it saves the loss,
-the logs, the gradient of its shard of the captured hidden states and the projector's gradients, and the
-logs of a second call at the next step (which holds the similarity EMA of the first).
+from the same seed, so the shard is exactly the single-process run's tokens. The teacher of a case is
+teacher_features on the student grid, coarser (the student resampled) or finer (the teacher resampled),
+latents decoded by a tiny Wan VAE, pixels, or a deeper block (backbone mode, cut at the same shard). Per
+case it saves the loss, the logs, the gradient of its shard of the captured hidden states, the
+projector's gradients, the frames the teacher decoded and encoded, and the logs of a second call at the
+next step (which holds the similarity EMA of the first).
 `single_process_run` computes the same on the whole sequence without torch.distributed: the truth.
 """
 
@@ -26,21 +29,41 @@ from repa_kernels.regularizer import CrepaRegularizer  # noqa: E402
 BATCH, FRAMES, ROWS, COLUMNS = 2, 4, 2, 3        # latents (2, 4, 4, 4, 6) -> token grid (4, 2, 3): 24 tokens
 TOKENS = FRAMES * ROWS * COLUMNS
 BLOCK = 1
+TEACHER_BLOCK = 2                                # backbone mode: the last block, also sharded
 BASE = {"crepa_enabled": True, "crepa_block_index": BLOCK, "crepa_encoder_image_size": 16, "crepa_lambda": 0.5}
 CONFIGS = {
     "adjacent": {},                                                        # d = 1, neighbours at +-1
     "cumulative": {"crepa_adjacent_distance": 2, "crepa_cumulative_neighbors": True,   # a halo of 2 frames
                    "crepa_normalize_neighbour_sum": True, "crepa_adjacent_tau": 0.7},
 }
-# (config, shards of the context group in group-rank order), per world size
-CASES = {
-    2: [("cumulative", [(0, 12), (12, 24)]),          # whole frames
-        ("cumulative", [(0, 9), (9, 24)]),            # a frame split, uneven
-        ("adjacent", [(0, 15), (15, 24)])],
-    3: [("cumulative", [(0, 6), (6, 18), (18, 24)]),  # whole frames, uneven
-        ("cumulative", [(0, 2), (2, 5), (5, 24)]),    # shards smaller than a frame
-        ("adjacent", [(0, 11), (11, 13), (13, 24)])],  # uneven, boundaries inside frames
+# The teacher input of a case, and the config it adds. The student grid is 2 x 3 tokens per frame.
+TEACHERS = {
+    "features": {},                    # teacher_features on the student grid
+    "coarse features": {},             # 1 x 2 teacher tokens per frame: the student is resampled (whole frames)
+    "fine features": {},               # 4 x 6: the teacher is resampled onto the student grid
+    "latents": {},                     # tiny Wan VAE (7 frames of 16 x 24), DINOv2 patch 8 at 16 x 16: 2 x 2
+    "pixels": {},                      # 7 frames of 16 x 24 pixels, DINOv2 at 12 x 20: 3 x 5 (teacher resampled)
+    "backbone": {"crepa_use_backbone_features": True, "crepa_teacher_block_index": TEACHER_BLOCK},
 }
+FEATURE_TOKENS = {"features": ROWS * COLUMNS, "coarse features": 2, "fine features": 24}
+# (config, teacher, shards of the context group in group-rank order), per world size
+CASES = {
+    2: [("cumulative", "features", [(0, 12), (12, 24)]),          # whole frames
+        ("cumulative", "features", [(0, 9), (9, 24)]),            # a frame split, uneven
+        ("adjacent", "features", [(0, 15), (15, 24)]),
+        ("cumulative", "coarse features", [(0, 9), (9, 24)]),     # a split frame resampled by rank 0
+        ("adjacent", "fine features", [(0, 13), (13, 24)]),
+        ("adjacent", "latents", [(0, 9), (9, 24)]),               # rank 0 decodes a causal prefix
+        ("cumulative", "pixels", [(0, 12), (12, 24)]),
+        ("cumulative", "backbone", [(0, 9), (9, 24)])],
+    3: [("cumulative", "features", [(0, 6), (6, 18), (18, 24)]),  # whole frames, uneven
+        ("cumulative", "features", [(0, 2), (2, 5), (5, 24)]),    # shards smaller than a frame
+        ("adjacent", "features", [(0, 11), (11, 13), (13, 24)]),  # uneven, boundaries inside frames
+        ("cumulative", "coarse features", [(0, 2), (2, 5), (5, 24)]),   # rank 1 resamples no frame of its own
+        ("adjacent", "latents", [(0, 11), (11, 13), (13, 24)]),
+        ("adjacent", "backbone", [(0, 2), (2, 5), (5, 24)])],
+}
+PIXEL_FRAMES = 2 * (FRAMES - 1) + 1              # what the tiny Wan VAE (temporal ratio 2) decodes
 
 
 def inputs():
@@ -50,24 +73,37 @@ def inputs():
     features = torch.randn(BATCH, FRAMES, ROWS * COLUMNS, 16, generator=g)
     return latents, text, features
 
-def two_calls(model, reg, kept) -> dict:
+
+def teacher_input(teacher: str, latents: torch.Tensor) -> dict:
+    """The call's teacher keyword argument for `teacher` (the same on every rank: one seed)."""
+    g = torch.Generator().manual_seed(701)
+    if teacher in FEATURE_TOKENS:
+        return {"teacher_features": torch.randn(BATCH, FRAMES, FEATURE_TOKENS[teacher], 16, generator=g)}
+    if teacher == "pixels":
+        return {"pixels": torch.rand(BATCH, PIXEL_FRAMES, 3, 16, 24, generator=g)}
+    return {"latents": latents} if teacher == "latents" else {}
+
+
+def two_calls(model, reg, kept, teacher: str = "features") -> dict:
     """Step 0 (loss, logs, gradients of the captured states and the projector), then step 1's logs: its call
     folds step 0's score into the similarity EMA (averaged over the world)."""
     latents, text, features = inputs()
+    given = {"teacher_features": features} if teacher == "features" else teacher_input(teacher, latents)
     model(latents, torch.full((BATCH,), 500.0), text, return_dict=False)
-    loss, logs = reg(teacher_features=features, step=0)
+    loss, logs = reg(step=0, **given)
     loss.backward()
     result = {"loss": loss.detach().clone(), "logs": {k: v.clone() for k, v in logs.items()},
               "captured_grad": kept["captured"].grad.detach().clone(),
-              "projector_grads": {n: p.grad.detach().clone() for n, p in reg.named_parameters()}}
+              "projector_grads": {n: p.grad.detach().clone() for n, p in reg.named_parameters()},
+              "frames_decoded": reg._teacher.frames_decoded, "frames_encoded": reg._teacher.frames_encoded}
     model(latents, torch.full((BATCH,), 500.0), text, return_dict=False)
-    result["next_logs"] = {k: v.detach().clone() for k, v in reg(teacher_features=features, step=1)[1].items()}
+    result["next_logs"] = {k: v.detach().clone() for k, v in reg(step=1, **given)[1].items()}
     return result
 
 
-
-def run_case(config: str, shard: tuple[int, int] | None, group=None) -> dict:
-    """One regularizer call at step 0 on a fresh model; shard None: the whole sequence, no parallelism."""
+def run_case(config: str, shard: tuple[int, int] | None, group=None, teacher: str = "features") -> dict:
+    """One regularizer call at step 0 on a fresh model; shard None: the whole sequence, no parallelism.
+    In backbone mode the teacher block's output is cut at the same shard as the student's."""
     torch.manual_seed(0)
     model = tm.tiny_wan().train()
     kept = {}
@@ -82,13 +118,24 @@ def run_case(config: str, shard: tuple[int, int] | None, group=None) -> dict:
     def restore(block, args, kwargs):
         return (kept["full"], *args[1:]), kwargs
 
+    def cut_teacher(block, args, output):
+        kept["teacher_full"] = output
+        return output if shard is None else output[:, shard[0]:shard[1]]
+
+    def restore_teacher(module, args):
+        return (kept["teacher_full"], *args[1:])
+
     handles = [model.blocks[BLOCK].register_forward_hook(cut),
                model.blocks[BLOCK + 1].register_forward_pre_hook(restore, with_kwargs=True)]
-    reg = CrepaRegularizer.from_config({**BASE, **CONFIGS[config]}, transformer=model, encoder=tm.tiny_dinov2(),
+    if teacher == "backbone":
+        handles += [model.blocks[TEACHER_BLOCK].register_forward_hook(cut_teacher),
+                    model.norm_out.register_forward_pre_hook(restore_teacher)]
+    reg = CrepaRegularizer.from_config({**BASE, **CONFIGS[config], **TEACHERS[teacher]}, transformer=model,
+                                       encoder=tm.tiny_dinov2(patch_size=8 if teacher == "latents" else 4), vae=tm.tiny_wan_vae() if teacher == "latents" else None,
                                        impl="reference")
     if shard is not None:
         reg.set_context_parallel(group, shard=shard)
-    result = two_calls(model, reg, kept)
+    result = two_calls(model, reg, kept, teacher)
     reg.detach()
     for handle in handles:
         handle.remove()
@@ -96,7 +143,7 @@ def run_case(config: str, shard: tuple[int, int] | None, group=None) -> dict:
 
 
 def single_process_run(world_size: int) -> list[dict]:
-    return [run_case(config, None) for config, _ in CASES[world_size]]
+    return [run_case(config, None, teacher=teacher) for config, teacher, _ in CASES[world_size]]
 
 
 def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
@@ -104,7 +151,7 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         group = dist.new_group(list(range(world_size)))
-        results = [run_case(config, shards[rank], group) for config, shards in CASES[world_size]]
+        results = [run_case(config, shards[rank], group, teacher) for config, teacher, shards in CASES[world_size]]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
