@@ -76,6 +76,14 @@ def test_sharded_sequence_matches_the_single_process_run(world_size, tmp_path):
     for results in ranks:
         assert all(r["captured_grad"].abs().sum() > 0 for r in results)
     assert not window_overruns(ranks, truth, world_size)
+    for case, (_, teacher, _) in enumerate(worker.CASES[world_size]):
+        for results in ranks:
+            if teacher == "cached pixels":   # every window served from the cache, nothing encoded
+                assert results[case]["cache"]["hits"] > 0 and results[case]["cache"]["misses"] == 0
+                assert results[case]["frames_encoded"] == 0 and not results[case]["warnings"]
+            if teacher == "uncached pixels":   # computed live, not stored, and said so
+                assert results[case]["cache"]["entries"] == 0 and results[case]["cache"]["misses"] > 0
+                assert any("not stored" in message for message in results[case]["warnings"])
 
 
 def window_overruns(ranks: list[list[dict]], truth: list[dict], world_size: int) -> list[str]:
@@ -84,7 +92,7 @@ def window_overruns(ranks: list[list[dict]], truth: list[dict], world_size: int)
     whole clip."""
     bad = []
     for case, (config, teacher, shards) in enumerate(worker.CASES[world_size]):
-        if teacher not in ("latents", "pixels"):
+        if teacher not in ("latents", "pixels", "uncached pixels"):
             continue
         reach = 2 if config == "cumulative" else 1
         per_frame = worker.ROWS * worker.COLUMNS

@@ -16,7 +16,10 @@ next step (which holds the similarity EMA of the first).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -43,6 +46,8 @@ TEACHERS = {
     "fine features": {},               # 4 x 6: the teacher is resampled onto the student grid
     "latents": {},                     # tiny Wan VAE (7 frames of 16 x 24), DINOv2 patch 8 at 16 x 16: 2 x 2
     "pixels": {},                      # 7 frames of 16 x 24 pixels, DINOv2 at 12 x 20: 3 x 5 (teacher resampled)
+    "cached pixels": {},               # pixels through a float32 feature cache filled beforehand: windows of hits
+    "uncached pixels": {},             # pixels through an empty feature cache: the window computed, not stored
     "backbone": {"crepa_use_backbone_features": True, "crepa_teacher_block_index": TEACHER_BLOCK},
 }
 FEATURE_TOKENS = {"features": ROWS * COLUMNS, "coarse features": 2, "fine features": 24}
@@ -55,6 +60,8 @@ CASES = {
         ("adjacent", "fine features", [(0, 13), (13, 24)]),
         ("adjacent", "latents", [(0, 9), (9, 24)]),               # rank 0 decodes a causal prefix
         ("cumulative", "pixels", [(0, 12), (12, 24)]),
+        ("adjacent", "cached pixels", [(0, 12), (12, 24)]),
+        ("adjacent", "uncached pixels", [(0, 12), (12, 24)]),
         ("cumulative", "backbone", [(0, 9), (9, 24)])],
     3: [("cumulative", "features", [(0, 6), (6, 18), (18, 24)]),  # whole frames, uneven
         ("cumulative", "features", [(0, 2), (2, 5), (5, 24)]),    # shards smaller than a frame
@@ -79,8 +86,9 @@ def teacher_input(teacher: str, latents: torch.Tensor) -> dict:
     g = torch.Generator().manual_seed(701)
     if teacher in FEATURE_TOKENS:
         return {"teacher_features": torch.randn(BATCH, FRAMES, FEATURE_TOKENS[teacher], 16, generator=g)}
-    if teacher == "pixels":
-        return {"pixels": torch.rand(BATCH, PIXEL_FRAMES, 3, 16, 24, generator=g)}
+    if teacher.endswith("pixels"):
+        pixels = {"pixels": torch.rand(BATCH, PIXEL_FRAMES, 3, 16, 24, generator=g)}
+        return pixels if teacher == "pixels" else {**pixels, "cache_keys": [f"clip-{i}" for i in range(BATCH)]}
     return {"latents": latents} if teacher == "latents" else {}
 
 
@@ -89,13 +97,17 @@ def two_calls(model, reg, kept, teacher: str = "features") -> dict:
     folds step 0's score into the similarity EMA (averaged over the world)."""
     latents, text, features = inputs()
     given = {"teacher_features": features} if teacher == "features" else teacher_input(teacher, latents)
+    decoded, encoded = reg._teacher.frames_decoded, reg._teacher.frames_encoded   # before this call
     model(latents, torch.full((BATCH,), 500.0), text, return_dict=False)
     loss, logs = reg(step=0, **given)
     loss.backward()
     result = {"loss": loss.detach().clone(), "logs": {k: v.clone() for k, v in logs.items()},
               "captured_grad": kept["captured"].grad.detach().clone(),
               "projector_grads": {n: p.grad.detach().clone() for n, p in reg.named_parameters()},
-              "frames_decoded": reg._teacher.frames_decoded, "frames_encoded": reg._teacher.frames_encoded}
+              "frames_decoded": reg._teacher.frames_decoded - decoded,
+              "frames_encoded": reg._teacher.frames_encoded - encoded}
+    if "cache_keys" in given:
+        result["cache"] = {"entries": len(reg.feature_cache("pixels")), **reg.feature_cache("pixels").stats()}
     model(latents, torch.full((BATCH,), 500.0), text, return_dict=False)
     result["next_logs"] = {k: v.detach().clone() for k, v in reg(step=1, **given)[1].items()}
     return result
@@ -130,13 +142,27 @@ def run_case(config: str, shard: tuple[int, int] | None, group=None, teacher: st
     if teacher == "backbone":
         handles += [model.blocks[TEACHER_BLOCK].register_forward_hook(cut_teacher),
                     model.norm_out.register_forward_pre_hook(restore_teacher)]
+    cached = teacher in ("cached pixels", "uncached pixels")
+    if cached and shard is None:   # the truth computes without a cache
+        teacher = "pixels"
+    cache_dir = tempfile.mkdtemp(prefix="cp-cache-") if cached and shard is not None else None
     reg = CrepaRegularizer.from_config({**BASE, **CONFIGS[config], **TEACHERS[teacher]}, transformer=model,
-                                       encoder=tm.tiny_dinov2(patch_size=8 if teacher == "latents" else 4), vae=tm.tiny_wan_vae() if teacher == "latents" else None,
-                                       impl="reference")
+                                       encoder=tm.tiny_dinov2(patch_size=8 if teacher == "latents" else 4),
+                                       vae=tm.tiny_wan_vae() if teacher == "latents" else None, impl="reference",
+                                       feature_cache=cache_dir, feature_cache_dtype="float32")
+    if teacher == "cached pixels":   # filled before training, whole clips (the student grid given per sample)
+        given = teacher_input(teacher, inputs()[0])
+        reg.precompute_teacher_features([(key, given["pixels"][i], (FRAMES, ROWS, COLUMNS))
+                                         for i, key in enumerate(given["cache_keys"])], source="pixels", progress=False)
     if shard is not None:
         reg.set_context_parallel(group, shard=shard)
-    result = two_calls(model, reg, kept, teacher)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = two_calls(model, reg, kept, teacher)
+    result["warnings"] = [str(w.message) for w in caught if "context parallelism" in str(w.message)]
     reg.detach()
+    if cache_dir is not None:
+        shutil.rmtree(cache_dir, ignore_errors=True)
     for handle in handles:
         handle.remove()
     return result
