@@ -100,3 +100,18 @@ def test_a_batch_larger_than_the_data_is_an_error_not_an_endless_loop(name, caps
     with pytest.raises(SystemExit) as info:
         module.main(["--steps", "0"])
     assert info.value.code == 2 and "--steps: must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_wan_crepa_context_parallel_runs_on_two_processes():
+    """The context-parallel example as a user runs it (its own 2 gloo processes, diffusers Ulysses): the
+    student is resampled onto the teacher grid across the shards, and rank 0 decodes a causal prefix."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, str(EXAMPLES / "train_wan_crepa_context_parallel.py"), "--context", "2",
+                           "--steps", "2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for logs in _step_logs(done.stdout, 2):
+        assert set(CREPA_KEYS) <= set(logs) and logs["crepa_weight"] == 0.5
+    # 2 steps x 2 clips: rank 0's window is latent frames 0-3 of 5 (7 of 9 pixel frames decoded, 4 encoded)
+    assert "rank 0 decoded 28 and encoded 16 frames" in done.stdout, done.stdout
