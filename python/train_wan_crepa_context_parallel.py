@@ -4,10 +4,11 @@ parallelism, Ulysses), on a data x context mesh: a training loop to copy into yo
 
     python python/train_wan_crepa_context_parallel.py --context 2 --steps 5          # 2 CPU processes (gloo)
     python python/train_wan_crepa_context_parallel.py --data 2 --context 2 --steps 5 # 4: 2 data x 2 context
-    torchrun --nproc_per_node 8 python/train_wan_crepa_context_parallel.py --data 1 --context 8   # GPUs (NCCL)
 
-Without torchrun the script starts its own gloo processes. Out of the box the models are tiny and
-random-init (transformer, VAE, DINOv2 teacher); python/train_wan_crepa.py shows the REAL MODEL lines.
+The script starts its own gloo processes on the CPU, with tiny random-init models (transformer, VAE,
+DINOv2 teacher; python/train_wan_crepa.py shows the REAL MODEL lines). It has run on CPU only: no
+multi-GPU machine was available to this project, so the GPU launch (torchrun, NCCL, one device per rank)
+is yours to add; the regularizer's lines do not change.
 
 What context parallelism changes for the regularizer: nothing to call. `transformer.enable_parallelism`
 makes each rank's block outputs a shard of the sequence; the regularizer finds the layout on the model at
@@ -25,7 +26,6 @@ import argparse
 import os
 import sys
 import tempfile
-from contextlib import nullcontext
 from unittest import mock
 
 import torch
@@ -73,8 +73,7 @@ def enable_context_parallelism(transformer, data: int, context: int, device: tor
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (data, 1, context), mesh_dim_names=("dp", "ring", "ulysses"))
-    patch = mock.patch("torch.accelerator.device_count", return_value=1) if device.type == "cpu" else nullcontext()
-    with patch:
+    with mock.patch("torch.accelerator.device_count", return_value=1):
         transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=context, mesh=mesh))
 
 
@@ -88,18 +87,11 @@ def reduce_model_gradients(model, context: int) -> None:
             parameter.grad.mul_(context / world)
 
 
-def train(rank: int, args: argparse.Namespace, init_file: str | None) -> None:
+def train(rank: int, args: argparse.Namespace, init_file: str) -> None:
     world = args.data * args.context
-    cuda = torch.cuda.is_available()
-    if init_file is None:   # torchrun
-        dist.init_process_group("nccl" if cuda else "gloo")
-    else:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    rank = dist.get_rank()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()) \
-        if cuda else torch.device("cpu")
-    if not cuda:
-        torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    device = torch.device("cpu")
+    torch.set_num_threads(1)   # the processes share the machine's cores
     try:
         transformer, vae = build_models("wan", args.seed)   # the same weights on every rank
         transformer.to(device)
@@ -141,12 +133,9 @@ def train(rank: int, args: argparse.Namespace, init_file: str | None) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if "RANK" in os.environ:   # launched by torchrun: one process per rank already
-        if int(os.environ["WORLD_SIZE"]) != args.data * args.context:
-            raise SystemExit(f"--data {args.data} x --context {args.context} must equal the torchrun world size "
-                             f"{os.environ['WORLD_SIZE']}")
-        train(int(os.environ["RANK"]), args, None)
-        return 0
+    heads = build_models("wan", args.seed)[0].config.num_attention_heads
+    if heads % args.context:   # Ulysses gives each context rank whole attention heads
+        raise SystemExit(f"--context {args.context} must divide the transformer's {heads} attention heads (Ulysses)")
     with tempfile.TemporaryDirectory() as folder:
         mp.spawn(train, args=(args, os.path.join(folder, "rendezvous")), nprocs=args.data * args.context, join=True)
     return 0
