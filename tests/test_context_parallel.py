@@ -113,18 +113,21 @@ def window_overruns(ranks: list[list[dict]], truth: list[dict], world_size: int)
 @pytest.mark.slow
 @needs_gloo
 def test_diffusers_enable_parallelism_is_detected(tmp_path):
-    """Ulysses over 2 ranks (even shards: the only diffusers layout that runs on CPU / gloo)."""
+    """Ulysses over 2 ranks (even shards: the only diffusers layout that runs on CPU / gloo), with teacher
+    features on the student grid and with latents whose teacher grid is coarser (the student resampled)."""
     pytest.importorskip("diffusers").ContextParallelConfig   # noqa: B018
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        truth = [worker.run_case("cumulative", None)]
+        truth = [worker.run_case(config, None, teacher=teacher) for config, teacher in worker.DIFFUSERS_CASES]
     finally:
         torch.set_num_threads(threads)
     mp.spawn(worker.run_diffusers, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert [r[0]["captured_grad"].shape[1] for r in ranks] == [12, 12]   # premise: the capture is a shard
-    assert not mismatches(ranks, truth, 2, cases=[("cumulative", "features", "diffusers Ulysses 2")])
+    assert [[case["captured_grad"].shape[1] for case in r] for r in ranks] == [[12, 12], [12, 12]]   # shards
+    cases = [(config, teacher, "diffusers Ulysses 2") for config, teacher in worker.DIFFUSERS_CASES]
+    assert not mismatches(ranks, truth, 2, cases=cases)
+    assert ranks[0][1]["frames_decoded"] < truth[1]["frames_decoded"]   # rank 0: a causal prefix
 
 
 # ---------------------------------------------------------------------------------------------- refusals

@@ -184,6 +184,10 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+DIFFUSERS_CASES = [("cumulative", "features"),   # equal grids
+                   ("adjacent", "latents")]      # the Wan 480p + DINOv2 518 px situation: the student resampled
+
+
 def run_diffusers(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     """diffusers' own context parallelism (Ulysses over all ranks) on the tiny Wan: the regularizer finds
     the layout itself. CPU-only torch has no accelerator, so `enable_parallelism` gets a device count of 1
@@ -195,21 +199,25 @@ def run_diffusers(rank: int, world_size: int, init_file: str, out_dir: str) -> N
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        torch.manual_seed(0)
-        model = tm.tiny_wan().train()
-        kept = {}
+        results = []
+        for config, teacher in DIFFUSERS_CASES:
+            torch.manual_seed(0)
+            model = tm.tiny_wan().train()
+            kept = {}
 
-        def keep(block, args, output):
-            output.retain_grad()
-            kept["captured"] = output
+            def keep(block, args, output):
+                output.retain_grad()
+                kept["captured"] = output
 
-        model.blocks[BLOCK].register_forward_hook(keep)
-        with mock.patch("torch.accelerator.device_count", return_value=1):
-            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world_size))
-        reg = CrepaRegularizer.from_config({**BASE, **CONFIGS["cumulative"]}, transformer=model,
-                                           encoder=tm.tiny_dinov2(), impl="reference")
-        result = two_calls(model, reg, kept)
-        torch.save([result], os.path.join(out_dir, f"rank{rank}.pt"))
+            model.blocks[BLOCK].register_forward_hook(keep)
+            with mock.patch("torch.accelerator.device_count", return_value=1):
+                model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world_size))
+            reg = CrepaRegularizer.from_config(
+                {**BASE, **CONFIGS[config], **TEACHERS[teacher]}, transformer=model, impl="reference",
+                encoder=tm.tiny_dinov2(patch_size=8 if teacher == "latents" else 4),
+                vae=tm.tiny_wan_vae() if teacher == "latents" else None)
+            results.append(two_calls(model, reg, kept, teacher))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
