@@ -38,72 +38,49 @@ def all_reduce_sum(values: torch.Tensor, group) -> torch.Tensor:
     return reduced.to(values.device)
 
 
-def _transfer(sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, torch.Tensor]]) -> None:
-    """Post every receive and send at once (no ordering between pairs can deadlock), then wait."""
-    requests = [dist.irecv(buffer, src=peer) for peer, buffer in receives]
-    requests += [dist.isend(tensor.contiguous(), dst=peer) for peer, tensor in sends]
+def _collect(held: torch.Tensor, held_ranges: Sequence[tuple[int, int]], wanted_ranges: Sequence[tuple[int, int]],
+             shard) -> torch.Tensor:
+    """held: this rank's tokens over held_ranges[me] (B, len, D). Returns (B, len(wanted_ranges[me]), D):
+    the sum, per wanted token, of every rank's held copy of it. Each rank sends the overlap of what it holds
+    with what each peer wants and receives the reverse, all posted at once (no pair order can deadlock).
+    The forward holds the shards (disjoint: each wanted token arrives once); the backward holds the wanted
+    ranges' gradients and wants the shards (a token several ranks used gets the sum of their gradients)."""
+    me = shard.rank
+    lo, hi = mine = held_ranges[me]
+    first, last = wanted_ranges[me]
+    out = held.new_zeros(held.shape[0], last - first, held.shape[2])
+    requests, placed = [], []
+    for peer in range(shard.ranks):
+        if peer == me:
+            common = overlap(mine, (first, last))
+            if common:
+                out[:, common[0] - first:common[1] - first] += held[:, common[0] - lo:common[1] - lo]
+            continue
+        global_peer = dist.get_global_rank(shard.group, peer)
+        taken = overlap(held_ranges[peer], (first, last))
+        if taken:
+            buffer = held.new_empty(held.shape[0], taken[1] - taken[0], held.shape[2])
+            requests.append(dist.irecv(buffer, src=global_peer))
+            placed.append((taken, buffer))
+        given = overlap(mine, wanted_ranges[peer])
+        if given:
+            requests.append(dist.isend(held[:, given[0] - lo:given[1] - lo].contiguous(), dst=global_peer))
     for request in requests:
         request.wait()
+    for (start, stop), buffer in placed:
+        out[:, start - first:stop - first] += buffer
+    return out
 
 
 class _Exchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local: torch.Tensor, shard, wants: Sequence[tuple[int, int]]) -> torch.Tensor:
-        me = shard.rank
-        lo, hi = wants[me]
-        batch, width = local.shape[0], local.shape[2]
-        out = local.new_zeros(batch, hi - lo, width)
-        sends, receives, placed = [], [], []
-        for peer, peer_shard in enumerate(shard.shards):
-            if peer == me:
-                common = overlap(peer_shard, (lo, hi))
-                if common:
-                    out[:, common[0] - lo:common[1] - lo] = local[:, common[0] - shard.start:common[1] - shard.start]
-                continue
-            global_peer = dist.get_global_rank(shard.group, peer)
-            given = overlap((shard.start, shard.stop), wants[peer])     # my tokens that the peer wants
-            if given:
-                sends.append((global_peer, local[:, given[0] - shard.start:given[1] - shard.start].detach()))
-            taken = overlap(peer_shard, (lo, hi))                        # the peer's tokens that I want
-            if taken:
-                buffer = local.new_empty(batch, taken[1] - taken[0], width)
-                receives.append((global_peer, buffer))
-                placed.append((taken, buffer))
-        _transfer(sends, receives)
-        for (first, last), buffer in placed:
-            out[:, first - lo:last - lo] = buffer
         ctx.shard, ctx.wants = shard, wants
-        return out
+        return _collect(local.detach(), shard.shards, wants, shard)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        shard, wants = ctx.shard, ctx.wants
-        me = shard.rank
-        lo, hi = wants[me]
-        grad_out = grad_out.contiguous()
-        batch, width = grad_out.shape[0], grad_out.shape[2]
-        grad_local = grad_out.new_zeros(batch, shard.stop - shard.start, width)
-        sends, receives, placed = [], [], []
-        for peer, peer_shard in enumerate(shard.shards):
-            if peer == me:
-                common = overlap(peer_shard, (lo, hi))
-                if common:
-                    grad_local[:, common[0] - shard.start:common[1] - shard.start] += \
-                        grad_out[:, common[0] - lo:common[1] - lo]
-                continue
-            global_peer = dist.get_global_rank(shard.group, peer)
-            taken = overlap(peer_shard, (lo, hi))                        # back to the rank that holds them
-            if taken:
-                sends.append((global_peer, grad_out[:, taken[0] - lo:taken[1] - lo]))
-            given = overlap((shard.start, shard.stop), wants[peer])     # what the peer did with my tokens
-            if given:
-                buffer = grad_out.new_empty(batch, given[1] - given[0], width)
-                receives.append((global_peer, buffer))
-                placed.append((given, buffer))
-        _transfer(sends, receives)
-        for (first, last), buffer in placed:
-            grad_local[:, first - shard.start:last - shard.start] += buffer
-        return grad_local, None, None
+        return _collect(grad_out.contiguous(), ctx.wants, ctx.shard.shards, ctx.shard), None, None
 
 
 def exchange_tokens(local: torch.Tensor, shard, wants: Sequence[tuple[int, int]], *,
@@ -116,9 +93,4 @@ def exchange_tokens(local: torch.Tensor, shard, wants: Sequence[tuple[int, int]]
                          f"{len(wants)}")
     if differentiable and local.requires_grad:
         return _Exchange.apply(local, shard, tuple(wants))
-    with torch.no_grad():
-        return _Exchange.forward(_NoContext(), local.detach(), shard, tuple(wants))
-
-
-class _NoContext:
-    """Stands in for autograd's ctx when the exchange runs without a graph."""
+    return _collect(local.detach(), shard.shards, tuple(wants), shard)
