@@ -19,7 +19,6 @@ from torch import nn
 
 from ..functional import crepa_loss_with_options
 from .base import AlignmentRegularizerBase, model_list
-from .cached_teacher import CachedTeacher
 from .context_parallel import check_family, diffusers_context, equal_chunks, make_shard, teacher_window
 from .config import CrepaConfig
 from .families import detect_family, unwrap_model
