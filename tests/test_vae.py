@@ -192,3 +192,29 @@ def test_hunyuan_video15_divides_by_the_scaling_factor():
     with torch.no_grad():                # so the samples are decoded one at a time
         expected = _frames(torch.cat([vae.decode(z[i:i + 1] / 0.5).sample for i in range(2)]))
     assert torch.allclose(LatentDecoder(vae=vae, video=True).decode(z), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("build, latents_shape", [(tm.tiny_wan_vae, (2, 4, 4, 4, 6)), (tm.tiny_wan22_vae, (1, 4, 4, 2, 3))],
+                         ids=["wan2.1", "wan2.2"])
+def test_a_wan_vae_decodes_a_causal_prefix_exactly(build, latents_shape):
+    """Context parallelism decodes only the latent prefix a rank's frames need: for every pixel frame p,
+    the prefix causal_prefix names decodes frames 0..p bit for bit as the whole clip's decode does."""
+    decoder = LatentDecoder(vae=build(), video=True)
+    latents = torch.randn(*latents_shape, generator=torch.Generator().manual_seed(3))
+    total, latent_frames_for = decoder.causal_prefix(latents)
+    whole = decoder.decode(latents)
+    assert whole.shape[1] == total
+    for frame in range(total):
+        count = latent_frames_for(frame)
+        prefix = decoder.decode(latents[:, :, :count])
+        assert frame < prefix.shape[1]
+        assert torch.equal(prefix, whole[:, :prefix.shape[1]])
+        if count > 1:   # the prefix is the shortest: one latent frame fewer does not reach frame p
+            assert decoder.decode(latents[:, :, :count - 1]).shape[1] <= frame
+
+
+def test_only_frame_by_frame_causal_decoders_decode_a_prefix():
+    latents = torch.randn(1, 4, 3, 4, 4)
+    assert LatentDecoder(vae=tm.tiny_ltx_vae(), video=True).causal_prefix(latents) is None   # not causal
+    assert LatentDecoder(decode=lambda z: torch.zeros(1, 5, 3, 8, 8), video=True).causal_prefix(latents) is None
+    assert LatentDecoder(vae=tm.tiny_wan_vae(), video=True).causal_prefix(latents[:, :, 0]) is None   # images

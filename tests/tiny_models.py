@@ -183,6 +183,17 @@ def tiny_wan_vae():
         scale_factor_temporal=2, scale_factor_spatial=4))
 
 
+def tiny_wan22_vae():
+    """AutoencoderKLWan in Wan 2.2's layout (residual blocks, 2x2 patchified pixels): z_dim 4, temporal
+    ratio 4 (F latent -> 4(F-1)+1 frames), spatial ratio 16."""
+    from diffusers import AutoencoderKLWan
+    return _seeded(lambda: AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=8, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 2], num_res_blocks=1,
+        temperal_downsample=[False, True, True], is_residual=True, patch_size=2, in_channels=12, out_channels=12,
+        latents_mean=[0.0] * LATENT_CHANNELS, latents_std=[1.0] * LATENT_CHANNELS, scale_factor_temporal=4,
+        scale_factor_spatial=16))
+
+
 def tiny_ltx_vae():
     """AutoencoderKLLTXVideo with 4 latent channels, ratios 2 (space and time), timestep conditioning on,
     scaling 0.5 and non-trivial latents_mean / latents_std buffers."""

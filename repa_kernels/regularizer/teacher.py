@@ -6,11 +6,12 @@
 - `FeatureTeacher`: precomputed features (B, T, N, D) / (B, N, D), laid on the student's grid.
 - `BackboneTeacher`: a deeper block of the same forward pass (detached): no encoder, no decode.
 
-Each answers `tokens(inputs, captured, grid, device, frames=None)` with (B, T, h, w, D) float32 on
-`device`, T being the student's frame count (h = w = 1 for CLS tokens); the encoder teachers also take
-`frames=(low, high)`: the student frames [low, high) only (a rank's window under context parallelism,
-context_parallel.py), and only those are decoded (a causal prefix, vae.py) and encoded. Only the frames that are used are
-encoded (one per student frame). Adding a teacher is one class with that method and its test.
+Each answers `tokens(inputs, captured, grid, device)` with (B, T, h, w, D) float32 on `device`, T being
+the student's frame count (h = w = 1 for CLS tokens). Only the frames that are used are encoded (one per
+student frame). The feature and encoder teachers also take `frames=(low, high)`: the student frames
+[low, high) only (a rank's window under context parallelism, context_parallel.py), and only those are
+decoded (a causal prefix, vae.py) and encoded. Adding a teacher is one class with that method and its
+test.
 """
 
 from __future__ import annotations
@@ -39,15 +40,14 @@ class FeatureTeacher:
     def tokens(self, inputs: CallInputs, captured, grid: TokenGrid, device: torch.device,
                frames: tuple[int, int] | None = None) -> torch.Tensor:
         features = inputs.teacher_features
-        window = frames
-        batch, frames, tokens, dim = features.shape
+        batch, given, tokens, dim = features.shape
         if dim != self.width:
             raise ValueError(f"teacher_features have width {dim} but the projector maps to the encoder width "
                              f"{self.width}")
-        if frames < grid.frames:
-            raise ValueError(f"teacher_features have {frames} frames but the student has {grid.frames}")
-        picks = select_frames(frames, grid.frames)[slice(*window) if window else slice(None)]
-        if picks != list(range(frames)):
+        if given < grid.frames:
+            raise ValueError(f"teacher_features have {given} frames but the student has {grid.frames}")
+        picks = select_frames(given, grid.frames)[slice(*frames) if frames else slice(None)]
+        if picks != list(range(given)):
             features = features[:, picks]
         if self.cls_tokens:
             if tokens != 1:
