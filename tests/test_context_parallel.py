@@ -1,7 +1,8 @@
 """CREPA / REPA under context (sequence) parallelism through the explicit layout API
 (`CrepaRegularizer.set_context_parallel(group, shard=(start, stop))`), against the single-process run.
 
-One spawn per world size (2 and 3 gloo processes) runs all its cases (tests/workers/context_parallel_worker.py):
+One spawn per world size (2 and 3 gloo processes) runs all its cases (tests/workers/context_parallel_worker.py;
+the 2-process spawn also runs diffusers' own Ulysses context parallelism):
 whole-frame shards, frames split between ranks, shards smaller than a frame, uneven shards, with a halo of
 one and of two neighbour frames, and every teacher input: teacher_features on the student grid, coarser
 (the student resampled: a split frame is gathered by its first rank, with gradient) and finer (the
@@ -58,18 +59,36 @@ def mismatches(ranks: list[list[dict]], truth: list[dict], world_size: int, case
     return bad
 
 
-@pytest.mark.slow
-@needs_gloo
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_sharded_sequence_matches_the_single_process_run(world_size, tmp_path):
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """spawned(world_size) -> per rank the worker's results: one spawn per world size, run once."""
+    done = {}
+
+    def results(world_size: int) -> list[dict]:
+        if world_size not in done:
+            folder = tmp_path_factory.mktemp(f"context{world_size}")
+            mp.spawn(worker.run, args=(world_size, str(folder / "rendezvous"), str(folder)), nprocs=world_size,
+                     join=True)
+            done[world_size] = [torch.load(folder / f"rank{r}.pt") for r in range(world_size)]
+        return done[world_size]
+    return results
+
+
+def single_process(cases) -> list[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        truth = worker.single_process_run(world_size)
+        return [worker.run_case(config, None, teacher=teacher) for config, teacher, *_ in cases]
     finally:
         torch.set_num_threads(threads)
-    mp.spawn(worker.run, args=(world_size, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=world_size, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+
+
+@pytest.mark.slow
+@needs_gloo
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_sequence_matches_the_single_process_run(world_size, spawned):
+    truth = single_process(worker.CASES[world_size])
+    ranks = [r["explicit"] for r in spawned(world_size)]
     assert not mismatches(ranks, truth, world_size)
     assert all("crepa_alignment_score_ema" in r["next_logs"] for r in truth)   # premise: the EMA is compared
     # premise: every rank's own share of the hidden-state gradient is non-zero (each shard takes part)
@@ -112,18 +131,13 @@ def window_overruns(ranks: list[list[dict]], truth: list[dict], world_size: int)
 
 @pytest.mark.slow
 @needs_gloo
-def test_diffusers_enable_parallelism_is_detected(tmp_path):
+def test_diffusers_enable_parallelism_is_detected(spawned):
     """Ulysses over 2 ranks (even shards: the only diffusers layout that runs on CPU / gloo), with teacher
-    features on the student grid and with latents whose teacher grid is coarser (the student resampled)."""
+    features on the student grid and with latents whose teacher grid is coarser (the student resampled);
+    run in the 2-process spawn, after its explicit-layout cases."""
     pytest.importorskip("diffusers").ContextParallelConfig   # noqa: B018
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        truth = [worker.run_case(config, None, teacher=teacher) for config, teacher in worker.DIFFUSERS_CASES]
-    finally:
-        torch.set_num_threads(threads)
-    mp.spawn(worker.run_diffusers, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    truth = single_process(worker.DIFFUSERS_CASES)
+    ranks = [r["diffusers"] for r in spawned(2)]
     assert [[case["captured_grad"].shape[1] for case in r] for r in ranks] == [[12, 12], [12, 12]]   # shards
     cases = [(config, teacher, "diffusers Ulysses 2") for config, teacher in worker.DIFFUSERS_CASES]
     assert not mismatches(ranks, truth, 2, cases=cases)

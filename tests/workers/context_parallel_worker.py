@@ -172,23 +172,28 @@ def single_process_run(world_size: int) -> list[dict]:
     return [run_case(config, None, teacher=teacher) for config, teacher, _ in CASES[world_size]]
 
 
+DIFFUSERS_CASES = [("cumulative", "features"),   # equal grids
+                   ("adjacent", "latents")]      # the Wan 480p + DINOv2 518 px situation: the student resampled
+
+
 def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """All cases of one world size in one spawn: the explicit layouts (CASES), then, with 2 ranks,
+    diffusers' own context parallelism (DIFFUSERS_CASES). Saves {"explicit": [...], "diffusers": [...]}."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         group = dist.new_group(list(range(world_size)))
-        results = [run_case(config, shards[rank], group, teacher) for config, teacher, shards in CASES[world_size]]
+        results = {"explicit": [run_case(config, shards[rank], group, teacher)
+                                for config, teacher, shards in CASES[world_size]],
+                   "diffusers": [run_diffusers_case(config, teacher, world_size)
+                                 for config, teacher in (DIFFUSERS_CASES if world_size == 2 else [])]}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-DIFFUSERS_CASES = [("cumulative", "features"),   # equal grids
-                   ("adjacent", "latents")]      # the Wan 480p + DINOv2 518 px situation: the student resampled
-
-
-def run_diffusers(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+def run_diffusers_case(config: str, teacher: str, world_size: int) -> dict:
     """diffusers' own context parallelism (Ulysses over all ranks) on the tiny Wan: the regularizer finds
     the layout itself. CPU-only torch has no accelerator, so `enable_parallelism` gets a device count of 1
     (it computes rank % device_count)."""
@@ -196,28 +201,19 @@ def run_diffusers(rank: int, world_size: int, init_file: str, out_dir: str) -> N
 
     from diffusers import ContextParallelConfig
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        results = []
-        for config, teacher in DIFFUSERS_CASES:
-            torch.manual_seed(0)
-            model = tm.tiny_wan().train()
-            kept = {}
+    torch.manual_seed(0)
+    model = tm.tiny_wan().train()
+    kept = {}
 
-            def keep(block, args, output):
-                output.retain_grad()
-                kept["captured"] = output
+    def keep(block, args, output):
+        output.retain_grad()
+        kept["captured"] = output
 
-            model.blocks[BLOCK].register_forward_hook(keep)
-            with mock.patch("torch.accelerator.device_count", return_value=1):
-                model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world_size))
-            reg = CrepaRegularizer.from_config(
-                {**BASE, **CONFIGS[config], **TEACHERS[teacher]}, transformer=model, impl="reference",
-                encoder=tm.tiny_dinov2(patch_size=8 if teacher == "latents" else 4),
-                vae=tm.tiny_wan_vae() if teacher == "latents" else None)
-            results.append(two_calls(model, reg, kept, teacher))
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    model.blocks[BLOCK].register_forward_hook(keep)
+    with mock.patch("torch.accelerator.device_count", return_value=1):
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world_size))
+    reg = CrepaRegularizer.from_config(
+        {**BASE, **CONFIGS[config], **TEACHERS[teacher]}, transformer=model, impl="reference",
+        encoder=tm.tiny_dinov2(patch_size=8 if teacher == "latents" else 4),
+        vae=tm.tiny_wan_vae() if teacher == "latents" else None)
+    return two_calls(model, reg, kept, teacher)
