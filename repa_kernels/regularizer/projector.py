@@ -2,9 +2,12 @@
 
 Its home is the regularizer, not the model: `reg.parameters()` go to the optimizer and `reg.state_dict()`
 saves it (with the schedule state). Its gradients are averaged across data-parallel ranks by the projector
-itself (a hook on each parameter's gradient, one all_reduce each), as DDP averages the model's: nothing to
-wrap, whatever wraps the model (DDP, FSDP2 with a bf16 model, DeepSpeed), and wrapping it anyway only
-averages equal values again. Under gradient accumulation each micro-batch's share is averaged as it
+itself (each parameter passes through an identity whose backward all_reduces its gradient, one all_reduce
+each), as DDP averages the model's: nothing to wrap, whatever wraps the model (DDP, FSDP2 with a bf16
+model, DeepSpeed), and wrapping it anyway only averages equal values again. The identity is applied in
+the forward to the parameter the forward uses, not hooked on the parameter at construction: FSDP2's
+`fully_shard(reg)` replaces the parameters (measured before this: its hooks never fired, so under context
+parallelism the gradient lacked the context-size factor and came out at 1/P). Under gradient accumulation each micro-batch's share is averaged as it
 arrives (a mean is linear, so the accumulated gradient is the same; a few MB per micro-batch). Nothing is
 added to the model, so the model's state dict, `save_pretrained`,
 `from_pretrained` + strict `load_state_dict` (diffusers' resume hooks) and PEFT LoRA exports (which
@@ -22,23 +25,30 @@ from __future__ import annotations
 from typing import Mapping
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .ranks import mean_across_ranks
 
+class _SynchronisedGradient(torch.autograd.Function):
+    """Identity on a parameter in the forward; in the backward, the gradient's mean over all ranks times
+    `factor` (the context-group size; 1 without context parallelism). Applied to the parameter the forward
+    actually uses, so it holds whatever a wrapper put there: FSDP2's `fully_shard` swaps in new (unsharded)
+    parameters, which hooks registered on the originals at construction would never see."""
+
+    @staticmethod
+    def forward(ctx, parameter: torch.Tensor, factor: int) -> torch.Tensor:
+        ctx.factor = factor
+        return parameter.view_as(parameter)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = mean_across_ranks(grad)
+        return (grad if ctx.factor == 1 else grad * ctx.factor), None
+
+
 # SimpleTuner's nn.Sequential(LayerNorm, Linear) keys -> ours
-
-
-class _GradientScale:
-    """A gradient hook multiplying by `factor` (the context-group size; 1 leaves the gradient as it is).
-    A class, not a closure, so that deep copies and pickles of the projector keep working."""
-
-    def __init__(self) -> None:
-        self.factor = 1
-
-    def __call__(self, grad: torch.Tensor) -> torch.Tensor | None:
-        return None if self.factor == 1 else grad * self.factor
 _SEQUENTIAL_LAYOUT = {"0.": "norm.", "1.": "linear."}
 
 
@@ -52,16 +62,22 @@ class _Float32Projector(nn.Module):
         self.out_features = out_features
 
     def _finish_init(self) -> None:
-        self._gradient_scale = _GradientScale()
-        for parameter in self.parameters():
-            parameter.register_hook(mean_across_ranks)   # before accumulation into .grad
-            parameter.register_hook(self._gradient_scale)
+        self._context_ranks = 1
 
     def set_context_ranks(self, ranks: int) -> None:
         """Under context parallelism each of the `ranks` ranks of a context group holds a partial gradient
         (its tokens' share): the right gradient is their sum averaged over the data ranks, which is the
         mean over all ranks times `ranks` (world = data x context). 1 turns it off."""
-        self._gradient_scale.factor = int(ranks)
+        self._context_ranks = int(ranks)
+
+    def _synchronised(self, *parameters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The parameters as this forward uses them, each gradient averaged across ranks (and scaled under
+        context parallelism) before it accumulates; as they are when there is nothing to do (one process,
+        no gradient)."""
+        alone = not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+        if not torch.is_grad_enabled() or (alone and self._context_ranks == 1):
+            return parameters
+        return tuple(_SynchronisedGradient.apply(p, self._context_ranks) if p.requires_grad else p for p in parameters)
 
     def _apply(self, fn, recurse=True):
         # `fn` is what .to() / .half() / .cuda() apply to every tensor: try it on an empty float32 probe
@@ -98,9 +114,10 @@ class AlignmentProjector(_Float32Projector):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_width(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = F.layer_norm(x.float(), (self.in_features,), self.norm.weight.float(), self.norm.bias.float(),
-                             self.norm.eps)
-            return F.linear(x, self.linear.weight.float(), self.linear.bias.float())
+            norm_weight, norm_bias, weight, bias = (p.float() for p in self._synchronised(
+                self.norm.weight, self.norm.bias, self.linear.weight, self.linear.bias))
+            x = F.layer_norm(x.float(), (self.in_features,), norm_weight, norm_bias, self.norm.eps)
+            return F.linear(x, weight, bias)
 
 
 class ConvAlignmentProjector(_Float32Projector):
@@ -127,7 +144,8 @@ class ConvAlignmentProjector(_Float32Projector):
         b, t, h, w, c = x.shape
         with torch.autocast(device_type=x.device.type, enabled=False):
             frames = x.float().reshape(b * t, h, w, c).permute(0, 3, 1, 2)
-            out = F.conv2d(frames, self.conv.weight.float(), self.conv.bias.float(), padding=self.kernel_size // 2)
+            weight, bias = (p.float() for p in self._synchronised(self.conv.weight, self.conv.bias))
+            out = F.conv2d(frames, weight, bias, padding=self.kernel_size // 2)
         return out.permute(0, 2, 3, 1).reshape(b, t, h, w, self.out_features)
 
     def extra_repr(self) -> str:
