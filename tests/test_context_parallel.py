@@ -10,7 +10,7 @@ teacher resampled), latents through a tiny Wan VAE, pixels, and a backbone block
 student. On every rank the loss value and the logs (alignment score, self similarity,
 EMA) equal the single-process ones, the gradients of the ranks' shards of the captured hidden states put
 together equal the single-process gradient of the whole sequence, and the projector's gradient (summed
-over the context group by the projector's own hook) equals the single-process one. Compared in float64 at
+over the context group by the projector's own gradient averaging) equals the single-process one. Compared in float64 at
 float32 rounding tolerance (the loss itself computes in float32, the projector's dtype).
 
 The refusals run in one process (a group of one rank is a valid context group).
