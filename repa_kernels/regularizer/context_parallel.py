@@ -30,10 +30,15 @@ Communication per step, for a context group of P ranks (B samples, D the teacher
   gradient all_reduce over the world, scaled by P (each context rank holds a partial gradient, summed
   over the context group and averaged over the data ranks: world mean x P).
 
-Refused under context parallelism (each with an error naming the key or argument): the pooled and CLS
-modes (crepa_spatial_align false, crepa_encoder_tokens cls: they pool whole frames of student tokens),
-iREPA's convolutional projector (irepa_enabled), U-REPA, and families whose block output is not the
-video tokens alone (text or reference tokens in the sequence, Kandinsky5's local-window order).
+The pooled and CLS modes (crepa_spatial_align false, crepa_encoder_tokens cls) compare one vector per
+frame: the frame means of the student tokens are summed over the context group (B x T x D floats, with
+gradient, identity backward), and each teacher frame is computed by the rank holding its first token and
+shared the same way (sharded_loss.py); every rank then computes the whole, small loss.
+
+Refused under context parallelism (each with an error naming the key or argument): iREPA's
+convolutional projector (irepa_enabled: its k x k convolution mixes rows across shard boundaries),
+U-REPA, and families whose block output is not the video tokens alone (text or reference tokens in the
+sequence, Kandinsky5's local-window order).
 """
 
 from __future__ import annotations

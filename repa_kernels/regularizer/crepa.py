@@ -19,14 +19,14 @@ from torch import nn
 
 from ..functional import crepa_loss_with_options
 from .base import AlignmentRegularizerBase, model_list
-from .context_parallel import check_family, diffusers_context, equal_chunks, make_shard, teacher_window
+from .context_parallel import check_family, diffusers_context, equal_chunks, loss_frames, make_shard, teacher_window
 from .config import CrepaConfig
 from .families import detect_family, unwrap_model
 from .grids import align_tokens
 from .schedule import CoefficientSchedule
-from .sharded_loss import sharded_crepa_loss
+from .sharded_loss import frame_sums, pooled_student, share_frames, sharded_crepa_loss
 from .teacher import BackboneTeacher, EncoderTeacher
-from .token_exchange import exchange_tokens
+from .token_exchange import all_reduce_sum, exchange_tokens
 from .vae import Denormalize
 
 PROJECTOR_NAME = "crepa_projector"   # its key prefix in older checkpoints (on the model), ours and SimpleTuner's
@@ -138,16 +138,10 @@ class CrepaRegularizer(AlignmentRegularizerBase):
         self.projector.set_context_ranks(ranks)
 
     def _check_context_supported(self) -> None:
-        refused = []
-        if self.alignment != "spatial":
-            refused.append("crepa_spatial_align: false (pooled mode)" if self.alignment == "pooled"
-                           else "crepa_encoder_tokens: 'cls'")
         if self.config.irepa_enabled:
-            refused.append("irepa_enabled (iREPA's convolutional projector)")
-        if refused:
-            raise ValueError(f"context parallelism supports patch-wise CREPA / REPA (crepa_spatial_align true, patch "
-                             f"teacher tokens); this regularizer uses {', '.join(refused)}, which pools or convolves "
-                             "whole frames of student tokens and is not supported under context parallelism")
+            raise ValueError("irepa_enabled (iREPA's convolutional projector) is not supported under context "
+                             "parallelism: its k x k convolution mixes neighbouring student rows across shard "
+                             "boundaries; turn irepa_enabled off or run without context parallelism")
         check_family(self.family)
 
     def _context_tokens(self, tokens: torch.Tensor, grid, what: str = "captured hidden states") -> torch.Tensor:
@@ -163,9 +157,13 @@ class CrepaRegularizer(AlignmentRegularizerBase):
 
     def _context_student_teacher(self, inputs, captured, grid, device):
         """Under context parallelism: this rank's projected shard (B, stop - start, D), the teacher tokens of
-        its window of student frames [low, high) (B, high - low, h, w, D) and low (context_parallel.py)."""
+        its window of student frames [low, high) (B, high - low, h, w, D) and low (context_parallel.py); in
+        the pooled and CLS modes the whole sequence's student and teacher frame vectors (B, T, 1, 1, D),
+        the same on every rank, and None."""
         context = self._context
         z = self.projector(self._context_tokens(captured.student, grid))
+        if self.alignment != "spatial":   # pooled / CLS: one vector per frame, the whole (B, T) on every rank
+            return pooled_student(z, grid, context), self._context_frame_vectors(inputs, captured, grid, device), None
         low, high = teacher_window((context.start, context.stop), grid, self.options)
         if isinstance(self._teacher, BackboneTeacher):   # the teacher block is sharded as the student's
             per_frame = grid.height * grid.width
@@ -177,7 +175,25 @@ class CrepaRegularizer(AlignmentRegularizerBase):
             y = self._teacher.tokens(inputs, captured, grid, device, frames=(low, high))
         return z, y, low
 
-    def _context_loss(self, z: torch.Tensor, y: torch.Tensor, low: int, grid):
+    def _context_frame_vectors(self, inputs, captured, grid, device) -> torch.Tensor:
+        """Pooled / CLS modes: every frame's teacher vector (B, T, 1, 1, D) on every rank. A backbone block's
+        frame means come from each rank's sums; an encoder's frames are each computed whole by the rank
+        holding the frame's first token (sharded_loss.share_frames)."""
+        context = self._context
+        per_frame = grid.height * grid.width
+        if isinstance(self._teacher, BackboneTeacher):
+            local = self._context_tokens(captured.teacher, grid, "teacher block hidden states").detach().float()
+            return (all_reduce_sum(frame_sums(local, grid, context), context.group) / per_frame)[:, :, None, None, :]
+        first, last = loss_frames((context.start, context.stop), per_frame, student_resampled=True)
+        if first < last:
+            vectors = self._teacher.tokens(inputs, captured, grid, device, frames=(first, last)).flatten(2, 3).mean(2)
+        else:   # a shard inside one frame: the frame is another rank's
+            vectors = torch.zeros(captured.student.shape[0], 0, self._teacher.width, device=device)
+        return share_frames(vectors, first, grid.frames, context.group)
+
+    def _context_loss(self, z: torch.Tensor, y: torch.Tensor, low: int | None, grid):
+        if low is None:   # pooled / CLS: the whole sequence's frame vectors, on every rank
+            return self._loss(z, y)
         loss, score, similarity_self = sharded_crepa_loss(z, y.to(z.dtype), low, grid, self._context, self.options)
         logs = {"crepa_alignment_score": score.float(), "crepa_similarity_self": similarity_self.float(),
                 "crepa_similarity": score.float()}

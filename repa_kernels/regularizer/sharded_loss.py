@@ -21,17 +21,26 @@ alignment score and the self similarity of the whole sequence on every rank.
 
 The loss returned is the local share with gradient plus the rest as a constant: its value is the global
 loss, and the gradient reaching each rank's tokens is the single-process gradient of those tokens.
+
+The pooled and CLS modes (crepa_spatial_align false, crepa_encoder_tokens cls) compare one vector per
+frame, the mean of the frame's student tokens: each rank sums its own tokens per frame, and one
+all_reduce (B x T x D floats) gives every rank the frame means (`pooled_student`), with gradient; every
+rank then computes the same, whole loss on (B, T) vectors, so the backward of that all_reduce is the
+identity. The teacher's vector of each frame is computed by the rank holding the frame's first token
+(the whole frame: its pooled or CLS token) and shared by one all_reduce without gradient
+(`share_frames`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..options import CrepaOptions
 from ..reference import safe_normalize
 from .context_parallel import ContextShard, loss_frames
 from .grids import TokenGrid, resample_grid
-from .token_exchange import all_reduce_sum, exchange_tokens
+from .token_exchange import all_reduce_sum, exchange_tokens, sum_over_group
 
 
 def sharded_crepa_loss(z: torch.Tensor, y: torch.Tensor, low: int, grid: TokenGrid, shard: ContextShard,
@@ -69,3 +78,27 @@ def sharded_crepa_loss(z: torch.Tensor, y: torch.Tensor, low: int, grid: TokenGr
     local_loss = -local_total / divisor
     loss = local_loss + (-sums[0] / divisor - local_loss.detach().double()).to(local_loss.dtype)
     return loss, (sums[0] / (batch * grid.frames)).to(z.dtype), (sums[1] / (batch * grid.frames)).to(z.dtype)
+
+
+def frame_sums(tokens: torch.Tensor, grid: TokenGrid, shard: ContextShard) -> torch.Tensor:
+    """tokens: this rank's (B, stop - start, D) -> (B, T, D): the sum of its tokens in each frame (zero for
+    the frames it does not touch), differentiable."""
+    per_frame = grid.height * grid.width
+    first, last = loss_frames((shard.start, shard.stop), per_frame, student_resampled=False)
+    padded = F.pad(tokens, (0, 0, shard.start - first * per_frame, last * per_frame - shard.stop))
+    sums = padded.reshape(tokens.shape[0], last - first, per_frame, tokens.shape[2]).sum(dim=2)
+    return F.pad(sums, (0, 0, first, grid.frames - last))
+
+
+def pooled_student(z: torch.Tensor, grid: TokenGrid, shard: ContextShard) -> torch.Tensor:
+    """z: this rank's projected tokens (B, stop - start, D) -> every frame's mean token (B, T, 1, 1, D), the
+    same on every rank of the context group; its gradient reaches this rank's tokens (see the docstring)."""
+    means = sum_over_group(frame_sums(z, grid, shard), shard.group) / (grid.height * grid.width)
+    return means[:, :, None, None, :]
+
+
+def share_frames(vectors: torch.Tensor, first: int, frames: int, group) -> torch.Tensor:
+    """vectors: (B, n, D) of frames [first, first + n) computed by this rank (the frames whose first token
+    it holds) -> (B, T, 1, 1, D) of every frame on every rank (one all_reduce, no gradient)."""
+    placed = F.pad(vectors.detach(), (0, 0, first, frames - first - vectors.shape[1]))
+    return all_reduce_sum(placed, group)[:, :, None, None, :]

@@ -94,3 +94,23 @@ def exchange_tokens(local: torch.Tensor, shard, wants: Sequence[tuple[int, int]]
     if differentiable and local.requires_grad:
         return _Exchange.apply(local, shard, tuple(wants))
     return _collect(local.detach(), shard.shards, tuple(wants), shard)
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """all_reduce(SUM) whose backward is the identity: right when every rank of the group computes the
+    same function of the sum (the pooled modes' loss), so d loss / d (this rank's part) = d loss / d sum,
+    already on every rank; nothing moves in the backward."""
+
+    @staticmethod
+    def forward(ctx, part: torch.Tensor, group) -> torch.Tensor:
+        return all_reduce_sum(part, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def sum_over_group(part: torch.Tensor, group) -> torch.Tensor:
+    """The sum of every rank's `part` on every rank; differentiable when the loss built from it is the
+    same on every rank of `group` (see _SumOverGroup)."""
+    return _SumOverGroup.apply(part, group) if part.requires_grad else all_reduce_sum(part, group)

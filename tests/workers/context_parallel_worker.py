@@ -49,8 +49,12 @@ TEACHERS = {
     "cached pixels": {},               # pixels through a float32 feature cache filled beforehand: windows of hits
     "uncached pixels": {},             # pixels through an empty feature cache: the window computed, not stored
     "backbone": {"crepa_use_backbone_features": True, "crepa_teacher_block_index": TEACHER_BLOCK},
+    "pooled features": {"crepa_spatial_align": False},   # one mean vector per frame on each side
+    "pooled backbone": {"crepa_spatial_align": False, "crepa_use_backbone_features": True,
+                        "crepa_teacher_block_index": TEACHER_BLOCK},
+    "cls pixels": {"crepa_encoder_tokens": "cls"},         # the student's mean token against DINOv2's CLS
 }
-FEATURE_TOKENS = {"features": ROWS * COLUMNS, "coarse features": 2, "fine features": 24}
+FEATURE_TOKENS = {"features": ROWS * COLUMNS, "coarse features": 2, "fine features": 24, "pooled features": 2}
 # (config, teacher, shards of the context group in group-rank order), per world size
 CASES = {
     2: [("cumulative", "features", [(0, 12), (12, 24)]),          # whole frames
@@ -62,13 +66,18 @@ CASES = {
         ("cumulative", "pixels", [(0, 12), (12, 24)]),
         ("adjacent", "cached pixels", [(0, 12), (12, 24)]),
         ("adjacent", "uncached pixels", [(0, 12), (12, 24)]),
-        ("cumulative", "backbone", [(0, 9), (9, 24)])],
+        ("cumulative", "backbone", [(0, 9), (9, 24)]),
+        ("cumulative", "pooled features", [(0, 9), (9, 24)]),
+        ("adjacent", "cls pixels", [(0, 12), (12, 24)])],
     3: [("cumulative", "features", [(0, 6), (6, 18), (18, 24)]),  # whole frames, uneven
         ("cumulative", "features", [(0, 2), (2, 5), (5, 24)]),    # shards smaller than a frame
         ("adjacent", "features", [(0, 11), (11, 13), (13, 24)]),  # uneven, boundaries inside frames
         ("cumulative", "coarse features", [(0, 2), (2, 5), (5, 24)]),   # rank 1 resamples no frame of its own
         ("adjacent", "latents", [(0, 11), (11, 13), (13, 24)]),
-        ("adjacent", "backbone", [(0, 2), (2, 5), (5, 24)])],
+        ("adjacent", "backbone", [(0, 2), (2, 5), (5, 24)]),
+        ("cumulative", "pooled features", [(0, 2), (2, 5), (5, 24)]),   # rank 1 computes no teacher frame
+        ("adjacent", "pooled backbone", [(0, 11), (11, 13), (13, 24)]),
+        ("cumulative", "cls pixels", [(0, 2), (2, 5), (5, 24)])],
 }
 PIXEL_FRAMES = 2 * (FRAMES - 1) + 1              # what the tiny Wan VAE (temporal ratio 2) decodes
 
@@ -88,7 +97,7 @@ def teacher_input(teacher: str, latents: torch.Tensor) -> dict:
         return {"teacher_features": torch.randn(BATCH, FRAMES, FEATURE_TOKENS[teacher], 16, generator=g)}
     if teacher.endswith("pixels"):
         pixels = {"pixels": torch.rand(BATCH, PIXEL_FRAMES, 3, 16, 24, generator=g)}
-        return pixels if teacher == "pixels" else {**pixels, "cache_keys": [f"clip-{i}" for i in range(BATCH)]}
+        return {**pixels, "cache_keys": [f"clip-{i}" for i in range(BATCH)]} if "cached" in teacher else pixels
     return {"latents": latents} if teacher == "latents" else {}
 
 
@@ -139,7 +148,7 @@ def run_case(config: str, shard: tuple[int, int] | None, group=None, teacher: st
 
     handles = [model.blocks[BLOCK].register_forward_hook(cut),
                model.blocks[BLOCK + 1].register_forward_pre_hook(restore, with_kwargs=True)]
-    if teacher == "backbone":
+    if teacher.endswith("backbone"):
         handles += [model.blocks[TEACHER_BLOCK].register_forward_hook(cut_teacher),
                     model.norm_out.register_forward_pre_hook(restore_teacher)]
     cached = teacher in ("cached pixels", "uncached pixels")
