@@ -64,11 +64,14 @@ def _collect(held: torch.Tensor, held_ranges: Sequence[tuple[int, int]], wanted_
             placed.append((taken, buffer))
         given = overlap(mine, wanted_ranges[peer])
         if given:
-            requests.append(dist.isend(held[:, given[0] - lo:given[1] - lo].contiguous(), dst=global_peer))
+            payload = held[:, given[0] - lo:given[1] - lo].contiguous()
+            placed.append((None, payload))   # held until the send completes
+            requests.append(dist.isend(payload, dst=global_peer))
     for request in requests:
         request.wait()
-    for (start, stop), buffer in placed:
-        out[:, start - first:stop - first] += buffer
+    for taken, buffer in placed:
+        if taken is not None:
+            out[:, taken[0] - first:taken[1] - first] += buffer
     return out
 
 
