@@ -5,16 +5,30 @@ Four gloo ranks on a DeviceMesh ("dp", "ring", "ulysses") of shape (2, 1, 2): tw
 custom mesh given to `ContextParallelConfig(mesh=...)`) on the tiny Wan. Each data group trains on its own
 batch (its own seed); both context ranks of a group see that batch, as diffusers' context parallelism
 requires (every rank passes the full inputs, the model's `_cp_plan` shards the sequence at the first block).
-The regularizer is wrapped in DDP over the world, as `accelerator.prepare(reg)` does, and its projector
-trains by SGD for STEPS steps at successive `step` values, under a recoverable similarity cutoff. The
-transformer is wrapped in DDP over the world too, and the loss backpropagated is a trainer's: a diffusion
-loss on the gathered prediction plus the regularizer's (DDP needs a gradient for every parameter, which the
-regularizer's loss alone, reaching blocks 0..BLOCK only, does not give; with it, DDP runs under diffusers'
-context parallelism on gloo). The transformer is not stepped: under diffusers' context parallelism each
-rank's parameter gradients are partial and must be summed over the context group, which DDP's world mean
-does not do, so the transformer's update is the trainer's matter (its own reduction, or FSDP over the
-mesh), not this package's; kept fixed, it leaves the truth below exact. Per step every rank saves the
-logs, the length of its captured shard and the projector's weights after the update.
+The same four processes run two phases one after the other (PHASES), each on fresh models (seeded, so
+both start from the truth's weights) and a fresh schedule, the projector trained by SGD for STEPS steps at
+successive `step` values under a recoverable similarity cutoff:
+
+- "ddp": the regularizer is wrapped in DDP over the world, as `accelerator.prepare(reg)` does, and so is
+  the transformer. The loss backpropagated is a trainer's: a diffusion loss on the gathered prediction plus
+  the regularizer's (DDP needs a gradient for every parameter, which the regularizer's loss alone, reaching
+  blocks 0..BLOCK only, does not give; with it, DDP runs under diffusers' context parallelism on gloo).
+- "fsdp2": `fully_shard(reg)` over the world instead, so the projector's parameters become sharded DTensors
+  (their weights are read back with `.full_tensor()`), and the transformer with `fully_shard` too (each
+  block, then the root, over the same world mesh), as an FSDP2 trainer shards a DiT. FSDP2 replaces the
+  projector's parameters (sharded DTensors between steps, all-gathered tensors in the forward), which the
+  projector's gradient averaging must follow (it is applied in its forward to the parameters the forward
+  uses; hooks on the original parameters never fired, and the gradient came out at 1/CONTEXT_RANKS of the
+  truth). Sharding the transformer as well checks that the capture hook on a sharded block (FSDP2 swaps
+  its class and all-gathers its parameters) still captures under diffusers' Ulysses hooks, which it does
+  on gloo. The loss is the same as in "ddp", so the two phases differ in the wrapping only.
+
+The transformer is not stepped in either phase: under diffusers' context parallelism each rank's parameter
+gradients are partial and must be summed over the context group, which the world mean of DDP and of FSDP2's
+reduce-scatter does not do (it comes out at 1/CONTEXT_RANKS), so the transformer's update is the trainer's
+matter (its own reduction), not this package's; kept fixed, it leaves the truth below exact. Per step every
+rank saves the logs, the length of its captured shard, whether the projector's parameters are DTensors and
+the projector's weights after the update.
 
 `single_process_run` is the truth without torch.distributed: both batches run unsharded through a plain
 regularizer (constant λ), and the schedule is applied by hand as docs/contract.md §4 states it: the
@@ -41,6 +55,7 @@ from workers.context_parallel_worker import BASE, BATCH, BLOCK, COLUMNS, CONFIGS
 DATA_GROUPS, CONTEXT_RANKS = 2, 2
 SEEDS = (11, 12)          # one batch per data group; they give different alignment scores
 STEPS = 4
+PHASES = ("ddp", "fsdp2")   # how the trainer wraps the transformer and the regularizer, one after the other
 LR = 5.0                  # plain SGD (linear in the gradient); the score rises from about -0.02 to 0.15
 EMA_DECAY = 0.5
 CONFIG = {**BASE, **CONFIGS["cumulative"], "crepa_similarity_ema_decay": EMA_DECAY,
@@ -69,7 +84,11 @@ def build(threshold: float | None):
 
 
 def projector_weights(reg) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in reg.projector.named_parameters()}
+    """The projector's whole weights: under FSDP2 its parameters are sharded DTensors, gathered by
+    `.full_tensor()` (an all_gather, so every rank calls it at the same point)."""
+    from torch.distributed.tensor import DTensor
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for name, p in reg.projector.named_parameters()}
 
 
 def single_process_run(threshold: float | None) -> list[dict]:
@@ -106,13 +125,51 @@ def single_process_run(threshold: float | None) -> list[dict]:
     return records
 
 
-def run(rank: int, world_size: int, init_file: str, out_dir: str, threshold: float) -> None:
-    """One rank of the 2 x 2 mesh: saves [per step: logs, captured shard length, projector weights]."""
+def wrap(phase: str, model, reg, world_mesh):
+    """The transformer and the regularizer wrapped as a trainer of `phase` does, over the world."""
+    if phase == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model), DistributedDataParallel(reg)
+    from torch.distributed.fsdp import fully_shard
+    for block in model.blocks:   # each block its own unit, then the root, as FSDP2 trainers shard a DiT
+        fully_shard(block, mesh=world_mesh)
+    return fully_shard(model, mesh=world_mesh), fully_shard(reg, mesh=world_mesh)
+
+
+def train(phase: str, mesh, world_mesh, threshold: float) -> list[dict]:
+    """One phase on fresh models: STEPS steps, per step the logs, captured shard length, projector weights."""
     from unittest import mock
 
     from diffusers import ContextParallelConfig
+    from torch.distributed.tensor import DTensor
+
+    model, reg = build(threshold)
+    kept = {}
+    model.blocks[BLOCK].register_forward_hook(lambda block, args, output: kept.update(tokens=output.shape[1]))
+    # CPU-only torch has no accelerator: enable_parallelism computes rank % device_count
+    with mock.patch("torch.accelerator.device_count", return_value=1):
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=CONTEXT_RANKS, mesh=mesh))
+    runner, wrapped = wrap(phase, model, reg, world_mesh)
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=LR)     # the projector only
+    latents, text, features = batch(mesh["dp"].get_local_rank())
+    records = []
+    for step in range(STEPS):
+        prediction = runner(latents, torch.full((BATCH,), 500.0), text, return_dict=False)[0]
+        loss, logs = wrapped(teacher_features=features, step=step)
+        (prediction.square().mean() + loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        records.append({"logs": {k: v.detach().clone() for k, v in logs.items()}, "tokens": kept["tokens"],
+                        "sharded": all(isinstance(p, DTensor) for p in reg.projector.parameters()),
+                        "weights": projector_weights(reg)})
+    reg.detach()
+    return records
+
+
+def run(rank: int, world_size: int, init_file: str, out_dir: str, threshold: float) -> None:
+    """One rank of the 2 x 2 mesh: saves {phase: [per step: logs, captured shard length, projector weights]}."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
     # a finite timeout: ranks that disagree on a collective fail the test instead of hanging it
@@ -120,28 +177,9 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, threshold: flo
                             timeout=datetime.timedelta(seconds=60))
     try:
         mesh = init_device_mesh("cpu", (DATA_GROUPS, 1, CONTEXT_RANKS), mesh_dim_names=("dp", "ring", "ulysses"))
-        group = mesh["dp"].get_local_rank()
-        model, reg = build(threshold)
-        kept = {}
-        model.blocks[BLOCK].register_forward_hook(lambda block, args, output: kept.update(tokens=output.shape[1]))
-        # CPU-only torch has no accelerator: enable_parallelism computes rank % device_count
-        with mock.patch("torch.accelerator.device_count", return_value=1):
-            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=CONTEXT_RANKS, mesh=mesh))
-        runner = DistributedDataParallel(model)
-        wrapped = DistributedDataParallel(reg)
-        optimizer = torch.optim.SGD(wrapped.parameters(), lr=LR)     # the projector only
-        latents, text, features = batch(group)
-        records = []
-        for step in range(STEPS):
-            prediction = runner(latents, torch.full((BATCH,), 500.0), text, return_dict=False)[0]
-            loss, logs = wrapped(teacher_features=features, step=step)
-            (prediction.square().mean() + loss).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            model.zero_grad(set_to_none=True)
-            records.append({"logs": {k: v.detach().clone() for k, v in logs.items()}, "tokens": kept["tokens"],
-                            "weights": projector_weights(reg)})
-        torch.save({"group": group, "records": records}, os.path.join(out_dir, f"rank{rank}.pt"))
+        world_mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("world",))
+        phases = {phase: train(phase, mesh, world_mesh, threshold) for phase in PHASES}
+        torch.save({"group": mesh["dp"].get_local_rank(), "phases": phases}, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
