@@ -9,6 +9,9 @@ projector, schedule state, hooks' lifetime, and the call itself, which reads top
     y        = teacher.tokens(inputs, captured, grid, device)  # EncoderTeacher | FeatureTeacher | BackboneTeacher
     loss     = self._loss(z, y)                                 # CREPA or U-REPA: align, then the kernel
 
+Under context parallelism (the captured block output is one rank's shard of the sequence) the z and y
+lines become `self._context_student_teacher` (the rank's projected shard and its window of teacher
+frames) and the loss line `self._context_loss` (the unsharded sequence's loss): context_parallel.py.
 Each regularizer adds only its construction and `_loss`."""
 
 from __future__ import annotations
@@ -72,9 +75,9 @@ class AlignmentRegularizerBase(nn.Module):
 
     The projector is this module's only submodule: `parameters()` are what the optimizer must get besides
     the model's, `state_dict()` is the projector's weights (`projector.*`) plus the schedule state
-    (`_extra_state`, a uint8 tensor of JSON so safetensors checkpoints hold it), and the trainer wraps this
-    module as it wraps a model (`accelerator.prepare(reg)`, DDP, FSDP2's `fully_shard`) so the projector's
-    gradients are synchronised. The model, the frozen encoder and the VAE are held by reference only: in
+    (`_extra_state`, a uint8 tensor of JSON so safetensors checkpoints hold it). The projector averages its
+    own gradients across ranks, so wrapping this module is optional; it may be wrapped as a model is
+    (`accelerator.prepare(reg)`, DDP, FSDP2's `fully_shard`), which averages equal values again. The model, the frozen encoder and the VAE are held by reference only: in
     no state_dict, no parameters(), no `.to()`."""
 
     projector_name = ""   # where this package (and SimpleTuner) used to put the projector on the model

@@ -6,8 +6,10 @@
     reg_loss, logs = reg(latents=clean_latents, step=global_step)
     (diffusion_loss + reg_loss).backward()
 
-The projector is the regularizer's own (projector.py): give `reg.parameters()` to the optimizer, wrap
-`reg` as the model is wrapped (`accelerator.prepare(reg)`, DDP, `fully_shard`), save `reg.state_dict()`.
+The projector is the regularizer's own (projector.py): give `reg.parameters()` to the optimizer and save
+`reg.state_dict()`; it averages its own gradients across ranks, and wrapping `reg` as the model is
+wrapped (`accelerator.prepare(reg)`, DDP, `fully_shard`) is optional. Under context parallelism (diffusers'
+`enable_parallelism`, or `set_context_parallel`) the call is the same: context_parallel.py.
 """
 
 from __future__ import annotations
