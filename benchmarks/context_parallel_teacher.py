@@ -1,6 +1,6 @@
 """Per-rank teacher cost under context parallelism: decode and encode of each rank's window, P = 1, 2, 4.
 
-    python benchmarks/context_parallel_teacher.py [--frames 21] [--height 48] [--width 80] [--image-size 224]
+    python benchmarks/context_parallel_teacher.py [--frames 21] [--height 64] [--width 112] [--image-size 224]
                                                   [--repeats 3] [--threads 2] [--ranks 1 2 4]
 
 Under context parallelism every rank of a context group holds the same latents and computes the teacher
@@ -17,36 +17,95 @@ Every rank's tokens are checked against the matching frames of the whole-clip to
 script fails if one differs.
 
 Shape (a reduced Wan 2.1 480p): the real AutoencoderKLWan architecture (diffusers' default config: base_dim
-96, z_dim 16, temporal ratio 4, spatial 8; random weights, seed 0), B = 1, latents (1, 16, 6, 6, 10): 21
-pixel frames of 48 x 80 (the 480 x 832 frame / 10, rounded to a multiple of 16 so that Wan's 1x2x2 patch
-tiles the latent), token grid 6 x 3 x 5 = 90 tokens. 120 x 208 was the first choice but one whole decode
-took 90 s at 128 x 224 here (and 24-30 s at 64 x 112 under a load average of 7 on 2 cores), too slow for
-the 3 timed runs of every rank. Teacher: a random-weight DINOv2 ViT-S/14 (hidden 384, 12 layers, 6 heads)
-at crepa_encoder_image_size 224 (each 48 x 80 frame resized to 168 x 294, 12 x 21 patches). The student is
-a 2-block Wan transformer (it only names the family and the grid: it never runs). Two CREPA configs: the
-default (crepa_adjacent_distance 1) and d = 2 with crepa_cumulative_neighbors.
+96, z_dim 16, temporal ratio 4, spatial 8; random weights, seed 0), B = 1, latents (1, 16, 6, 8, 14): 21
+pixel frames of 64 x 112 (the 480 x 832 frame / 7.5, rounded to a multiple of 16 so that Wan's 1x2x2
+patch tiles the latent; aspect 0.571 against 0.577), token grid 6 x 4 x 7 = 168 tokens. One whole decode
+takes 5.8 s here on an idle machine; 120 x 208 was the first choice, but 128 x 224 took 90 s per decode
+(under load), too slow for the 3 timed rounds of 14 ranks within 5 minutes. Teacher: a random-weight
+DINOv2 ViT-S/14 (hidden 384, 12 layers, 6 heads) at crepa_encoder_image_size 224 (each frame resized to
+168 x 294: 12 x 21 patches). The student is a 2-block Wan transformer (it only names the family and the
+grid: it never runs). Two CREPA configs: the default (crepa_adjacent_distance 1) and d = 2 with
+crepa_cumulative_neighbors.
 
-Time: time.perf_counter, torch.set_num_threads(2), one warm-up (the whole-clip call, which also gives the
-reference tokens), then the median of `--repeats` runs per rank. The decode time is the teacher's decode
-call (the VAE); the encode time is the rest of the tokens() call (frame choice, resize, encoder).
+Time: time.perf_counter (wall) and time.process_time (CPU, both threads), torch.set_num_threads(2), one
+warm-up (the whole-clip call, which also gives the reference tokens), then the median of `--repeats`
+rounds, each running every rank of every P once, so that load from other processes (it drifts over
+minutes on this shared machine) spreads over the ranks compared. The decode time is the teacher's decode
+call (the VAE); the encode time is the rest of the tokens() call (frame choice, resize, encoder). Under
+load the wall times scatter (at 48 x 80 and a load average of 4-11, 8.6 to 22.5 s for a whole decode that
+takes 3.2 s idle); the table below is from an idle machine, where CPU time is twice the wall time (both
+threads busy).
 
-Measured (2 cores, torch 2.13 CPU, load average LOAD at the start; seconds, median of 3):
+Measured (`python benchmarks/context_parallel_teacher.py`, 2 cores, torch 2.13 CPU, diffusers 0.42, load
+average 0.1 at the start and 1.9 at the end, 248 s in all; seconds, median of 3; every rank's tokens equal
+the whole clip's):
 
-TABLE
+d = 1 (the default config), token grid 6 x 4 x 7:
+
+| P | rank | tokens [start, stop) | window frames | latent frames decoded | pixel frames decoded | frames encoded | decode s | encode s | decode CPU s | encode CPU s |
+|---|---|---|---|---|---|---|---|---|---|---|
+| 1 | 0 | [0, 168) | [0, 6) | 6 | 21 | 6 | 5.81 | 0.30 | 11.56 | 0.61 |
+| 2 | 0 | [0, 84) | [0, 4) | 4 | 13 | 4 | 3.78 | 0.20 | 7.53 | 0.41 |
+| 2 | 1 | [84, 168) | [2, 6) | 6 | 21 | 4 | 5.88 | 0.20 | 11.71 | 0.41 |
+| 4 | 0 | [0, 42) | [0, 3) | 3 | 9 | 3 | 2.70 | 0.16 | 5.39 | 0.31 |
+| 4 | 1 | [42, 84) | [0, 4) | 4 | 13 | 4 | 3.80 | 0.21 | 7.53 | 0.41 |
+| 4 | 2 | [84, 126) | [2, 6) | 6 | 21 | 4 | 6.15 | 0.21 | 12.19 | 0.41 |
+| 4 | 3 | [126, 168) | [3, 6) | 6 | 21 | 3 | 5.95 | 0.16 | 11.83 | 0.32 |
+
+| P | seconds | max decode | max encode | max decode + encode | vs P = 1 (decode, encode, both) |
+|---|---|---|---|---|---|
+| 1 | wall | 5.81 | 0.30 | 6.11 | 1.00x, 1.00x, 1.00x |
+| 2 | wall | 5.88 | 0.20 | 6.09 | 1.01x, 0.67x, 1.00x |
+| 4 | wall | 6.15 | 0.21 | 6.36 | 1.06x, 0.68x, 1.04x |
+| 1 | CPU | 11.56 | 0.61 | 12.17 | 1.00x, 1.00x, 1.00x |
+| 2 | CPU | 11.71 | 0.41 | 12.12 | 1.01x, 0.67x, 1.00x |
+| 4 | CPU | 12.19 | 0.41 | 12.60 | 1.05x, 0.68x, 1.04x |
+
+d = 2 cumulative:
+
+| P | rank | tokens [start, stop) | window frames | latent frames decoded | pixel frames decoded | frames encoded | decode s | encode s | decode CPU s | encode CPU s |
+|---|---|---|---|---|---|---|---|---|---|---|
+| 1 | 0 | [0, 168) | [0, 6) | 6 | 21 | 6 | 5.94 | 0.31 | 11.81 | 0.62 |
+| 2 | 0 | [0, 84) | [0, 5) | 5 | 17 | 5 | 4.90 | 0.26 | 9.69 | 0.52 |
+| 2 | 1 | [84, 168) | [1, 6) | 6 | 21 | 5 | 6.03 | 0.26 | 11.89 | 0.53 |
+| 4 | 0 | [0, 42) | [0, 4) | 4 | 13 | 4 | 3.78 | 0.21 | 7.50 | 0.42 |
+| 4 | 1 | [42, 84) | [0, 5) | 5 | 17 | 5 | 4.86 | 0.26 | 9.68 | 0.53 |
+| 4 | 2 | [84, 126) | [1, 6) | 6 | 21 | 5 | 5.99 | 0.27 | 11.93 | 0.53 |
+| 4 | 3 | [126, 168) | [2, 6) | 6 | 21 | 4 | 6.00 | 0.21 | 11.95 | 0.42 |
+
+| P | seconds | max decode | max encode | max decode + encode | vs P = 1 (decode, encode, both) |
+|---|---|---|---|---|---|
+| 1 | wall | 5.94 | 0.31 | 6.25 | 1.00x, 1.00x, 1.00x |
+| 2 | wall | 6.03 | 0.26 | 6.29 | 1.02x, 0.85x, 1.01x |
+| 4 | wall | 6.00 | 0.27 | 6.26 | 1.01x, 0.85x, 1.00x |
+| 1 | CPU | 11.81 | 0.62 | 12.43 | 1.00x, 1.00x, 1.00x |
+| 2 | CPU | 11.89 | 0.53 | 12.41 | 1.01x, 0.85x, 1.00x |
+| 4 | CPU | 11.95 | 0.53 | 12.46 | 1.01x, 0.85x, 1.00x |
 
 What it shows: the encode shrinks with P (each rank encodes its window: its frames plus the halo), the
 decode does not. The last rank's window ends at the clip's last frame, so it decodes the whole clip: the
 decode's critical path stays one whole decode whatever P. The first ranks decode only a prefix. The decode
 cannot be split further exactly: the Wan VAE decodes latent frame k with the causal cache of frames 0..k-1
 (each causal 3D convolution keeps its last input frames), so a rank cannot start at its window's first
-frame without first decoding every frame before it.
+frame without first decoding every frame before it. The script also prints each rank's window, decode
+and encode at the Wan 2.1 14B 480p workload (P = 8: rank 0 decodes 13 of 81 pixel frames, rank 7 all 81,
+every rank encodes 4 to 6 of 21 frames at d = 1), from the package's rules (`wan14b_frames_per_rank`;
+the tables are in benchmarks/CONTEXT_PARALLEL.md).
 
 Communication per step (`communication_volume`, from the rules of context_parallel.py's docstring) for the
 Wan 2.1 14B 480p workload: 81 frames -> 21 latent frames, 30 x 52 = 1560 student tokens per frame, teacher
 DINOv2-g/14 at 518 px (28 x 49 = 1372 tokens per frame, D = 1536), hidden 5120, P = 8, B = 1, the projector
 output in float32 and the backbone's hidden states in bf16:
 
-VOLUMES
+| | d = 1 | d = 2 cumulative |
+|---|---|---|
+| loss all_reduce (2 float64, per rank) | 16 B | 16 B |
+| encoder teacher: resampled student, forward, group total | 33,546,240 B (32.0 MiB) (the same back) | 33,546,240 B (32.0 MiB) (the same back) |
+| encoder teacher: resampled student, forward, most one rank receives | 8,386,560 B (8.0 MiB) | 8,386,560 B (8.0 MiB) |
+| backbone teacher: halo, group total | 335,462,400 B (319.9 MiB) | 559,104,000 B (533.2 MiB) |
+| backbone teacher: halo, most one rank receives | 53,913,600 B (51.4 MiB) | 85,862,400 B (81.9 MiB) |
+| encoder projector gradient all_reduce (per rank) | 31,504,384 B (30.0 MiB) | 31,504,384 B (30.0 MiB) |
+| backbone projector gradient all_reduce (per rank) | 104,919,040 B (100.1 MiB) | 104,919,040 B (100.1 MiB) |
 """
 
 from __future__ import annotations
@@ -63,9 +122,10 @@ import torch
 from repa_kernels.options import CrepaOptions
 from repa_kernels.regularizer import CrepaRegularizer
 from repa_kernels.regularizer.context_parallel import equal_chunks, loss_frames, teacher_window
-from repa_kernels.regularizer.grids import TokenGrid
+from repa_kernels.regularizer.grids import TokenGrid, select_frames
 from repa_kernels.regularizer.inputs import CallInputs
 from repa_kernels.regularizer.token_exchange import overlap
+from repa_kernels.regularizer.vae import LatentDecoder
 
 CONFIGS = {
     "d=1 (default)": {},
@@ -271,6 +331,33 @@ WAN14B_480P = dict(frames=21, student_grid=(30, 52), teacher_grid=(28, 49), rank
                    hidden=5120)
 
 
+def wan14b_frames_per_rank(options: CrepaOptions) -> str:
+    """Each rank's window, causal-prefix decode and encode at the Wan 2.1 14B 480p workload (P = 8), from
+    the package's own rules (teacher_window, LatentDecoder.causal_prefix on a default AutoencoderKLWan
+    built on the meta device, select_frames), as a markdown table: nothing is decoded or encoded."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.device("meta"):
+        decoder = LatentDecoder(vae=AutoencoderKLWan(), video=True)
+        latents = torch.empty(WAN14B_480P["batch"], 16, WAN14B_480P["frames"], 60, 104)
+    total, latent_frames_for = decoder.causal_prefix(latents)
+    grid = TokenGrid(WAN14B_480P["frames"], *WAN14B_480P["student_grid"])
+    picks = select_frames(total, grid.frames)
+    ratio = (total - 1) // (grid.frames - 1)                    # the VAE's temporal ratio (4)
+    lines = ["| rank | tokens [start, stop) | window frames | latent frames decoded | pixel frames decoded | "
+             "frames encoded |", "|---" * 6 + "|"]
+    decoded = encoded = 0
+    for rank, shard in enumerate(equal_chunks(None, 0, WAN14B_480P["ranks"], grid.tokens).shards):
+        low, high = teacher_window(shard, grid, options)
+        latent = latent_frames_for(picks[high - 1])
+        decoded, encoded = decoded + ratio * (latent - 1) + 1, encoded + high - low
+        lines.append(f"| {rank} | [{shard[0]}, {shard[1]}) | [{low}, {high}) | {latent} | {ratio * (latent - 1) + 1} | "
+                     f"{high - low} |")
+    lines.append(f"| all | | | | {decoded} ({decoded / total:.1f} whole decodes) | {encoded} ({encoded / grid.frames:.1f} "
+                 "clips) |")
+    return "\n".join(lines)
+
+
 def format_volumes(distances=((1, False), (2, True))) -> str:
     """The Wan 2.1 14B 480p communication volumes for each (d, cumulative), as a markdown table."""
     lines = ["| | d = " + " | d = ".join(f"{d}{' cumulative' if c else ''}" for d, c in distances) + " |",
@@ -314,8 +401,8 @@ def build(config: dict, image_size: int):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=21, help="pixel frames, 4k + 1 (k + 1 latent frames)")
-    parser.add_argument("--height", type=int, default=48, help="pixel height, a multiple of 16")
-    parser.add_argument("--width", type=int, default=80, help="pixel width, a multiple of 16")
+    parser.add_argument("--height", type=int, default=64, help="pixel height, a multiple of 16")
+    parser.add_argument("--width", type=int, default=112, help="pixel width, a multiple of 16")
     parser.add_argument("--image-size", type=int, default=224, help="crepa_encoder_image_size")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per rank (the median is reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -341,6 +428,11 @@ def main(argv=None) -> None:
         print(f"\n### {name}: token grid {tuple(grid)} (frames, rows, columns); every rank's tokens equal the "
               f"whole clip's\n\n{format_table(rows)}", flush=True)
     print(f"\n### Communication per step, Wan 2.1 14B 480p, P = {WAN14B_480P['ranks']}\n\n{format_volumes()}")
+    for name, config in CONFIGS.items():
+        options = CrepaOptions(distance=config.get("crepa_adjacent_distance", 1),
+                               cumulative=config.get("crepa_cumulative_neighbors", False))
+        print(f"\n### Frames per rank, Wan 2.1 14B 480p, P = {WAN14B_480P['ranks']}, {name}\n\n"
+              f"{wan14b_frames_per_rank(options)}")
     print(f"\ntotal {time.perf_counter() - started:.0f} s; load average {os.getloadavg()[0]:.1f} at the end")
 
 

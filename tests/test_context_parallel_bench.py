@@ -87,3 +87,12 @@ def test_communication_volume_of_a_toy_layout():
                                        teacher_width=16, hidden=32, options=CrepaOptions(distance=1))
     assert equal.student_exchange == 0 and equal.backbone_halo == volume.backbone_halo
     assert "| d = 1 | d = 2 cumulative |" in bench.format_volumes()
+
+
+def test_frames_per_rank_at_the_wan_14b_workload():
+    """Rank 0 of 8 holds tokens [0, 4095) of 21 x 1560: frames 0-2, window [0, 4) at d = 1, whose last
+    frame is pixel frame 12, made by latent frames 0-3 (13 pixel frames); the last rank decodes all 81."""
+    table = bench.wan14b_frames_per_rank(CrepaOptions(distance=1)).splitlines()
+    assert table[2] == "| 0 | [0, 4095) | [0, 4) | 4 | 13 | 4 |"
+    assert table[-2] == "| 7 | [28665, 32760) | [17, 21) | 21 | 81 | 4 |"
+    assert table[-1] == "| all | | | | 396 (4.9 whole decodes) | 42 (2.0 clips) |"
