@@ -5,14 +5,15 @@ Each rank holds its shard [start, stop) of a (B, S, D) token sequence and wants 
 student terms need). Every rank knows every rank's shard and wanted range (both follow from the layout
 and the config, which all ranks share), so the exchange needs no negotiation: rank q sends rank r the
 overlap of its shard with r's range and receives the overlap of r's shard with its own, by isend/irecv
-(gloo, NCCL, any backend with point-to-point). Only the tokens that are wanted move: a halo of d
-frames costs d frames of tokens per shard boundary, not the sequence.
+(point-to-point; tested on gloo, no multi-GPU machine was available for NCCL). Only the tokens that are
+wanted move: a halo of d frames costs d frames of tokens per shard boundary, not the sequence.
 
 `exchange_tokens(local, shard, wants, differentiable=True)` is an autograd function: its backward
 sends the gradient of every received token back to the rank that holds it, which adds it to its own
 tokens' gradient, so each token's gradient is the sum over every rank that used it, as in the
 single-process graph. Every rank of the group must call it (and its backward) together; a rank that
-wants nothing still takes part, because others may want its tokens.
+wants nothing still takes part, because others may want its tokens. `sum_over_group` is the pooled
+modes' all_reduce with gradient (identity backward); `all_reduce_sum` the plain one.
 """
 
 from __future__ import annotations
