@@ -210,3 +210,18 @@ def test_a_family_with_text_in_its_sequence_is_refused(one_rank_group):
                                        encoder=tm.tiny_dinov2())
     with pytest.raises(ValueError, match="flux family"):
         reg.set_context_parallel(one_rank_group, shard=(0, 16))
+
+
+@needs_gloo
+@pytest.mark.parametrize("build_model, family", [(tm.tiny_flux, "flux"), (tm.tiny_kandinsky5, "kandinsky5"),
+                                                 (tm.tiny_sd3, "sd3")])
+def test_families_other_than_plain_video_tokens_are_refused(one_rank_group, build_model, family):
+    """Image families and video families with other tokens in the sequence (Kandinsky5's local-window
+    order) are refused by name; the same call on a Wan, LTX-Video or Sana-Video passes (above)."""
+    reg = CrepaRegularizer.from_config(worker.BASE, transformer=build_model(), encoder=tm.tiny_dinov2())
+    with pytest.raises(ValueError, match=f"video DiTs whose block output is the video tokens alone.*the {family} family"):
+        reg.set_context_parallel(one_rank_group, shard=(0, worker.TOKENS))
+    for build_video in (tm.tiny_ltx, tm.tiny_sana_video):   # accepted (layout checks only: no forward here)
+        accepted = CrepaRegularizer.from_config(worker.BASE, transformer=build_video(), encoder=tm.tiny_dinov2())
+        accepted.set_context_parallel(one_rank_group, shard=(0, worker.TOKENS))
+        accepted.detach()
