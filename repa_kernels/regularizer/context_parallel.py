@@ -37,8 +37,9 @@ shared the same way (sharded_loss.py); every rank then computes the whole, small
 
 Refused under context parallelism (each with an error naming the key or argument): iREPA's
 convolutional projector (irepa_enabled: its k x k convolution mixes rows across shard boundaries),
-U-REPA, and families whose block output is not the video tokens alone (text or reference tokens in the
-sequence, Kandinsky5's local-window order).
+U-REPA, and families whose block output is not the image or video tokens alone (a joint caption + image
+sequence, Kandinsky5's local-window order; reference tokens after the image are refused at the call).
+Image DiTs (Flux, SD3, ...) are one frame: the same math with T = 1.
 """
 
 from __future__ import annotations
@@ -132,12 +133,16 @@ def equal_chunks(group, rank: int, ranks: int, total: int) -> ContextShard:
 
 
 def check_family(family: ModelFamily) -> None:
-    """Only a video family whose captured block output is the video tokens alone, in frame-major order."""
+    """Only a DiT whose captured block output is its image or video tokens as one tensor (or one tuple
+    item), in frame-major, row-major order: the shard is then a plain slice of the grid's sequence. A
+    joint (text, image) sequence (its text is sharded too, so the image starts at a rank's local text
+    length) and Kandinsky5's local-window order are refused. Tokens after the image (Flux Kontext's
+    reference image) are refused at the call: the shards then cover more than the grid."""
     plain = all(isinstance(rule, (ImageTokens, TupleItem)) for rule in family.block_outputs)
-    if family.kind != "video" or not plain or family.tokens_after_image or family.local_block_tokens:
-        raise ValueError(f"context parallelism is supported for video DiTs whose block output is the video tokens "
-                         f"alone in frame-major order (Wan, LTX-Video, Sana-Video); the {family.name} family "
-                         f"({family.describe_blocks()}) is not")
+    if family.kind not in ("video", "image") or not plain or family.local_block_tokens:
+        raise ValueError(f"context parallelism is supported for DiTs whose block output is the image or video "
+                         f"tokens alone in frame-major order (Wan, LTX-Video, Sana-Video, Flux, Qwen-Image, SD3, "
+                         f"PixArt, Sana); the {family.name} family ({family.describe_blocks()}) is not")
 
 
 # ---------------------------------------------------------------------------------------- frame windows

@@ -101,13 +101,33 @@ def teacher_input(teacher: str, latents: torch.Tensor) -> dict:
     return {"latents": latents} if teacher == "latents" else {}
 
 
-def two_calls(model, reg, kept, teacher: str = "features") -> dict:
+def wan_forward(model, latents, text):
+    return model(latents, torch.full((BATCH,), 500.0), text, return_dict=False)
+
+
+def flux_latents() -> torch.Tensor:
+    """Unpacked Flux latents (2, 4, 8, 12): 4 x 6 = 24 packed image tokens."""
+    return torch.randn(BATCH, tm.LATENT_CHANNELS, 8, 12, generator=torch.Generator().manual_seed(703))
+
+
+def flux_forward(model, latents, text):
+    """FluxPipeline's packed call; 4 caption tokens (diffusers' Flux plan shards the caption too: even)."""
+    caption = torch.randn(BATCH, 4, tm.TEXT_DIM, generator=torch.Generator().manual_seed(702))
+    pooled = torch.randn(BATCH, 8, generator=torch.Generator().manual_seed(704))
+    height, width = latents.shape[-2:]
+    return model(tm.pack_flux(latents), caption, pooled, torch.full((BATCH,), 0.5), tm.flux_image_ids(height, width),
+                 torch.zeros(4, 3), return_dict=False)
+
+
+def two_calls(model, reg, kept, teacher: str = "features", forward=wan_forward, latents=None) -> dict:
     """Step 0 (loss, logs, gradients of the captured states and the projector), then step 1's logs: its call
-    folds step 0's score into the similarity EMA (averaged over the world)."""
-    latents, text, features = inputs()
+    folds step 0's score into the similarity EMA (averaged over the world). latents: the model's own
+    (default: the Wan latents of inputs())."""
+    wan_latents, text, features = inputs()
+    latents = wan_latents if latents is None else latents
     given = {"teacher_features": features} if teacher == "features" else teacher_input(teacher, latents)
     decoded, encoded = reg._teacher.frames_decoded, reg._teacher.frames_encoded   # before this call
-    model(latents, torch.full((BATCH,), 500.0), text, return_dict=False)
+    forward(model, latents, text)
     loss, logs = reg(step=0, **given)
     loss.backward()
     result = {"loss": loss.detach().clone(), "logs": {k: v.clone() for k, v in logs.items()},
@@ -117,7 +137,7 @@ def two_calls(model, reg, kept, teacher: str = "features") -> dict:
               "frames_encoded": reg._teacher.frames_encoded - encoded}
     if "cache_keys" in given:
         result["cache"] = {"entries": len(reg.feature_cache("pixels")), **reg.feature_cache("pixels").stats()}
-    model(latents, torch.full((BATCH,), 500.0), text, return_dict=False)
+    forward(model, latents, text)
     result["next_logs"] = {k: v.detach().clone() for k, v in reg(step=1, **given)[1].items()}
     return result
 
@@ -181,8 +201,10 @@ def single_process_run(world_size: int) -> list[dict]:
     return [run_case(config, None, teacher=teacher) for config, teacher, _ in CASES[world_size]]
 
 
-DIFFUSERS_CASES = [("cumulative", "features"),   # equal grids
-                   ("adjacent", "latents")]      # the Wan 480p + DINOv2 518 px situation: the student resampled
+# (config, teacher, family)
+DIFFUSERS_CASES = [("cumulative", "features", "wan"),   # equal grids
+                   ("adjacent", "latents", "wan"),      # the Wan 480p + DINOv2 518 px situation: the student resampled
+                   ("adjacent", "latents", "flux")]     # image REPA: 4 x 6 Flux tokens against DINOv2's 3 x 5
 
 
 def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
@@ -194,35 +216,41 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         group = dist.new_group(list(range(world_size)))
         results = {"explicit": [run_case(config, shards[rank], group, teacher)
                                 for config, teacher, shards in CASES[world_size]],
-                   "diffusers": [run_diffusers_case(config, teacher, world_size)
-                                 for config, teacher in (DIFFUSERS_CASES if world_size == 2 else [])]}
+                   "diffusers": [run_diffusers_case(config, teacher, family, world_size)
+                                 for config, teacher, family in (DIFFUSERS_CASES if world_size == 2 else [])]}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def run_diffusers_case(config: str, teacher: str, world_size: int) -> dict:
-    """diffusers' own context parallelism (Ulysses over all ranks) on the tiny Wan: the regularizer finds
-    the layout itself. CPU-only torch has no accelerator, so `enable_parallelism` gets a device count of 1
-    (it computes rank % device_count)."""
+def run_diffusers_case(config: str, teacher: str, family: str, world_size: int | None) -> dict:
+    """diffusers' own context parallelism (Ulysses over all `world_size` ranks) on a tiny Wan (split at its
+    first block) or Flux (split at the model's input, caption included): the regularizer finds the layout
+    itself; world_size None: the same call unsharded, the truth. CPU-only torch has no accelerator, so
+    `enable_parallelism` gets a device count of 1 (it computes rank % device_count)."""
     from unittest import mock
 
     from diffusers import ContextParallelConfig
 
     torch.manual_seed(0)
-    model = tm.tiny_wan().train()
+    model = (tm.tiny_wan() if family == "wan" else tm.tiny_flux()).train()
+    blocks = model.blocks if family == "wan" else model.transformer_blocks
     kept = {}
 
     def keep(block, args, output):
-        output.retain_grad()
-        kept["captured"] = output
+        image = output if family == "wan" else output[1]   # Flux blocks return (text, image)
+        image.retain_grad()
+        kept["captured"] = image
 
-    model.blocks[BLOCK].register_forward_hook(keep)
-    with mock.patch("torch.accelerator.device_count", return_value=1):
-        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world_size))
+    blocks[BLOCK].register_forward_hook(keep)
+    if world_size is not None:
+        with mock.patch("torch.accelerator.device_count", return_value=1):
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world_size))
+    vae = None if teacher != "latents" else tm.tiny_wan_vae() if family == "wan" else tm.tiny_image_vae()
     reg = CrepaRegularizer.from_config(
-        {**BASE, **CONFIGS[config], **TEACHERS[teacher]}, transformer=model, impl="reference",
-        encoder=tm.tiny_dinov2(patch_size=8 if teacher == "latents" else 4),
-        vae=tm.tiny_wan_vae() if teacher == "latents" else None)
-    return two_calls(model, reg, kept, teacher)
+        {**BASE, **CONFIGS[config], **TEACHERS[teacher]}, transformer=model, impl="reference", vae=vae,
+        encoder=tm.tiny_dinov2(patch_size=8 if family == "wan" and teacher == "latents" else 4))
+    if family == "wan":
+        return two_calls(model, reg, kept, teacher)
+    return two_calls(model, reg, kept, teacher, flux_forward, flux_latents())
