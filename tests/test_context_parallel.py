@@ -2,16 +2,17 @@
 (`CrepaRegularizer.set_context_parallel(group, shard=(start, stop))`), against the single-process run.
 
 One spawn per world size (2 and 3 gloo processes) runs all its cases (tests/workers/context_parallel_worker.py;
-the 2-process spawn also runs diffusers' own Ulysses context parallelism):
-whole-frame shards, frames split between ranks, shards smaller than a frame, uneven shards, with a halo of
-one and of two neighbour frames, and every teacher input: teacher_features on the student grid, coarser
-(the student resampled: a split frame is gathered by its first rank, with gradient) and finer (the
-teacher resampled), latents through a tiny Wan VAE, pixels, a feature cache, a backbone block sharded
-like the student, and the pooled and CLS modes (one vector per frame). On every rank the loss value and the logs (alignment score, self similarity,
-EMA) equal the single-process ones, the gradients of the ranks' shards of the captured hidden states put
-together equal the single-process gradient of the whole sequence, and the projector's gradient (summed
-over the context group by the projector's own gradient averaging) equals the single-process one. Compared in float64 at
-float32 rounding tolerance (the loss itself computes in float32, the projector's dtype).
+the 2-process spawn also runs diffusers' own Ulysses context parallelism on a tiny Wan and a tiny Flux):
+whole-frame shards, frames split between ranks, shards smaller than a frame, uneven shards, with a halo
+of one and of two neighbour frames, and every teacher input: teacher_features on the student grid,
+coarser (the student resampled: a split frame is gathered by its first rank, with gradient) and finer
+(the teacher resampled), latents through a tiny Wan VAE, pixels, a feature cache, a backbone block
+sharded like the student, and the pooled and CLS modes (one vector per frame). On every rank the loss
+value and the logs (alignment score, self similarity, EMA) equal the single-process ones, the gradients
+of the ranks' shards of the captured hidden states put together equal the single-process gradient of
+the whole sequence, and the projector's gradient (summed over the context group by the projector's own
+gradient averaging) equals the single-process one. Compared in float64 at float32 rounding tolerance
+(the loss itself computes in float32, the projector's dtype).
 
 The refusals run in one process (a group of one rank is a valid context group).
 """

@@ -6,11 +6,13 @@ diffusers' context parallelism), and the next block gets the full output back (t
 prediction unused: only the regularizer's loss is backpropagated). Every rank runs the same full forward
 from the same seed, so the shard is exactly the single-process run's tokens. The teacher of a case is
 teacher_features on the student grid, coarser (the student resampled) or finer (the teacher resampled),
-latents decoded by a tiny Wan VAE, pixels, or a deeper block (backbone mode, cut at the same shard). Per
-case it saves the loss, the logs, the gradient of its shard of the captured hidden states, the
-projector's gradients, the frames the teacher decoded and encoded, and the logs of a second call at the
-next step (which holds the similarity EMA of the first).
-`single_process_run` computes the same on the whole sequence without torch.distributed: the truth.
+latents decoded by a tiny Wan VAE, pixels (also through a feature cache, filled or empty), a deeper
+block (backbone mode, cut at the same shard), or the pooled and CLS modes. With 2 ranks the same spawn
+then runs diffusers' own context parallelism (`run_diffusers_case`: Ulysses on a tiny Wan and a tiny
+Flux). Per case it saves the loss, the logs, the gradient of its shard of the captured hidden states,
+the projector's gradients, the frames the teacher decoded and encoded, and the logs of a second call at
+the next step (which holds the similarity EMA of the first). `run_case(config, None, teacher=...)` and
+`run_diffusers_case(..., None)` compute the same unsharded, without torch.distributed: the truth.
 """
 
 from __future__ import annotations
@@ -195,10 +197,6 @@ def run_case(config: str, shard: tuple[int, int] | None, group=None, teacher: st
     for handle in handles:
         handle.remove()
     return result
-
-
-def single_process_run(world_size: int) -> list[dict]:
-    return [run_case(config, None, teacher=teacher) for config, teacher, _ in CASES[world_size]]
 
 
 # (config, teacher, family)
