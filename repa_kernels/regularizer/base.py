@@ -77,8 +77,9 @@ class AlignmentRegularizerBase(nn.Module):
     the model's, `state_dict()` is the projector's weights (`projector.*`) plus the schedule state
     (`_extra_state`, a uint8 tensor of JSON so safetensors checkpoints hold it). The projector averages its
     own gradients across ranks, so wrapping this module is optional; it may be wrapped as a model is
-    (`accelerator.prepare(reg)`, DDP, FSDP2's `fully_shard`), which averages equal values again. The model, the frozen encoder and the VAE are held by reference only: in
-    no state_dict, no parameters(), no `.to()`."""
+    (`accelerator.prepare(reg)`, DDP, FSDP2's `fully_shard`), which averages equal values again. The
+    model, the frozen encoder and the VAE are held by reference only: in no state_dict, no parameters(),
+    no `.to()`."""
 
     projector_name = ""   # where this package (and SimpleTuner) used to put the projector on the model
     prefix = ""

@@ -7,10 +7,11 @@ each), as DDP averages the model's: nothing to wrap, whatever wraps the model (D
 model, DeepSpeed), and wrapping it anyway only averages equal values again. The identity is applied in
 the forward to the parameter the forward uses, not hooked on the parameter at construction: FSDP2's
 `fully_shard(reg)` replaces the parameters (measured before this: its hooks never fired, so under context
-parallelism the gradient lacked the context-size factor and came out at 1/P). Under gradient accumulation each micro-batch's share is averaged as it
-arrives (a mean is linear, so the accumulated gradient is the same; a few MB per micro-batch). Nothing is
-added to the model, so the model's state dict, `save_pretrained`,
-`from_pretrained` + strict `load_state_dict` (diffusers' resume hooks) and PEFT LoRA exports (which
+parallelism the gradient lacked the context-size factor and came out at 1/P). Under gradient
+accumulation each micro-batch's share is averaged as it arrives (a mean is linear, so the accumulated
+gradient is the same; a few MB per micro-batch). Nothing is added to the model, so the model's state
+dict, `save_pretrained`, `from_pretrained` + strict `load_state_dict` (diffusers' resume hooks) and
+PEFT LoRA exports (which
 diffusers refuses when a non-LoRA module is in them) see the model exactly as it was; a trainer's
 `model.requires_grad_(False)`, PEFT's `add_adapter` freezing and `model.to(bf16)` cannot reach it.
 
