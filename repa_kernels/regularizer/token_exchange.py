@@ -47,10 +47,11 @@ def _collect(held: torch.Tensor, held_ranges: Sequence[tuple[int, int]], wanted_
     The forward holds the shards (disjoint: each wanted token arrives once); the backward holds the wanted
     ranges' gradients and wants the shards (a token several ranks used gets the sum of their gradients)."""
     me = shard.rank
-    lo, hi = mine = held_ranges[me]
+    mine = held_ranges[me]
+    lo = mine[0]
     first, last = wanted_ranges[me]
     out = held.new_zeros(held.shape[0], last - first, held.shape[2])
-    requests, placed = [], []
+    requests, placed, sent = [], [], []   # sent: each payload stays referenced until its send completes
     for peer in range(shard.ranks):
         if peer == me:
             common = overlap(mine, (first, last))
@@ -65,14 +66,12 @@ def _collect(held: torch.Tensor, held_ranges: Sequence[tuple[int, int]], wanted_
             placed.append((taken, buffer))
         given = overlap(mine, wanted_ranges[peer])
         if given:
-            payload = held[:, given[0] - lo:given[1] - lo].contiguous()
-            placed.append((None, payload))   # held until the send completes
-            requests.append(dist.isend(payload, dst=global_peer))
+            sent.append(held[:, given[0] - lo:given[1] - lo].contiguous())
+            requests.append(dist.isend(sent[-1], dst=global_peer))
     for request in requests:
         request.wait()
-    for taken, buffer in placed:
-        if taken is not None:
-            out[:, taken[0] - first:taken[1] - first] += buffer
+    for (start, stop), buffer in placed:
+        out[:, start - first:stop - first] += buffer
     return out
 
 
