@@ -107,20 +107,20 @@ def _patch3(patch) -> tuple[int, int, int]:
     return patch if len(patch) == 3 else (1,) + patch[-2:]
 
 
-def _grid_5d_channels_first(model, bound: dict[str, Any]) -> TokenGrid | None:
-    x = bound.get("hidden_states")
-    if not isinstance(x, torch.Tensor) or x.dim() != 5:
-        return None
-    pt, ph, pw = _patch3(model.config.patch_size)
-    return TokenGrid(x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
+def _grid_5d(frames_axis: int):
+    """grid_from_inputs for 5-D `hidden_states` whose frame, row and column axes start at `frames_axis`
+    (2: (B, C, F, H, W); 1: channels last, (B, F, H, W, C)), divided by the model's patch size."""
+    def grid(model, bound: dict[str, Any]) -> TokenGrid | None:
+        x = bound.get("hidden_states")
+        if not isinstance(x, torch.Tensor) or x.dim() != 5:
+            return None
+        pt, ph, pw = _patch3(model.config.patch_size)
+        return TokenGrid(x.shape[frames_axis] // pt, x.shape[frames_axis + 1] // ph, x.shape[frames_axis + 2] // pw)
+    return grid
 
 
-def _grid_5d_channels_last(model, bound: dict[str, Any]) -> TokenGrid | None:
-    x = bound.get("hidden_states")
-    if not isinstance(x, torch.Tensor) or x.dim() != 5:
-        return None
-    pt, ph, pw = _patch3(model.config.patch_size)
-    return TokenGrid(x.shape[1] // pt, x.shape[2] // ph, x.shape[3] // pw)
+_grid_5d_channels_first = _grid_5d(2)
+_grid_5d_channels_last = _grid_5d(1)
 
 
 def _grid_ltx(model, bound: dict[str, Any]) -> TokenGrid | None:
